@@ -1,0 +1,55 @@
+// Argument checks shared by every backend's host glue: each error names the argument and what was
+// expected, so a bad call from Python reads as a RuntimeError rather than garbage or a crash.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "layout.h"
+
+namespace dalle_fast {
+
+inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64_t image_size,
+                                int64_t kernel_size) {
+  MaskSpec m{MaskKind::kCausal, text_len, image_size, kernel_size};
+  TORCH_CHECK(parse_mask_kind(kind, &m.kind), "dalle_fast: kind must be one of 'causal', 'row', 'column', 'conv'; got '",
+              kind, "'");
+  const std::string err = validate_mask_spec(m);
+  TORCH_CHECK(err.empty(), "dalle_fast: ", err);
+  return m;
+}
+
+// q, k, v: [batch, heads, seq_len, head_dim], same dtype and device, seq_len == text_len + image_size^2.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m) {
+  TORCH_CHECK(q.dim() == 4, "dalle_fast: q must be 4-D [batch, heads, seq_len, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "dalle_fast: k must have the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "dalle_fast: v must have the shape of q ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "dalle_fast: q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "dalle_fast: q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(q.size(2) == m.seq_len(), "dalle_fast: q.shape[2] (seq_len) must equal text_len + image_size**2 = ",
+              m.text_len, " + ", m.image_size, "**2 = ", m.seq_len(), ", got ", q.size(2));
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "dalle_fast: ", name, " must have the shape of ", like_name, " ",
+              like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dalle_fast: ", name, " must have dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "dalle_fast: ", name, " must be on ", like.device(), ", got ",
+              t.device());
+}
+
+inline void check_lse(const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "dalle_fast: lse must have shape [batch, heads, seq_len] = ", q.sizes().slice(0, 3), ", got ",
+              lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "dalle_fast: lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == q.device(), "dalle_fast: lse must be on ", q.device(), ", got ", lse.device());
+}
+
+}  // namespace dalle_fast

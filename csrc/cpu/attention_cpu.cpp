@@ -1,0 +1,233 @@
+// CPU block-sparse attention: flash-style online softmax over the blocks of a DALL-E mask layout.
+//
+// Work per query block: consecutive key blocks of the layout are merged into chunks of at most
+// kMaxChunk keys, so one GEMM covers, e.g., the whole dense text prefix. Only partial blocks pay for
+// masking, by per-row key intervals rather than a mask tensor. Nothing of size seq_len^2 exists.
+#include "attention_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "gemm.h"
+
+namespace dalle_fast::cpu {
+namespace {
+
+constexpr int64_t kMaxChunk = 512;  // keys (forward) or query rows (backward) per GEMM
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Element loops below are written for auto-vectorisation; on x86 GCC builds an AVX2 clone too and
+// picks one at load time, so the wheel runs on any x86-64 while using AVX2 where present.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DF_VECTOR_CLONES
+#endif
+
+// exp(x) to ~2 ulp in [-87, 88] from a Cephes-style polynomial, exactly 0 below (so -inf maps to 0).
+// Branch-free so loops over it vectorise (the build passes -fno-trapping-math, which lets GCC turn
+// the clamps into vector selects).
+inline float exp_poly(float x) {
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer (|t| < 2^22)
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float two_n = __builtin_bit_cast(float, bits);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// x <- exp(x - shift); returns the sum.
+DF_VECTOR_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_poly(x[j] - shift);
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += x[j + l];
+  float sum = 0.f;
+  for (; j < n; ++j) sum += x[j];
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
+
+DF_VECTOR_CLONES float max_of(const float* x, int64_t n) {
+  float lanes[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = std::max(lanes[l], x[j + l]);
+  float m = kNegInf;
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
+  return m;
+}
+
+DF_VECTOR_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += a[j + l] * b[j + l];
+  float sum = 0.f;
+  for (; j < n; ++j) sum += a[j] * b[j];
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
+
+// dp <- p * (dp - d): the softmax backward of one row.
+DF_VECTOR_CLONES void softmax_grad_row(float* dp, const float* p, int64_t n, float d) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+}
+
+DF_VECTOR_CLONES void scale_row(float* x, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// Sets s[j - k0] = -inf for every key j in [k0, k1) outside query i's intervals.
+void mask_row(const MaskSpec& m, int64_t i, int64_t k0, int64_t k1, float* s, KeyInterval* iv) {
+  const int64_t n = key_intervals(m, i, iv);
+  int64_t pos = k0;
+  for (int64_t t = 0; t < n && pos < k1; ++t) {
+    const int64_t lo = std::min(std::max(iv[t].lo, pos), k1);
+    std::fill(s + (pos - k0), s + (lo - k0), kNegInf);
+    pos = std::max(pos, iv[t].hi);
+  }
+  if (pos < k1) std::fill(s + (pos - k0), s + (k1 - k0), kNegInf);
+}
+
+// Iterates the layout row [begin, end) as chunks of consecutive blocks spanning at most kMaxChunk
+// tokens: fn(first_entry, last_entry_exclusive, token_start, token_end).
+template <typename Fn>
+void for_each_chunk(const int32_t* blocks, int32_t begin, int32_t end, int64_t block, int64_t seq_len, Fn fn) {
+  int32_t e = begin;
+  while (e < end) {
+    int32_t f = e + 1;
+    while (f < end && blocks[f] == blocks[f - 1] + 1 && (blocks[f] + 1 - blocks[e]) * block <= kMaxChunk) ++f;
+    const int64_t t0 = blocks[e] * block;
+    const int64_t t1 = std::min<int64_t>((blocks[f - 1] + 1) * block, seq_len);
+    fn(e, f, t0, t1);
+    e = f;
+  }
+}
+
+}  // namespace
+
+void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v, float* out,
+                       float* lse) {
+  const int64_t N = s.mask.seq_len(), D = s.head_dim, B = kForwardBlock;
+  const auto layout = get_block_layout(s.mask, B);
+  const int64_t nqb = layout->num_blocks;
+  const int64_t max_iv = max_key_intervals(s.mask);
+
+  at::parallel_for(0, s.batch_heads * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(B * kMaxChunk), acc(B * D), m(B), l(B);
+    std::vector<KeyInterval> iv(max_iv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nqb, qb = task % nqb;
+      const int64_t q0 = qb * B, qn = std::min(B, N - q0);
+      const float* Q = q + (bh * N + q0) * D;
+      const float* K = k + bh * N * D;
+      const float* V = v + bh * N * D;
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+
+      for_each_chunk(layout->q_kblock.data(), layout->q_ptr[qb], layout->q_ptr[qb + 1], B, N,
+                     [&](int32_t e0, int32_t e1, int64_t c0, int64_t c1) {
+                       const int64_t kn = c1 - c0;
+                       gemm(false, true, qn, kn, D, s.scale, Q, D, K + c0 * D, D, 0.f, S.data(), kn);
+                       for (int32_t e = e0; e < e1; ++e) {
+                         if (layout->q_full[e]) continue;
+                         const int64_t k0 = layout->q_kblock[e] * B, k1 = std::min(k0 + B, N);
+                         for (int64_t r = 0; r < qn; ++r)
+                           mask_row(s.mask, q0 + r, k0, k1, S.data() + r * kn + (k0 - c0), iv.data());
+                       }
+                       for (int64_t r = 0; r < qn; ++r) {
+                         float* row = S.data() + r * kn;
+                         const float m_new = std::max(m[r], max_of(row, kn));
+                         if (m_new == kNegInf) {  // nothing visible to this row yet
+                           std::fill(row, row + kn, 0.f);
+                           continue;
+                         }
+                         const float alpha = std::exp(m[r] - m_new);
+                         l[r] = l[r] * alpha + exp_shift_sum(row, kn, m_new);
+                         scale_row(acc.data() + r * D, D, alpha);
+                         m[r] = m_new;
+                       }
+                       gemm(false, false, qn, D, kn, 1.f, S.data(), kn, V + c0 * D, D, 1.f, acc.data(), D);
+                     });
+
+      float* O = out + (bh * N + q0) * D;
+      float* L = lse + bh * N + q0;
+      for (int64_t r = 0; r < qn; ++r) {
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < D; ++d) O[r * D + d] = acc[r * D + d] * inv;
+        L[r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                        const float* out, const float* grad_out, const float* lse, float* dq, float* dk,
+                        float* dv) {
+  const int64_t N = s.mask.seq_len(), D = s.head_dim, B = kBackwardBlock;
+  const auto layout = get_block_layout(s.mask, B);
+  const int64_t max_iv = max_key_intervals(s.mask);
+
+  at::parallel_for(0, s.batch_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kMaxChunk * B), dP(kMaxChunk * B), dk_acc(B * D), dv_acc(B * D), delta(N);
+    std::vector<KeyInterval> iv(max_iv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t off = bh * N * D;
+      const float *Q = q + off, *K = k + off, *V = v + off, *dO = grad_out + off, *O = out + off;
+      const float* lse_bh = lse + bh * N;
+      float *dQ = dq + off, *dK = dk + off, *dV = dv + off;
+      // delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax-backward row term.
+      for (int64_t i = 0; i < N; ++i) delta[i] = dot(dO + i * D, O + i * D, D);
+      std::fill(dQ, dQ + N * D, 0.f);
+
+      for (int64_t kb = 0; kb < layout->num_blocks; ++kb) {
+        const int64_t k0 = kb * B, kn = std::min(B, N - k0);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+        for_each_chunk(
+            layout->k_qblock.data(), layout->k_ptr[kb], layout->k_ptr[kb + 1], B, N,
+            [&](int32_t e0, int32_t e1, int64_t c0, int64_t c1) {
+              const int64_t qn = c1 - c0;
+              gemm(false, true, qn, kn, D, s.scale, Q + c0 * D, D, K + k0 * D, D, 0.f, P.data(), kn);
+              for (int32_t e = e0; e < e1; ++e) {
+                if (layout->k_full[e]) continue;
+                const int64_t r0 = layout->k_qblock[e] * B, r1 = std::min(r0 + B, N);
+                for (int64_t i = r0; i < r1; ++i)
+                  mask_row(s.mask, i, k0, k0 + kn, P.data() + (i - c0) * kn, iv.data());
+              }
+              for (int64_t r = 0; r < qn; ++r) exp_shift_sum(P.data() + r * kn, kn, lse_bh[c0 + r]);
+              gemm(true, false, kn, D, qn, 1.f, P.data(), kn, dO + c0 * D, D, 1.f, dv_acc.data(), D);
+              gemm(false, true, qn, kn, D, 1.f, dO + c0 * D, D, V + k0 * D, D, 0.f, dP.data(), kn);
+              for (int64_t r = 0; r < qn; ++r)
+                softmax_grad_row(dP.data() + r * kn, P.data() + r * kn, kn, delta[c0 + r]);
+              gemm(true, false, kn, D, qn, 1.f, dP.data(), kn, Q + c0 * D, D, 1.f, dk_acc.data(), D);
+              gemm(false, false, qn, D, kn, s.scale, dP.data(), kn, K + k0 * D, D, 1.f, dQ + c0 * D, D);
+            });
+        for (int64_t x = 0; x < kn * D; ++x) {
+          dK[k0 * D + x] = dk_acc[x] * s.scale;
+          dV[k0 * D + x] = dv_acc[x];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace dalle_fast::cpu

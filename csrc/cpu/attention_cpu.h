@@ -1,0 +1,33 @@
+// CPU block-sparse attention kernels on raw fp32 buffers (the torch glue lives in sparse_attention.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "../layout.h"
+
+namespace dalle_fast::cpu {
+
+// q, k, v, out, grads: contiguous [batch * heads, seq_len, head_dim] fp32; lse: [batch * heads, seq_len].
+struct AttentionShape {
+  int64_t batch_heads;
+  int64_t head_dim;
+  float scale;
+  MaskSpec mask;  // kColumn: the buffers hold transposed image states
+};
+
+// Flash-style forward: visits only the layout's blocks, masks only partial ones, writes the
+// log-sum-exp of every query row for the backward. Parallel over (batch * heads, query block).
+void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v, float* out,
+                       float* lse);
+
+// Backward from the saved log-sum-exp. Key-block outer loop per (batch, head), so dK and dV are
+// accumulated privately and dQ in row order: deterministic, no atomics. Parallel over batch * heads.
+void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                        const float* out, const float* grad_out, const float* lse, float* dq, float* dk,
+                        float* dv);
+
+// Block sizes (one layout block = this many tokens) used by the CPU passes.
+constexpr int64_t kForwardBlock = 64;
+constexpr int64_t kBackwardBlock = 64;
+
+}  // namespace dalle_fast::cpu

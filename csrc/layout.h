@@ -1,0 +1,111 @@
+// The DALL-E attention masks as index arithmetic, and the block layouts the kernels walk.
+//
+// Plain C++ (no torch headers): it is included by the CPU kernels, by the CUDA kernels (the
+// element predicate is __host__ __device__) and by the standalone ctest in csrc/tests/.
+//
+// Token order is [text_len text tokens ; image_size**2 image tokens]. Text queries attend causally to
+// text; image queries attend to every text token plus the image keys their kind selects:
+//   causal  every earlier image token (ordinary dense causal attention)
+//   row     the previous image_size + 1 image tokens in raster order, itself included
+//   column  the same column, rows up to its own. Kernels always see COLUMN on transposed image states
+//           (the paper's mask (c)): token (r, c) sits at image index c * image_size + r, so the allowed
+//           keys of image index p are the contiguous run [p - p % image_size, p].
+//   conv    raster offsets o = dr * W + dc >= 0 with 0 <= dr <= s, -s <= dc <= s, s = kernel_size / 2
+//           (11x11 kernel: 61 keys). Offsets wrap around row ends, as the paper's "with wraparound".
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define DF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DF_HOST_DEVICE inline
+#endif
+
+namespace dalle_fast {
+
+enum class MaskKind : int32_t { kCausal = 0, kRow = 1, kColumn = 2, kConv = 3 };
+
+// Parses "causal" | "row" | "column" | "conv"; returns false for anything else.
+bool parse_mask_kind(const std::string& name, MaskKind* kind);
+const char* mask_kind_name(MaskKind kind);
+
+struct MaskSpec {
+  MaskKind kind;
+  int64_t text_len;
+  int64_t image_size;
+  int64_t kernel_size;  // only read by kConv
+
+  DF_HOST_DEVICE int64_t seq_len() const { return text_len + image_size * image_size; }
+};
+
+// Is raster offset o >= 0 inside the causal conv kernel of half-width s on a grid W wide?
+// True iff some row dr in [0, s] leaves a column shift dc = o - dr * W within [-s, s].
+DF_HOST_DEVICE bool conv_offset_allowed(int64_t o, int64_t W, int64_t s) {
+  const int64_t dr_lo = o - s <= 0 ? 0 : (o - s + W - 1) / W;
+  int64_t dr_hi = (o + s) / W;
+  if (dr_hi > s) dr_hi = s;
+  return dr_lo <= dr_hi;
+}
+
+// May query i attend to key j? (Absolute token indices; kColumn means transposed image states.)
+DF_HOST_DEVICE bool mask_allows(const MaskSpec& m, int64_t i, int64_t j) {
+  if (j > i) return false;
+  if (i < m.text_len || j < m.text_len) return true;  // text->text causal, image->text dense
+  const int64_t p = i - m.text_len, q = j - m.text_len, W = m.image_size;
+  switch (m.kind) {
+    case MaskKind::kCausal:
+      return true;
+    case MaskKind::kRow:
+      return p - q <= W;
+    case MaskKind::kColumn:
+      return q >= p - p % W;
+    case MaskKind::kConv:
+      return conv_offset_allowed(p - q, W, m.kernel_size / 2);
+  }
+  return false;
+}
+
+// A half-open key range [lo, hi).
+struct KeyInterval {
+  int64_t lo, hi;
+};
+
+// Upper bound on the number of disjoint intervals key_intervals() writes for this spec.
+inline int64_t max_key_intervals(const MaskSpec& m) {
+  return m.kind == MaskKind::kConv ? m.kernel_size / 2 + 2 : 2;
+}
+
+// The keys query i may attend to, as sorted disjoint intervals written to out (capacity
+// max_key_intervals). Returns the count. Never empty: every query sees itself.
+int64_t key_intervals(const MaskSpec& m, int64_t i, KeyInterval* out);
+
+// Block-sparse layout at one block size (same for queries and keys). Entries are CSR rows sorted by
+// block index; a "full" entry needs no masking inside, a partial one is masked element-wise.
+struct BlockLayout {
+  int64_t block = 0;
+  int64_t seq_len = 0;
+  int64_t num_blocks = 0;
+  // Query-major: key blocks visited by query block qb are q_kblock[q_ptr[qb] .. q_ptr[qb + 1]).
+  std::vector<int32_t> q_ptr, q_kblock;
+  std::vector<uint8_t> q_full;
+  // Key-major (the transpose): query blocks that read key block kb, for key-parallel backward passes.
+  std::vector<int32_t> k_ptr, k_qblock;
+  std::vector<uint8_t> k_full;
+  // Allowed (query, key) pairs: the work the mask asks for, before block rounding.
+  int64_t allowed_pairs = 0;
+};
+
+// Builds the layout in O(seq_len * intervals + blocks) time and memory, never O(seq_len^2).
+BlockLayout build_block_layout(const MaskSpec& m, int64_t block);
+
+// Cached build_block_layout, keyed by (kind, text_len, image_size, kernel_size, block). Thread-safe.
+std::shared_ptr<const BlockLayout> get_block_layout(const MaskSpec& m, int64_t block);
+
+// Returns an empty string when the spec is valid, else a message naming the bad argument.
+std::string validate_mask_spec(const MaskSpec& m);
+
+}  // namespace dalle_fast

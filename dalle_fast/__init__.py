@@ -1,0 +1,27 @@
+"""dalle_fast: DALL-E (Ramesh et al., 2021) with hand-written block-sparse attention kernels."""
+
+try:
+    from dalle_fast import _C  # noqa: F401  (the compiled op library: registers torch.ops.dalle_fast)
+except ImportError as e:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "dalle_fast's compiled ops (dalle_fast._C) could not be loaded. Install the package with "
+        "`pip install --no-build-isolation -e .` into an environment that already has torch. "
+        f"Original error: {e}"
+    ) from e
+
+from dalle_fast.masks import MASK_KINDS, BlockLayout, attention_mask, block_layout, layer_kinds, save_mask_png
+from dalle_fast.ops import block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
+
+__all__ = [
+    "MASK_KINDS",
+    "BlockLayout",
+    "attention_mask",
+    "block_layout",
+    "block_sparse_attention",
+    "layer_kinds",
+    "save_mask_png",
+    "sparse_attention",
+    "sparse_attention_reference",
+    "to_column_order",
+]
+__version__ = "0.1.0"

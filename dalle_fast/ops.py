@@ -1,0 +1,153 @@
+"""dalle_fast.sparse_attention: attention under the DALL-E masks, backed by custom ops.
+
+The ops (schemas in csrc/registration.cpp) work on "kernel order": raster order for causal, row and
+conv, TRANSPOSED image states for column. `sparse_attention` takes raster order for every kind and
+does the transposition for column itself; `block_sparse_attention` is the lower-level entry point for
+callers (the model) that keep their image states transposed and want to skip the round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dalle_fast import _C  # noqa: F401  (loads the library: registers torch.ops.dalle_fast)
+from dalle_fast.masks import attention_mask, check_mask_args
+
+# Head dims and dtypes each backend's kernels take.
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (32, 64, 128)
+_CPU_MAX_HEAD_DIM = 256
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int,
+                  kernel_size: int) -> None:
+    """ValueError naming the argument for anything the kernels cannot take."""
+    check_mask_args(kind, text_len, image_size, kernel_size)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [batch, heads, seq_len, head_dim], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    n = text_len + image_size * image_size
+    if q.shape[2] != n:
+        raise ValueError(
+            f"q.shape[2] (seq_len) must equal text_len + image_size**2 = {text_len} + {image_size}**2 = {n}, "
+            f"got {q.shape[2]}"
+        )
+    head_dim = q.shape[3]
+    if q.device.type == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            raise ValueError(f"q.dtype must be one of {_CUDA_DTYPES} on CUDA, got {q.dtype}")
+        if head_dim not in _CUDA_HEAD_DIMS:
+            raise ValueError(f"head_dim (q.shape[3]) must be one of {_CUDA_HEAD_DIMS} on CUDA, got {head_dim}")
+    elif q.device.type in ("cpu", "meta"):
+        if q.dtype not in _CPU_DTYPES:
+            raise ValueError(f"q.dtype must be one of {_CPU_DTYPES} on CPU, got {q.dtype}")
+        if not 1 <= head_dim <= _CPU_MAX_HEAD_DIM:
+            raise ValueError(f"head_dim (q.shape[3]) must be in [1, {_CPU_MAX_HEAD_DIM}] on CPU, got {head_dim}")
+    else:
+        raise ValueError(f"q must be on a CPU or CUDA device, got {q.device}")
+
+
+def to_column_order(x: torch.Tensor, text_len: int, image_size: int) -> torch.Tensor:
+    """Swaps rows and columns of the image part of x [..., seq_len, dim]; text untouched.
+
+    Its own inverse: maps raster states to transposed ones (the column kernel's order) and back.
+    """
+    img = x[..., text_len:, :].unflatten(-2, (image_size, image_size)).transpose(-3, -2).flatten(-3, -2)
+    return torch.cat([x[..., :text_len, :], img], dim=-2)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
+                           image_size: int, kernel_size: int = 11, scale: float | None = None) -> torch.Tensor:
+    """Like sparse_attention, but inputs and output are in kernel order: for kind "column" the image
+    states are already transposed (see to_column_order). Differentiable."""
+    _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dalle_fast::sparse_attention_fwd", "CUDA"
+    ):
+        raise RuntimeError(
+            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
+            "reinstall with a toolkit present, or use reference=True"
+        )
+    out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, image_size, kernel_size, scale)
+    return out
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
+                     image_size: int, kernel_size: int = 11, scale: float | None = None, *,
+                     reference: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale, masked by attention_mask(kind, ...)) v, in raster order for every kind.
+
+    q, k, v: [batch, heads, text_len + image_size**2, head_dim]. scale defaults to head_dim**-0.5.
+    reference=True runs the dense pure-PyTorch reference instead of the kernels (for debugging).
+    """
+    if reference:
+        return sparse_attention_reference(q, k, v, kind, text_len, image_size, kernel_size, scale)
+    if kind == "column":
+        _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
+        qt, kt, vt = (to_column_order(t, text_len, image_size) for t in (q, k, v))
+        out = block_sparse_attention(qt, kt, vt, kind, text_len, image_size, kernel_size, scale)
+        return to_column_order(out, text_len, image_size)
+    return block_sparse_attention(q, k, v, kind, text_len, image_size, kernel_size, scale)
+
+
+def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
+                               image_size: int, kernel_size: int = 11, scale: float | None = None, *,
+                               upcast: bool = True, transposed: bool = False) -> torch.Tensor:
+    """Dense masked attention in plain PyTorch: the definition the kernels are tested against.
+
+    upcast=True computes in fp32 and casts the result back; upcast=False computes in the input dtype
+    (the "plain PyTorch in low precision" baseline of the tests). transposed=True: column-kind inputs
+    are in kernel order. O(N^2) memory.
+    """
+    check_mask_args(kind, text_len, image_size, kernel_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=transposed).to(q.device)
+    dt = torch.float32 if upcast else q.dtype
+    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    p = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (p @ v.to(dt)).to(q.dtype)
+
+
+# ---- fake (meta) kernels and autograd for the custom ops -------------------------------------------
+
+
+@torch.library.register_fake("dalle_fast::sparse_attention_fwd")
+def _fwd_fake(q, k, v, kind, text_len, image_size, kernel_size, scale):
+    _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("dalle_fast::sparse_attention_bwd")
+def _bwd_fake(grad_out, q, k, v, out, lse, kind, text_len, image_size, kernel_size, scale):
+    _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, kind, text_len, image_size, kernel_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mask_args = (kind, text_len, image_size, kernel_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dalle_fast.sparse_attention_bwd(grad_out, q, k, v, out, lse, *ctx.mask_args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dalle_fast::sparse_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
