@@ -1,0 +1,247 @@
+"""dalle_fast.sparse_attention against the dense pure-PyTorch reference: values, gradients, opcheck,
+torch.compile, bad input. CUDA cases skip cleanly where no GPU (or no CUDA kernel) is present."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dalle_fast
+from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
+
+# (text_len, image_size): text lengths off block boundaries, grids from 4 to 32 (the big ones are slow).
+SHAPES = [(6, 4), (0, 5), (37, 7), (1, 9), (77, 8), (130, 12)]
+SLOW_SHAPES = [(256, 16), (19, 32)]
+
+
+def _has_cuda_kernels():
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dalle_fast::sparse_attention_fwd", "CUDA"
+    )
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA kernels")]),
+]
+
+
+def make_qkv(T, W, dtype=torch.float32, device="cpu", batch=2, heads=3, head_dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = T + W * W
+    return [
+        torch.randn(batch, heads, n, head_dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def attention_and_grads(fn, q, k, v, grad):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_against_reference(kind, T, W, dtype, device, head_dim=32, kernel_size=11, scale=None):
+    q, k, v = make_qkv(T, W, dtype, device, head_dim=head_dim)
+    grad = torch.randn_like(q)
+    got = attention_and_grads(lambda *x: sparse_attention(*x, kind, T, W, kernel_size, scale), q, k, v, grad)
+    # fp32 reference from fp32 copies of the same inputs.
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention_and_grads(
+        lambda *x: sparse_attention_reference(*x, kind, T, W, kernel_size, scale), q32, k32, v32, grad.float()
+    )
+    if dtype == torch.float32:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+        return
+    # Low precision: at most twice the error of the plain PyTorch computation in the same dtype.
+    plain = attention_and_grads(
+        lambda *x: sparse_attention_reference(*x, kind, T, W, kernel_size, scale, upcast=False), q, k, v, grad
+    )
+    for name, a, b, p in zip(("out", "dq", "dk", "dv"), got, ref, plain):
+        assert a.dtype == dtype
+        assert max_err(a, b) <= 2 * max_err(p, b) + 1e-5, f"{name}: kernel {max_err(a, b)} vs plain {max_err(p, b)}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,W", SHAPES)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_values_and_gradients(kind, T, W, dtype, device):
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16  # the CUDA kernels take fp16 / bf16
+    check_against_reference(kind, T, W, dtype, device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,W", SLOW_SHAPES)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_values_and_gradients_large(kind, T, W, device):
+    check_against_reference(kind, T, W, torch.float32 if device == "cpu" else torch.bfloat16, device)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 24])
+@pytest.mark.parametrize("kind", ["row", "conv"])
+def test_head_dims(kind, head_dim):
+    check_against_reference(kind, 11, 6, torch.float32, "cpu", head_dim=head_dim)
+
+
+def test_fp16_and_custom_scale_and_kernel_size():
+    check_against_reference("conv", 9, 7, torch.float16, "cpu")
+    check_against_reference("row", 9, 7, torch.float32, "cpu", scale=0.3)
+    check_against_reference("conv", 9, 7, torch.float32, "cpu", kernel_size=5)
+
+
+def test_non_contiguous_inputs():
+    T, W = 13, 5
+    n = T + W * W
+    q, k, v = (torch.randn(2, n, 3, 32).transpose(1, 2) for _ in range(3))  # [B, H, N, D] views
+    assert not q.is_contiguous()
+    for kind in MASK_KINDS:
+        torch.testing.assert_close(
+            sparse_attention(q, k, v, kind, T, W), sparse_attention_reference(q, k, v, kind, T, W), atol=2e-5, rtol=1e-4
+        )
+
+
+def test_lower_level_op_takes_transposed_states():
+    T, W = 10, 6
+    q, k, v = (t.detach() for t in make_qkv(T, W))
+    qt, kt, vt = (to_column_order(t, T, W) for t in (q, k, v))
+    out_t = block_sparse_attention(qt, kt, vt, "column", T, W)
+    torch.testing.assert_close(to_column_order(out_t, T, W), sparse_attention_reference(q, k, v, "column", T, W))
+    torch.testing.assert_close(
+        out_t, sparse_attention_reference(qt, kt, vt, "column", T, W, transposed=True), atol=2e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(to_column_order(qt, T, W), q)  # the transposition is its own inverse
+
+
+def test_deterministic():
+    q, k, v = make_qkv(21, 6)
+    grad = torch.randn_like(q)
+    a = attention_and_grads(lambda *x: sparse_attention(*x, "row", 21, 6), q, k, v, grad)
+    b = attention_and_grads(lambda *x: sparse_attention(*x, "row", 21, 6), q, k, v, grad)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 6 + 16, 32, requires_grad=True)
+    out = sparse_attention(q, q, q, "row", 6, 4)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_opcheck(kind):
+    T, W = 7, 4
+    q, k, v = make_qkv(T, W, batch=1, heads=2)
+    args = (q, k, v, kind, T, W, 11, 32**-0.5)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_fwd.default, args)
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, kind, T, W, 11, 32**-0.5)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default, bwd_args)
+
+
+def _compiled_step(backend):
+    T, W = 9, 4
+
+    def step(q, k, v):
+        out = sparse_attention(q, k, v, "column", T, W) + sparse_attention(q, k, v, "conv", T, W)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    q, k, v = make_qkv(T, W)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = step(q, k, v)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    _compiled_step("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    _compiled_step("inductor")
+
+
+def test_portable_gemm_fallback_matches_reference():
+    """The kernel's non-BLAS GEMM path (used where torch exports no sgemm) gives the same results."""
+    code = (
+        "import torch, dalle_fast as d\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 2, 6 + 25, 16, requires_grad=True) for _ in range(3))\n"
+        "for kind in d.MASK_KINDS:\n"
+        "    o = d.sparse_attention(q, k, v, kind, 6, 5); r = d.sparse_attention_reference(q, k, v, kind, 6, 5)\n"
+        "    g = torch.autograd.grad(o.sum(), (q, k, v)); h = torch.autograd.grad(r.sum(), (q, k, v))\n"
+        "    for a, b in zip((o, *g), (r, *h)): torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)\n"
+    )
+    env = dict(os.environ, DALLE_FAST_PORTABLE_GEMM="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+T0, W0 = 6, 4
+N0 = T0 + W0 * W0
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = [
+    ("rank", (_t(2, N0, 32), _t(2, N0, 32), _t(2, N0, 32)), {}, "4-D"),
+    ("seq_len", (_t(1, 2, N0 + 1, 32),) * 3, {}, "seq_len"),
+    ("k shape", (_t(1, 2, N0, 32), _t(1, 3, N0, 32), _t(1, 2, N0, 32)), {}, "k must have the shape"),
+    ("dtype mix", (_t(1, 2, N0, 32), _t(1, 2, N0, 32, dtype=torch.bfloat16), _t(1, 2, N0, 32)), {}, "dtype"),
+    ("device mix", (_t(1, 2, N0, 32), _t(1, 2, N0, 32, device="meta"), _t(1, 2, N0, 32)), {}, "device"),
+    ("float64", (_t(1, 2, N0, 32, dtype=torch.float64),) * 3, {}, "dtype"),
+    ("head_dim", (_t(1, 2, N0, 300),) * 3, {}, "head_dim"),
+    ("kind", (_t(1, 2, N0, 32),) * 3, {"kind": "diagonal"}, "kind"),
+    ("kernel", (_t(1, 2, N0, 32),) * 3, {"kind": "conv", "kernel_size": 6}, "kernel_size"),
+    ("not a tensor", ([[1.0]], _t(1, 2, N0, 32), _t(1, 2, N0, 32)), {}, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,qkv,kw,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(name, qkv, kw, match):
+    kind = kw.get("kind", "row")
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(*qkv, kind, T0, W0, kw.get("kernel_size", 11))
+
+
+def test_raw_op_checks_its_arguments():
+    """Calling the registered op directly (no Python wrapper) still fails cleanly, naming the argument."""
+    q = _t(1, 2, N0, 32)
+    with pytest.raises(RuntimeError, match="seq_len"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "row", T0 + 1, W0, 11, 1.0)
+    with pytest.raises(RuntimeError, match="kind"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "nope", T0, W0, 11, 1.0)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        x = _t(1, 2, N0, 512)
+        torch.ops.dalle_fast.sparse_attention_fwd(x, x, x, "row", T0, W0, 11, 1.0)
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "row", T0, W0, 11, 1.0)
+    with pytest.raises(RuntimeError, match="lse"):
+        torch.ops.dalle_fast.sparse_attention_bwd(q, q, q, q, out, lse[:, :, :-1], "row", T0, W0, 11, 1.0)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.dalle_fast.sparse_attention_bwd(q[..., :16], q, q, q, out, lse, "row", T0, W0, 11, 1.0)
+
+
+def test_package_exports():
+    assert callable(dalle_fast.sparse_attention)
+    assert set(dalle_fast.MASK_KINDS) == {"causal", "row", "column", "conv"}
