@@ -1,5 +1,7 @@
 """dalle_fast: DALL-E (Ramesh et al., 2021) with hand-written block-sparse attention kernels."""
 
+import torch  # noqa: F401  (first: _C links against torch's libraries, which this import loads)
+
 try:
     from dalle_fast import _C  # noqa: F401  (the compiled op library: registers torch.ops.dalle_fast)
 except ImportError as e:  # pragma: no cover - only hit on a broken install

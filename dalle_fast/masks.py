@@ -179,15 +179,3 @@ def plot_masks(out_dir: str | Path, text_len: int = 6, image_size: int = 4, kern
     )
     return paths
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Render the DALL-E attention masks to PNG.")
-    ap.add_argument("--out", default="docs", help="output folder")
-    ap.add_argument("--text-len", type=int, default=6)
-    ap.add_argument("--image-size", type=int, default=4)
-    ap.add_argument("--kernel-size", type=int, default=11)
-    a = ap.parse_args()
-    for p in plot_masks(a.out, a.text_len, a.image_size, a.kernel_size):
-        print(p)
