@@ -2,7 +2,8 @@
 
 Prints megabytes on the last line. Called by benchmarks/run.py with a JSON config argument.
 CPU (Linux): rise of the peak resident set size (VmHWM, reset just before the run) over the resident
-set with inputs allocated and the code warmed up on a tiny problem. CUDA: torch.cuda.max_memory_allocated over the same baseline.
+set with inputs allocated and the code warmed up on a tiny problem.
+CUDA: torch.cuda.max_memory_allocated over the same baseline.
 """
 
 import json
@@ -30,7 +31,9 @@ def main():
     shape, device, dtype = Shape(**cfg["shape"]), cfg["device"], DTYPES[cfg["dtype"]]
     tiny = Shape("tiny", 3, 2, 1, 1, shape.head_dim)
     # Warm up on a tiny problem so code paths and thread pools exist before the baseline.
-    forward_backward_fn(make_impls(tiny, cfg["kind"], device, with_flex=False)[cfg["impl"]], *make_inputs(tiny, dtype, device))()
+    forward_backward_fn(
+        make_impls(tiny, cfg["kind"], device, with_flex=False)[cfg["impl"]], *make_inputs(tiny, dtype, device)
+    )()
     impl = make_impls(shape, cfg["kind"], device, with_flex=False)[cfg["impl"]]
     q, k, v, grad = make_inputs(shape, dtype, device)
     run = forward_backward_fn(impl, q, k, v, grad)

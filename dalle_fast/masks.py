@@ -167,7 +167,9 @@ def plot_masks(out_dir: str | Path, text_len: int = 6, image_size: int = 4, kern
     """Writes one PNG per mask kind (raster order) plus column on transposed states (mask (c))."""
     out_dir = Path(out_dir)
     paths = [
-        save_mask_png(attention_mask(k, text_len, image_size, kernel_size), out_dir / f"mask_{k}.png", text_len=text_len)
+        save_mask_png(
+            attention_mask(k, text_len, image_size, kernel_size), out_dir / f"mask_{k}.png", text_len=text_len
+        )
         for k in MASK_KINDS
     ]
     paths.append(
@@ -178,4 +180,3 @@ def plot_masks(out_dir: str | Path, text_len: int = 6, image_size: int = 4, kern
         )
     )
     return paths
-

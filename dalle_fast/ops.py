@@ -20,8 +20,9 @@ _CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int,
-                  kernel_size: int) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int, kernel_size: int
+) -> None:
     """ValueError naming the argument for anything the kernels cannot take."""
     check_mask_args(kind, text_len, image_size, kernel_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -66,8 +67,16 @@ def to_column_order(x: torch.Tensor, text_len: int, image_size: int) -> torch.Te
     return torch.cat([x[..., :text_len, :], img], dim=-2)
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
-                           image_size: int, kernel_size: int = 11, scale: float | None = None) -> torch.Tensor:
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    image_size: int,
+    kernel_size: int = 11,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Like sparse_attention, but inputs and output are in kernel order: for kind "column" the image
     states are already transposed (see to_column_order). Differentiable."""
     _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
@@ -83,9 +92,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ki
     return out
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
-                     image_size: int, kernel_size: int = 11, scale: float | None = None, *,
-                     reference: bool = False) -> torch.Tensor:
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    image_size: int,
+    kernel_size: int = 11,
+    scale: float | None = None,
+    *,
+    reference: bool = False,
+) -> torch.Tensor:
     """softmax(q k^T * scale, masked by attention_mask(kind, ...)) v, in raster order for every kind.
 
     q, k, v: [batch, heads, text_len + image_size**2, head_dim]. scale defaults to head_dim**-0.5.
@@ -101,9 +119,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
     return block_sparse_attention(q, k, v, kind, text_len, image_size, kernel_size, scale)
 
 
-def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int,
-                               image_size: int, kernel_size: int = 11, scale: float | None = None, *,
-                               upcast: bool = True, transposed: bool = False) -> torch.Tensor:
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    image_size: int,
+    kernel_size: int = 11,
+    scale: float | None = None,
+    *,
+    upcast: bool = True,
+    transposed: bool = False,
+) -> torch.Tensor:
     """Dense masked attention in plain PyTorch: the definition the kernels are tested against.
 
     upcast=True computes in fp32 and casts the result back; upcast=False computes in the input dtype
@@ -148,6 +176,4 @@ def _fwd_backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "dalle_fast::sparse_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
-)
+torch.library.register_autograd("dalle_fast::sparse_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)

@@ -24,7 +24,9 @@ def _has_cuda_kernels():
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA kernels")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA kernels")]
+    ),
 ]
 
 
@@ -56,14 +58,14 @@ def check_against_reference(kind, T, W, dtype, device, head_dim=32, kernel_size=
         lambda *x: sparse_attention_reference(*x, kind, T, W, kernel_size, scale), q32, k32, v32, grad.float()
     )
     if dtype == torch.float32:
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
         return
     # Low precision: at most twice the error of the plain PyTorch computation in the same dtype.
     plain = attention_and_grads(
         lambda *x: sparse_attention_reference(*x, kind, T, W, kernel_size, scale, upcast=False), q, k, v, grad
     )
-    for name, a, b, p in zip(("out", "dq", "dk", "dv"), got, ref, plain):
+    for name, a, b, p in zip(("out", "dq", "dk", "dv"), got, ref, plain, strict=True):
         assert a.dtype == dtype
         assert max_err(a, b) <= 2 * max_err(p, b) + 1e-5, f"{name}: kernel {max_err(a, b)} vs plain {max_err(p, b)}"
 
@@ -126,7 +128,7 @@ def test_deterministic():
     grad = torch.randn_like(q)
     a = attention_and_grads(lambda *x: sparse_attention(*x, "row", 21, 6), q, k, v, grad)
     b = attention_and_grads(lambda *x: sparse_attention(*x, "row", 21, 6), q, k, v, grad)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -163,7 +165,7 @@ def _compiled_step(backend):
     ref_loss = step(q, k, v)
     ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
     torch.testing.assert_close(loss, ref_loss)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

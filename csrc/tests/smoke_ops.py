@@ -43,7 +43,7 @@ def main(path):
         g = torch.randn_like(out)
         got = torch.ops.dalle_fast.sparse_attention_bwd(g, q, k, v, out, lse, kind, T, W, ks, 0.25)
         want = torch.autograd.grad(ref, (q, k, v), g)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
         print(f"{kind}: ok")
 
