@@ -128,49 +128,87 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
   const int64_t N = s.mask.seq_len(), D = s.head_dim, B = kForwardBlock;
   const auto layout = get_block_layout(s.mask, B);
   const int64_t nqb = layout->num_blocks;
+  const int64_t sub = kForwardSuperRows / B;  // query blocks per task
+  const int64_t nsuper = (nqb + sub - 1) / sub;
   const int64_t max_iv = max_key_intervals(s.mask);
 
-  at::parallel_for(0, s.batch_heads * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(B * kMaxChunk), acc(B * D), m(B), l(B);
+  // A task is a super-block of `sub` query blocks. Key blocks that are full for every one of them (the
+  // dense text prefix of image queries, the past of causal queries) are processed once with all rows,
+  // so those GEMMs are tall and the packed keys are reused; the rest block by block. Online softmax
+  // makes the order of key chunks irrelevant.
+  at::parallel_for(0, s.batch_heads * nsuper, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = sub * B;
+    std::vector<float> S(R * kMaxChunk), acc(R * D), m(R), l(R);
     std::vector<KeyInterval> iv(max_iv);
+    std::vector<int32_t> full_count(nqb), blocks;
+    std::vector<uint8_t> full;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nqb, qb = task % nqb;
-      const int64_t q0 = qb * B, qn = std::min(B, N - q0);
-      const float* Q = q + (bh * N + q0) * D;
+      const int64_t bh = task / nsuper, sb = task % nsuper;
+      const int64_t qb0 = sb * sub, qb1 = std::min(nqb, qb0 + sub);
+      const int64_t r0 = qb0 * B, rn = std::min(qb1 * B, N) - r0;
       const float* K = k + bh * N * D;
       const float* V = v + bh * N * D;
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
 
-      for_each_chunk(layout->q_kblock.data(), layout->q_ptr[qb], layout->q_ptr[qb + 1], B, N,
-                     [&](int32_t e0, int32_t e1, int64_t c0, int64_t c1) {
-                       const int64_t kn = c1 - c0;
-                       gemm(false, true, qn, kn, D, s.scale, Q, D, K + c0 * D, D, 0.f, S.data(), kn);
-                       for (int32_t e = e0; e < e1; ++e) {
-                         if (layout->q_full[e]) continue;
-                         const int64_t k0 = layout->q_kblock[e] * B, k1 = std::min(k0 + B, N);
-                         for (int64_t r = 0; r < qn; ++r)
-                           mask_row(s.mask, q0 + r, k0, k1, S.data() + r * kn + (k0 - c0), iv.data());
-                       }
-                       for (int64_t r = 0; r < qn; ++r) {
-                         float* row = S.data() + r * kn;
-                         const float m_new = std::max(m[r], max_of(row, kn));
-                         if (m_new == kNegInf) {  // nothing visible to this row yet
-                           std::fill(row, row + kn, 0.f);
-                           continue;
+      // Rows [row0, row0 + qn) of the super-block against the key blocks blocks[] (full flags full[]).
+      auto attend = [&](int64_t row0, int64_t qn) {
+        const float* Q = q + (bh * N + r0 + row0) * D;
+        for_each_chunk(blocks.data(), 0, static_cast<int32_t>(blocks.size()), B, N,
+                       [&](int32_t e0, int32_t e1, int64_t c0, int64_t c1) {
+                         const int64_t kn = c1 - c0;
+                         gemm(false, true, qn, kn, D, s.scale, Q, D, K + c0 * D, D, 0.f, S.data(), kn);
+                         for (int32_t e = e0; e < e1; ++e) {
+                           if (full[e]) continue;
+                           const int64_t k0 = blocks[e] * B, k1 = std::min(k0 + B, N);
+                           for (int64_t r = 0; r < qn; ++r)
+                             mask_row(s.mask, r0 + row0 + r, k0, k1, S.data() + r * kn + (k0 - c0), iv.data());
                          }
-                         const float alpha = std::exp(m[r] - m_new);
-                         l[r] = l[r] * alpha + exp_shift_sum(row, kn, m_new);
-                         scale_row(acc.data() + r * D, D, alpha);
-                         m[r] = m_new;
-                       }
-                       gemm(false, false, qn, D, kn, 1.f, S.data(), kn, V + c0 * D, D, 1.f, acc.data(), D);
-                     });
+                         for (int64_t r = 0; r < qn; ++r) {
+                           float* row = S.data() + r * kn;
+                           const int64_t x = row0 + r;
+                           const float m_new = std::max(m[x], max_of(row, kn));
+                           if (m_new == kNegInf) {  // nothing visible to this row yet
+                             std::fill(row, row + kn, 0.f);
+                             continue;
+                           }
+                           const float alpha = std::exp(m[x] - m_new);
+                           l[x] = l[x] * alpha + exp_shift_sum(row, kn, m_new);
+                           scale_row(acc.data() + x * D, D, alpha);
+                           m[x] = m_new;
+                         }
+                         gemm(false, false, qn, D, kn, 1.f, S.data(), kn, V + c0 * D, D, 1.f, acc.data() + row0 * D,
+                              D);
+                       });
+      };
 
-      float* O = out + (bh * N + q0) * D;
-      float* L = lse + bh * N + q0;
-      for (int64_t r = 0; r < qn; ++r) {
+      // Key blocks full for every query block of the super-block: once, with all rows.
+      std::fill(full_count.begin(), full_count.end(), 0);
+      for (int64_t qb = qb0; qb < qb1; ++qb)
+        for (int32_t e = layout->q_ptr[qb]; e < layout->q_ptr[qb + 1]; ++e)
+          full_count[layout->q_kblock[e]] += layout->q_full[e];
+      blocks.clear();
+      for (int64_t kb = 0; kb < nqb; ++kb)
+        if (full_count[kb] == qb1 - qb0) blocks.push_back(static_cast<int32_t>(kb));
+      full.assign(blocks.size(), 1);
+      if (qb1 - qb0 > 1 && !blocks.empty()) attend(0, rn);
+      const bool shared_done = qb1 - qb0 > 1;
+      // Everything else, one query block at a time.
+      for (int64_t qb = qb0; qb < qb1; ++qb) {
+        blocks.clear();
+        full.clear();
+        for (int32_t e = layout->q_ptr[qb]; e < layout->q_ptr[qb + 1]; ++e) {
+          if (shared_done && full_count[layout->q_kblock[e]] == qb1 - qb0) continue;
+          blocks.push_back(layout->q_kblock[e]);
+          full.push_back(layout->q_full[e]);
+        }
+        attend((qb - qb0) * B, std::min((qb + 1) * B, N) - qb * B);
+      }
+
+      float* O = out + (bh * N + r0) * D;
+      float* L = lse + bh * N + r0;
+      for (int64_t r = 0; r < rn; ++r) {
         const float inv = 1.f / l[r];
         for (int64_t d = 0; d < D; ++d) O[r * D + d] = acc[r * D + d] * inv;
         L[r] = m[r] + std::log(l[r]);

@@ -16,7 +16,8 @@ struct AttentionShape {
 };
 
 // Flash-style forward: visits only the layout's blocks, masks only partial ones, writes the
-// log-sum-exp of every query row for the backward. Parallel over (batch * heads, query block).
+// log-sum-exp of every query row for the backward. Parallel over (batch * heads, super-block of
+// kForwardSuperRows query rows).
 void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v, float* out,
                        float* lse);
 
@@ -28,6 +29,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
 
 // Block sizes (one layout block = this many tokens) used by the CPU passes.
 constexpr int64_t kForwardBlock = 64;
+constexpr int64_t kForwardSuperRows = 256;  // query rows per forward task (a multiple of kForwardBlock)
 constexpr int64_t kBackwardBlock = 64;
 
 }  // namespace dalle_fast::cpu
