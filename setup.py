@@ -150,7 +150,7 @@ def build_extension():
         )
 
     log(f"building CUDA kernels with the toolkit at {cuda_home}")
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*"))
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cpp"))
     wheel_inc = [f"-idirafter{p}" for p in nvidia_wheel_includes()]
     nvcc_flags = [
         "-O3",

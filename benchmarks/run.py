@@ -62,7 +62,7 @@ def bench_shape(shape, dtype_name, device, iters, with_memory, with_flex):
                 row["peak_mb"] = peak_extra_mb(shape, kind, name, dtype_name, device)
             for key, bwd in (("fwd", False), ("fwdbwd", True)):
                 ms = row[f"{key}_ms"]
-                row[f"{key}_gflops"] = flops(shape, kind, bwd) / (ms * 1e6) if ms else None
+                row[f"{key}_gflops"] = flops(shape, kind, bwd) / (ms * 1e6) if ms else None  # GFLOP/s
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -77,6 +77,12 @@ def ratio(base, ours):
 
 
 def write_markdown(rows, shapes, args, path: Path):
+    # GFLOP/s on CPU, TFLOP/s on GPU.
+    unit, div = ("TFLOP/s", 1e3) if args.device == "cuda" else ("GFLOP/s", 1.0)
+
+    def rate(x):
+        return fmt(None if x is None else x / div)
+
     lines = [
         "# Sparse attention benchmarks",
         "",
@@ -86,7 +92,7 @@ def write_markdown(rows, shapes, args, path: Path):
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
         + f", torch {torch.__version__}, dtype {args.dtype}.",
         "",
-        "Times are medians in ms. GFLOP/s count only the unmasked (query, key) pairs of each mask, so a",
+        f"Times are medians in ms. {unit} count only the unmasked (query, key) pairs of each mask, so a",
         "dense peer doing masked work scores low. Speed-up columns are the peer's time over dalle_fast's.",
         "Peak MB: rise of peak memory during one forward+backward, in a fresh process.",
         "",
@@ -96,13 +102,14 @@ def write_markdown(rows, shapes, args, path: Path):
             f"## {shape.name}: {shape.text_len} text + {shape.image_size}x{shape.image_size} image "
             f"(N = {shape.seq_len}), batch {shape.batch}, {shape.heads} heads, head dim {shape.head_dim}",
             "",
-            "| kind | impl | fwd ms | fwd+bwd ms | fwd GFLOP/s | fwd+bwd GFLOP/s | peak MB | note |",
+            f"| kind | impl | fwd ms | fwd+bwd ms | fwd {unit} | fwd+bwd {unit} | peak MB | note |",
             "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in (r for r in rows if r["shape"] == shape.name):
             lines.append(
                 f"| {r['kind']} | {r['impl']} | {fmt(r['fwd_ms'], '.2f')} | {fmt(r['fwdbwd_ms'], '.2f')} | "
-                f"{fmt(r['fwd_gflops'])} | {fmt(r['fwdbwd_gflops'])} | {fmt(r.get('peak_mb'))} | {r.get('note', '')} |"
+                f"{rate(r['fwd_gflops'])} | {rate(r['fwdbwd_gflops'])} | {fmt(r.get('peak_mb'))} | "
+                f"{r.get('note', '')} |"
             )
         lines += ["", "Speed-up of dalle_fast over each peer:", ""]
         lines += ["| kind | vs SDPA causal fwd | fwd+bwd | vs SDPA mask fwd | fwd+bwd | vs Flex fwd | fwd+bwd |"]

@@ -94,6 +94,59 @@ def test_head_dims(kind, head_dim):
     check_against_reference(kind, 11, 6, torch.float32, "cpu", head_dim=head_dim)
 
 
+CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA kernels")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_head_dims(_, kind, head_dim, dtype):
+    check_against_reference(kind, 70, 9, dtype, "cuda", head_dim=head_dim)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_deterministic_and_matches_cpu(_):
+    q, k, v = make_qkv(37, 8, torch.bfloat16, "cuda", head_dim=64)
+    grad = torch.randn_like(q)
+    a = attention_and_grads(lambda *x: sparse_attention(*x, "conv", 37, 8), q, k, v, grad)
+    b = attention_and_grads(lambda *x: sparse_attention(*x, "conv", 37, 8), q, k, v, grad)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)  # no atomics: bitwise repeatable
+    cpu = attention_and_grads(
+        lambda *x: sparse_attention(*x, "conv", 37, 8),
+        *(t.detach().cpu().requires_grad_() for t in (q, k, v)),
+        grad.cpu(),
+    )
+    for x, y in zip(a, cpu, strict=True):
+        torch.testing.assert_close(x.cpu().float(), y.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_opcheck(_, kind):
+    T, W = 7, 9
+    q, k, v = make_qkv(T, W, torch.float16, "cuda", batch=1, heads=2, head_dim=64)
+    args = (q, k, v, kind, T, W, 11, 0.125)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_fwd.default, args)
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, kind, T, W, 11, 0.125)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_torch_compile(_):
+    torch._dynamo.reset()
+    T, W = 9, 4
+    q, k, v = make_qkv(T, W, torch.bfloat16, "cuda", head_dim=32)
+
+    def step(q, k, v):
+        return sparse_attention(q, k, v, "row", T, W).float().square().sum()
+
+    loss = torch.compile(step, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(loss, step(q, k, v))
+
+
 def test_fp16_and_custom_scale_and_kernel_size():
     check_against_reference("conv", 9, 7, torch.float16, "cpu")
     check_against_reference("row", 9, 7, torch.float32, "cpu", scale=0.3)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU runbook: on a machine with an NVIDIA GPU and no network, build the extension against the
+# local torch, run the CUDA tests, run compute-sanitizer (memcheck, racecheck) on a small case of every
+# CUDA kernel, run the benchmarks, and leave the results in benchmarks/results/ (and in $OUT, packed as
+# one archive, when $OUT is set, as on the device tool's machines).
+#
+#   bash benchmarks/gpu_runbook.sh            # everything
+#   STEPS="build tests" bash benchmarks/gpu_runbook.sh
+#
+# Python packages the machine lacks (e.g. expecttest, which torch.library.opcheck imports) can be put
+# as wheels in .gpu_wheels/ (pip download expecttest -d .gpu_wheels) and are installed offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-"build tests sanitizer bench"}
+RES=benchmarks/results
+mkdir -p "$RES"
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))") || { echo "no GPU"; exit 1; }
+log="$RES/runbook_${gpu}.log"
+status=0
+step() { echo; echo "=== $(date +%T) $*"; }
+run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
+
+{
+  echo "GPU: $gpu"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -n 2
+
+  if [[ " $STEPS " == *" build "* ]]; then
+    step "build"
+    if [ -d .gpu_wheels ]; then run $PY -m pip install -q --no-index --find-links .gpu_wheels .gpu_wheels/*.whl; fi
+    export DALLE_FAST_CUDA_ARCHS=${DALLE_FAST_CUDA_ARCHS:-"80;90"}
+    run env MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e .
+    run $PY -c "import torch, dalle_fast; assert torch._C._dispatch_has_kernel_for_dispatch_key('dalle_fast::sparse_attention_fwd', 'CUDA')"
+  fi
+
+  if [[ " $STEPS " == *" tests "* ]]; then
+    step "CUDA tests (default and slow)"
+    run $PY -m pytest -q -rs -m "slow or not slow" -k cuda tests/
+    step "CPU tests"
+    run $PY -m pytest -q tests/
+  fi
+
+  if [[ " $STEPS " == *" sanitizer "* ]]; then
+    for tool in memcheck racecheck; do
+      step "compute-sanitizer --tool $tool"
+      run compute-sanitizer --tool "$tool" --error-exitcode 3 $PY csrc/tests/sanitize_case.py
+    done
+  fi
+
+  if [[ " $STEPS " == *" bench "* ]]; then
+    for dt in bf16 fp16; do
+      step "benchmarks $dt"
+      run $PY -m benchmarks.run --device cuda --dtype "$dt" --batch 8 --heads 16 --out "$RES/${gpu}_${dt}.md"
+    done
+  fi
+  echo; echo "runbook status: $status"
+} 2>&1 | tee "$log"
+
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_results.tgz" "$RES"
+  cp "$log" "$OUT/"
+fi
+grep -q "runbook status: 0" "$log"

@@ -1,0 +1,51 @@
+// CUDA block-sparse attention: launch parameters and launchers. Plain CUDA/C++ (no torch headers), so
+// the .cu files compile in seconds; the torch glue lives in sparse_attention.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../layout.h"
+
+namespace dalle_fast::cuda {
+
+// Layout block for queries and keys; the host glue uploads get_block_layout(mask, kBlock).
+constexpr int kBlock = 64;
+
+enum class DType : int32_t { kHalf = 0, kBFloat16 = 1 };
+
+// The block layout on the device (see BlockLayout in layout.h).
+struct DeviceLayout {
+  const int32_t* q_ptr;
+  const int32_t* q_kblock;
+  const uint8_t* q_full;
+  const int32_t* k_ptr;
+  const int32_t* k_qblock;
+  const uint8_t* k_full;
+  int32_t num_blocks;
+};
+
+// Tensors are contiguous [batch_heads, seq_len, head_dim] (16-byte aligned); lse, delta [batch_heads, seq_len].
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t batch_heads;
+  int32_t seq_len;
+  int32_t head_dim;  // 32, 64 or 128
+  float scale;
+  DType dtype;
+  MaskSpec mask;  // kColumn: transposed image states
+  DeviceLayout layout;
+};
+
+// out (same dtype as q), lse (fp32).
+cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream);
+
+// delta = rowsum(grad_out * out) in fp32 (computed by the caller). Writes dq, dk, dv (dtype of q).
+// Two deterministic passes: key-block parallel for dk/dv, query-block parallel for dq; no atomics.
+cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const float* lse, const float* delta,
+                               void* dq, void* dk, void* dv, cudaStream_t stream);
+
+}  // namespace dalle_fast::cuda

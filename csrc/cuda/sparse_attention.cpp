@@ -1,0 +1,134 @@
+// CUDA host glue for dalle_fast::sparse_attention_fwd / _bwd: argument checks, the device copy of the
+// block layout (cached per mask and device), torch's current stream, and the launch error check.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "../checks.h"
+#include "attention_cuda.h"
+
+namespace dalle_fast {
+namespace {
+
+// Uploaded layouts live as long as the process; there are a handful of (mask, device) pairs per model.
+struct UploadedLayout {
+  at::Tensor q_ptr, q_kblock, q_full, k_ptr, k_qblock, k_full;
+  int32_t num_blocks;
+};
+
+cuda::DeviceLayout device_layout(const MaskSpec& m, const at::Device& device) {
+  using Key = std::tuple<int32_t, int64_t, int64_t, int64_t, int32_t>;
+  static std::mutex mutex;
+  // Never destroyed: freeing CUDA memory from static destructors at exit can fail after the driver shuts down.
+  static auto& cache = *new std::map<Key, UploadedLayout>();
+  const int64_t ks = m.kind == MaskKind::kConv ? m.kernel_size : 0;
+  const Key key{static_cast<int32_t>(m.kind), m.text_len, m.image_size, ks, device.index()};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    const auto L = get_block_layout(m, cuda::kBlock);
+    auto up = [&](const auto& vec, at::ScalarType dt) {
+      auto cpu = at::empty({static_cast<int64_t>(vec.size())}, at::TensorOptions().dtype(dt));
+      std::memcpy(cpu.data_ptr(), vec.data(), vec.size() * sizeof(vec[0]));
+      return cpu.to(device);
+    };
+    UploadedLayout u{up(L->q_ptr, at::kInt),   up(L->q_kblock, at::kInt), up(L->q_full, at::kByte),
+                     up(L->k_ptr, at::kInt),   up(L->k_qblock, at::kInt), up(L->k_full, at::kByte),
+                     static_cast<int32_t>(L->num_blocks)};
+    it = cache.emplace(key, std::move(u)).first;
+  }
+  const UploadedLayout& u = it->second;
+  return cuda::DeviceLayout{u.q_ptr.data_ptr<int32_t>(),  u.q_kblock.data_ptr<int32_t>(), u.q_full.data_ptr<uint8_t>(),
+                            u.k_ptr.data_ptr<int32_t>(),  u.k_qblock.data_ptr<int32_t>(), u.k_full.data_ptr<uint8_t>(),
+                            u.num_blocks};
+}
+
+// Contiguous and 16-byte aligned (the kernels load 16 bytes at a time).
+at::Tensor prepared(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+void check_cuda_inputs(const at::Tensor& q) {
+  TORCH_CHECK(q.device().is_cuda(), "dalle_fast: expected CUDA tensors, got ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "dalle_fast: CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
+  const int64_t d = q.size(3);
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "dalle_fast: head_dim (q.shape[3]) must be 32, 64 or 128 on CUDA, got ",
+              d);
+  TORCH_CHECK(q.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", q.size(2));
+}
+
+cuda::AttentionParams params_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m,
+                                double scale) {
+  return cuda::AttentionParams{q.data_ptr(),
+                               k.data_ptr(),
+                               v.data_ptr(),
+                               q.size(0) * q.size(1),
+                               static_cast<int32_t>(q.size(2)),
+                               static_cast<int32_t>(q.size(3)),
+                               static_cast<float>(scale),
+                               q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16,
+                               m,
+                               device_layout(m, q.device())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, c10::string_view kind,
+                                                             int64_t text_len, int64_t image_size,
+                                                             int64_t kernel_size, double scale) {
+  const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_qkv(q_in, k_in, v_in, m);
+  check_cuda_inputs(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  const cudaError_t err = cuda::attention_forward(params_of(q, k, v, m, scale), out.data_ptr(),
+                                                  lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA forward launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, c10::string_view kind, int64_t text_len, int64_t image_size,
+    int64_t kernel_size, double scale) {
+  const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_qkv(q_in, k_in, v_in, m);
+  check_cuda_inputs(q_in);
+  check_same(grad_out_in, "grad_out", q_in, "q");
+  check_same(out_in, "out", q_in, "q");
+  check_lse(lse_in, q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in), g = prepared(grad_out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  // delta_i = sum_d dO_id O_id in fp32: one small reduction, left to ATen.
+  const at::Tensor delta = (grad_out_in.to(at::kFloat) * out_in.to(at::kFloat)).sum(-1).contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
+             dv = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv};
+  const cudaError_t err =
+      cuda::attention_backward(params_of(q, k, v, m, scale), g.data_ptr(), lse.data_ptr<float>(),
+                               delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA backward launch failed: ", cudaGetErrorString(err));
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
+  m.impl("sparse_attention_fwd", &sparse_attention_fwd_cuda);
+  m.impl("sparse_attention_bwd", &sparse_attention_bwd_cuda);
+}
+
+}  // namespace dalle_fast

@@ -1,0 +1,86 @@
+// Shared pieces of the CUDA attention kernels: element conversion, tile loads into shared memory, the
+// element mask of partial blocks, and launch helpers. Tensor-core math uses nvcuda::wmma 16x16x16
+// fragments (fp16 / bf16 inputs, fp32 accumulation; sm_80 and newer).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "../layout.h"
+#include "attention_cuda.h"
+
+namespace dalle_fast::cuda {
+
+constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile
+constexpr int kThreads = kWarps * 32;
+constexpr int kPadT = 8;  // elements of padding per shared row: keeps wmma pointers 32-byte aligned,
+constexpr int kPadF = 4;  // and staggers rows across banks
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Copies rows [row0, row0 + kBlock) of a [seq_len, D] matrix into a shared tile with leading dim ld,
+// 16 bytes per thread per step; rows past seq_len become zeros.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int row0, int seq_len) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  for (int idx = threadIdx.x; idx < kBlock * kPerRow; idx += kThreads) {
+    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < seq_len) val = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row0 + r) * D + c);
+    *reinterpret_cast<uint4*>(tile + r * ld + c) = val;
+  }
+}
+
+// Loads kBlock fp32 values (lse or delta rows), `fill` past seq_len.
+__device__ __forceinline__ void load_rows(float* dst, const float* src, int row0, int seq_len, float fill) {
+  for (int r = threadIdx.x; r < kBlock; r += kThreads) dst[r] = row0 + r < seq_len ? src[row0 + r] : fill;
+}
+
+// May query i see key j? Rows and columns past seq_len are padding and never visible.
+__device__ __forceinline__ bool visible(const MaskSpec& m, int i, int j, int seq_len) {
+  return i < seq_len && j < seq_len && mask_allows(m, i, j);
+}
+
+// A layout entry needs no element mask when the layout says full and the tile has no padding.
+__device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int seq_len) {
+  return layout_full && q0 + kBlock <= seq_len && k0 + kBlock <= seq_len;
+}
+
+// Stores a warp's 16 x (16 * n) fp32 accumulator fragments as T rows in global memory (rows past
+// seq_len skipped), through a per-warp fp32 staging area of 16 x ld.
+template <typename T, int N16, typename Frag>
+__device__ __forceinline__ void store_rows(Frag (&acc)[N16], float* stage, int ld, T* dst, int row0, int seq_len,
+                                          float mul) {
+  const int lane = threadIdx.x % 32;
+  for (int n = 0; n < N16; ++n) nvcuda::wmma::store_matrix_sync(stage + n * 16, acc[n], ld, nvcuda::wmma::mem_row_major);
+  __syncwarp();
+  constexpr int D = N16 * 16;
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int r = idx / D, c = idx % D;
+    if (row0 + r < seq_len) dst[static_cast<int64_t>(row0 + r) * D + c] = Elem<T>::from_float(stage[r * ld + c] * mul);
+  }
+  __syncwarp();
+}
+
+template <typename Kernel>
+cudaError_t prepare_launch(Kernel kernel, size_t smem_bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+}
+
+}  // namespace dalle_fast::cuda
