@@ -99,12 +99,16 @@ def cuda_arch_flags(cuda_home: str) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         known = set(archs)
     flags = []
-    for a in archs:
+    for a in sorted(set(archs), key=lambda a: int(a.rstrip("a"))):
         if a not in known:
             log(f"skipping CUDA arch sm_{a}: this nvcc does not know it")
             continue
         flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
-    if not flags:
+    if flags:
+        # PTX of the newest arch too, so GPUs newer than every listed arch can JIT the kernels.
+        newest = flags[-1].split("arch=compute_")[1].split(",")[0]
+        flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    else:
         raise RuntimeError(f"DALLE_FAST_CUDA_ARCHS={wanted!r} names no arch this nvcc supports ({sorted(known)})")
     return flags
 

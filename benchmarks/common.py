@@ -81,6 +81,9 @@ def make_impls(shape: Shape, kind: str, device: str, with_flex: bool = True):
 
             n = shape.seq_len
             block_mask = create_block_mask(flex_mask_mod(kind, T, W), None, None, n, n, device=device)
+            # A fresh compile per mask: otherwise each new mask_mod recompiles the same frame until
+            # dynamo's recompile limit drops FlexAttention to its slow eager path.
+            torch._dynamo.reset()
             compiled = torch.compile(flex_attention, dynamic=False)
             impls["flex_attention"] = lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
         except Exception as e:  # older torch, or no compiler: report the peer as missing

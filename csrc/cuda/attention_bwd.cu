@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
     wmma::fill_fragment(acc_dv[n], 0.f);
   }
   const int my_row = warp * 16 + lane / 2;  // a key row of the tile
-  const int half = lane & 1;                // which 32 query columns
+  const int half = lane & 1;                // alternate query columns: c = 2 * cc + half
 
   for (int e = p.layout.k_ptr[kb]; e < p.layout.k_ptr[kb + 1]; ++e) {
     const int q0 = p.layout.k_qblock[e] * kBlock;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     load_tile<T, D>(sQ, L::ldt, Q, q0, N);
     load_tile<T, D>(sdO, L::ldt, dO, q0, N);
-    load_rows(sLse, lse + bh * N, q0, N, 0.f);
+    load_rows(sLse, lse + bh * N, q0, N, INFINITY);  // padded rows: P = 0 by construction
     load_rows(sDelta, delta + bh * N, q0, N, 0.f);
     __syncthreads();
 
@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(kThreads)
     // P^T = exp(S^T * scale - lse) (0 where masked), dS^T = P^T (dP^T - delta).
     {
       const int j = k0 + my_row;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const int i = q0 + c;
+      for (int cc = 0; cc < kBlock / 2; ++cc) {
+        const int c = 2 * cc + half, i = q0 + c;
         const bool on = full || visible(p.mask, i, j, N);
         const float pe = on ? __expf(sSt[my_row * L::ldf + c] * p.scale - sLse[c]) : 0.f;
         const float ds = pe * (sdPt[my_row * L::ldf + c] - sDelta[c]);
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* V = static_cast<const T*>(p.v) + base;
   load_tile<T, D>(sQ, L::ldt, static_cast<const T*>(p.q) + base, q0, N);
   load_tile<T, D>(sdO, L::ldt, grad_out + base, q0, N);
-  load_rows(sLse, lse + bh * N, q0, N, 0.f);
+  load_rows(sLse, lse + bh * N, q0, N, INFINITY);  // padded rows: P = 0 by construction
   load_rows(sDelta, delta + bh * N, q0, N, 0.f);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dq[D / 16];
@@ -189,7 +189,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncwarp();
     {
       const int i = q0 + my_row;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
+      for (int cc = 0; cc < kBlock / 2; ++cc) {
+        const int c = 2 * cc + half;
         const bool on = full || visible(p.mask, i, k0 + c, N);
         const float pe = on ? __expf(sS[my_row * L::ldf + c] * p.scale - sLse[my_row]) : 0.f;
         sdS[my_row * L::ldh + c] = Elem<T>::from_float(pe * (sdP[my_row * L::ldf + c] - sDelta[my_row]));
@@ -244,6 +245,20 @@ cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, c
                                void* dq, void* dk, void* dv, cudaStream_t stream) {
   return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, grad_out, lse, delta, dq, dk, dv, stream)
                                  : dispatch_head_dim<__nv_bfloat16>(p, grad_out, lse, delta, dq, dk, dv, stream);
+}
+
+size_t backward_smem_bytes(DType dtype, int head_dim) {
+  // fp16 and bf16 have the same size, so only the head dim matters.
+  (void)dtype;
+  switch (head_dim) {
+    case 32:
+      return BwdSmem<32>::bytes<__half>();
+    case 64:
+      return BwdSmem<64>::bytes<__half>();
+    case 128:
+      return BwdSmem<128>::bytes<__half>();
+  }
+  return 0;
 }
 
 }  // namespace dalle_fast::cuda

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../layout.h"
@@ -39,6 +40,10 @@ struct AttentionParams {
   MaskSpec mask;  // kColumn: transposed image states
   DeviceLayout layout;
 };
+
+// Dynamic shared memory per thread block of each pass (the host checks it against the device's limit).
+size_t forward_smem_bytes(DType dtype, int head_dim);
+size_t backward_smem_bytes(DType dtype, int head_dim);
 
 // out (same dtype as q), lse (fp32).
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream);

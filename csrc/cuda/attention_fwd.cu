@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
     sL[r] = 0.f;
   }
 
-  // Softmax work split: two lanes per row, 32 columns each (kBlock = 64).
+  // Softmax work split: two lanes per row (kBlock = 64 columns).
   const int my_row = warp * 16 + lane / 2;
   const int half = lane & 1;
 
@@ -80,14 +80,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
     }
     __syncwarp();
 
-    // Online softmax over this block for the warp's rows.
+    // Online softmax over this block for the warp's rows. The two lanes of a row take alternate
+    // columns (c = 2 * cc + half), which halves shared-memory bank conflicts against split halves.
     {
       const int i = q0 + my_row;
-      float* srow = sS + my_row * L::lds + half * 32;
+      float* srow = sS + my_row * L::lds;
       float mx = -INFINITY;
-      for (int c = 0; c < 32; ++c) {
+      for (int cc = 0; cc < kBlock / 2; ++cc) {
+        const int c = 2 * cc + half;
         float x = srow[c] * p.scale;
-        if (!full && !visible(p.mask, i, k0 + half * 32 + c, N)) x = -INFINITY;
+        if (!full && !visible(p.mask, i, k0 + c, N)) x = -INFINITY;
         srow[c] = x;
         mx = fmaxf(mx, x);
       }
@@ -95,8 +97,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
       const float m_old = sM[my_row];
       const float m_new = fmaxf(m_old, mx);
       float sum = 0.f;
-      T* prow = sP + my_row * L::ldp + half * 32;
-      for (int c = 0; c < 32; ++c) {
+      T* prow = sP + my_row * L::ldp;
+      for (int cc = 0; cc < kBlock / 2; ++cc) {
+        const int c = 2 * cc + half;
         const float pe = m_new == -INFINITY ? 0.f : __expf(srow[c] - m_new);
         prow[c] = Elem<T>::from_float(pe);
         sum += pe;
@@ -178,6 +181,20 @@ cudaError_t dispatch_head_dim(const AttentionParams& p, void* out, float* lse, c
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
   return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, out, lse, stream)
                                  : dispatch_head_dim<__nv_bfloat16>(p, out, lse, stream);
+}
+
+size_t forward_smem_bytes(DType dtype, int head_dim) {
+  // fp16 and bf16 have the same size, so only the head dim matters.
+  (void)dtype;
+  switch (head_dim) {
+    case 32:
+      return FwdSmem<32>::bytes<__half>();
+    case 64:
+      return FwdSmem<64>::bytes<__half>();
+    case 128:
+      return FwdSmem<128>::bytes<__half>();
+  }
+  return 0;
 }
 
 }  // namespace dalle_fast::cuda

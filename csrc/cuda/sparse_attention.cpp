@@ -1,6 +1,8 @@
 // CUDA host glue for dalle_fast::sparse_attention_fwd / _bwd: argument checks, the device copy of the
 // block layout (cached per mask and device), torch's current stream, and the launch error check.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -32,6 +34,9 @@ cuda::DeviceLayout device_layout(const MaskSpec& m, const at::Device& device) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "dalle_fast: the first call for a mask uploads its block layout, which cannot happen during CUDA "
+                "graph capture; run the model once before capturing");
     const auto L = get_block_layout(m, cuda::kBlock);
     auto up = [&](const auto& vec, at::ScalarType dt) {
       auto cpu = at::empty({static_cast<int64_t>(vec.size())}, at::TensorOptions().dtype(dt));
@@ -66,6 +71,16 @@ void check_cuda_inputs(const at::Tensor& q) {
   TORCH_CHECK(q.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", q.size(2));
 }
 
+// Clear error instead of a failed launch on GPUs whose per-block shared memory is too small.
+void check_shared_memory(size_t need, const char* pass, int64_t head_dim) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(need <= static_cast<size_t>(limit), "dalle_fast: the CUDA ", pass, " kernel for head_dim ", head_dim,
+              " needs ", need, " bytes of shared memory per block; this GPU allows ", limit,
+              ". Use a smaller head_dim on this GPU.");
+}
+
 cuda::AttentionParams params_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m,
                                 double scale) {
   return cuda::AttentionParams{q.data_ptr(),
@@ -89,6 +104,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
   check_cuda_inputs(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in);
+  const auto dtype = q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16;
+  check_shared_memory(cuda::forward_smem_bytes(dtype, q.size(3)), "forward", q.size(3));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
@@ -111,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in), g = prepared(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
+  const auto dtype = q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16;
+  check_shared_memory(cuda::backward_smem_bytes(dtype, q.size(3)), "backward", q.size(3));
   // delta_i = sum_d dO_id O_id in fp32: one small reduction, left to ATen.
   const at::Tensor delta = (grad_out_in.to(at::kFloat) * out_in.to(at::kFloat)).sum(-1).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
