@@ -91,20 +91,28 @@ def make_impls(shape: Shape, kind: str, device: str, with_flex: bool = True):
     return impls
 
 
-def time_ms(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> float:
-    """Median wall time of fn() in milliseconds."""
+def time_interleaved(fns: dict, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:
+    """Best wall time in ms of each fn, taking turns run by run so that every implementation sees the same
+    machine conditions (on a shared machine, load that comes and goes otherwise lands on whoever runs then).
+    A fn that raises is reported as None."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            sync()
+            live[name] = fn
+        except Exception as e:  # a peer that cannot run this case
+            print(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+    best = {name: float("inf") for name in live}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+        for name, fn in live.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+    return {name: best.get(name) for name in fns}
 
 
 def forward_fn(impl, q, k, v):

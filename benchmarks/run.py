@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PAPER, SMALL, flops, forward_backward_fn, forward_fn, make_impls, make_inputs, time_ms
+from benchmarks.common import (
+    PAPER,
+    SMALL,
+    flops,
+    forward_backward_fn,
+    forward_fn,
+    make_impls,
+    make_inputs,
+    time_interleaved,
+)
 from dalle_fast import MASK_KINDS
 
 HERE = Path(__file__).parent
@@ -47,17 +56,16 @@ def bench_shape(shape, dtype_name, device, iters, with_memory, with_flex):
     for kind in MASK_KINDS:
         q, k, v, grad = make_inputs(shape, dtype, device)
         impls = make_impls(shape, kind, device, with_flex=with_flex)
-        for name, impl in impls.items():
-            row = {"shape": shape.name, "kind": kind, "impl": name}
-            try:
-                row["fwd_ms"] = time_ms(forward_fn(impl, q, k, v), iters=iters, device=device)
-            except Exception as e:  # a peer that cannot run this case
-                row["fwd_ms"], row["note"] = None, f"{type(e).__name__}"
-            try:
-                row["fwdbwd_ms"] = time_ms(forward_backward_fn(impl, q, k, v, grad), iters=iters, device=device)
-            except Exception as e:
-                row["fwdbwd_ms"] = None
-                row["note"] = row.get("note") or f"no backward ({type(e).__name__})"
+        fwd = time_interleaved(
+            {name: forward_fn(impl, q, k, v) for name, impl in impls.items()}, iters=iters, device=device
+        )
+        fwdbwd = time_interleaved(
+            {name: forward_backward_fn(impl, q, k, v, grad) for name, impl in impls.items()}, iters=iters, device=device
+        )
+        for name in impls:
+            row = {"shape": shape.name, "kind": kind, "impl": name, "fwd_ms": fwd[name], "fwdbwd_ms": fwdbwd[name]}
+            if fwdbwd[name] is None:
+                row["note"] = "no backward" if fwd[name] is not None else "failed"
             if with_memory and name != "flex_attention" and row["fwdbwd_ms"] is not None:
                 row["peak_mb"] = peak_extra_mb(shape, kind, name, dtype_name, device)
             for key, bwd in (("fwd", False), ("fwdbwd", True)):
@@ -92,8 +100,9 @@ def write_markdown(rows, shapes, args, path: Path):
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
         + f", torch {torch.__version__}, dtype {args.dtype}.",
         "",
-        f"Times are medians in ms. {unit} count only the unmasked (query, key) pairs of each mask, so a",
-        "dense peer doing masked work scores low. Speed-up columns are the peer's time over dalle_fast's.",
+        f"Times: best of --iters runs in ms, the implementations taking turns run by run. {unit} count",
+        "only the unmasked (query, key) pairs of each mask, so a dense peer doing masked work scores low.",
+        "Speed-up columns are the peer's time over dalle_fast's.",
         "Peak MB: rise of peak memory during one forward+backward, in a fresh process.",
         "",
     ]
@@ -127,6 +136,22 @@ def write_markdown(rows, shapes, args, path: Path):
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
+
+
+def update_readme(markdown: Path, readme: Path = HERE.parent / "README.md") -> None:
+    """Copies the first shape's tables of RESULTS.md into README.md between the results markers."""
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        return
+    sections = markdown.read_text().split("\n## ")
+    first = "### " + sections[1].strip() if len(sections) > 1 else ""
+    source = markdown.relative_to(readme.parent)
+    block = f"{begin}\n{first}\n\n(From `{source}`, written by `python -m benchmarks.run`.)\n{end}"
+    head, rest = text.split(begin, 1)
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(head + block + rest.split(end, 1)[1])
+    tmp.replace(readme)
 
 
 def plot(rows, shape, path: Path):
@@ -184,6 +209,8 @@ def main():
     for shape in shapes:
         plot(rows, shape, out.with_name(f"{out.stem}_{shape.name}.png"))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    if out.resolve() == (HERE / "RESULTS.md").resolve():
+        update_readme(out)
     print(f"wrote {out}")
 
 
