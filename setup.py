@@ -129,9 +129,18 @@ def build_extension():
         "csrc/python_module.cpp",
         *sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp")),
     ]
+    # -ffp-contract=off: no fused multiply-adds, so CPU kernels round like their PyTorch references.
     # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with OpenMP; the
     # runtime is shared with torch's (same libgomp.so.1 soname).
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-Wall", "-Wno-unused-parameter"]
+    cxx_flags = [
+        "-O3",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-ffp-contract=off",
+        "-fopenmp",
+        "-Wall",
+        "-Wno-unused-parameter",
+    ]
     link_flags = ["-fopenmp"]
     use_cuda = False
     if cuda_home and torch.version.cuda:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -50,6 +51,43 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& q) {
               lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "dalle_fast: lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK(lse.device() == q.device(), "dalle_fast: lse must be on ", q.device(), ", got ", lse.device());
+}
+
+// ---- per-resblock gradient scaling ----
+
+inline void check_flags(const at::Tensor& scales, const at::Tensor& found_inf, const at::Device& device) {
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat,
+              "dalle_fast: scales must be a 1-D float32 tensor, got ", scales.scalar_type(), " of shape ",
+              scales.sizes());
+  TORCH_CHECK(found_inf.dim() == 1 && found_inf.scalar_type() == at::kBool && found_inf.size(0) == scales.size(0),
+              "dalle_fast: found_inf must be a bool tensor of shape [", scales.size(0), "], got ",
+              found_inf.scalar_type(), " of shape ", found_inf.sizes());
+  TORCH_CHECK(scales.device() == device && found_inf.device() == device,
+              "dalle_fast: scales and found_inf must be on ", device, ", got ", scales.device(), " and ",
+              found_inf.device());
+  TORCH_CHECK(scales.is_contiguous() && found_inf.is_contiguous(), "dalle_fast: scales and found_inf must be contiguous");
+}
+
+inline void check_block(int64_t block, const at::Tensor& scales, const char* what) {
+  TORCH_CHECK(block >= 0 && block < scales.size(0), "dalle_fast: ", what, " must be in [0, ", scales.size(0),
+              "), got ", block);
+}
+
+inline void check_grad(const at::Tensor& g, const char* name) {
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()) && g.scalar_type() != at::kDouble,
+              "dalle_fast: ", name, " must be float32, float16 or bfloat16, got ", g.scalar_type());
+}
+
+inline void check_tensor_list(at::TensorList ts, c10::IntArrayRef blocks, const at::Tensor& scales, const char* name) {
+  TORCH_CHECK(ts.size() == blocks.size(), "dalle_fast: ", name, " has ", ts.size(), " tensors but blocks has ",
+              blocks.size(), " entries");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    check_grad(ts[i], name);
+    TORCH_CHECK(ts[i].device() == scales.device(), "dalle_fast: ", name, "[", i, "] must be on ", scales.device(),
+                ", got ", ts[i].device());
+    TORCH_CHECK(ts[i].is_contiguous(), "dalle_fast: ", name, "[", i, "] must be contiguous");
+    check_block(blocks[i], scales, "blocks[i]");
+  }
 }
 
 }  // namespace dalle_fast

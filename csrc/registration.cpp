@@ -38,6 +38,23 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, str kind, "
       "int text_len, int image_size, int kernel_size, float scale) -> (Tensor, Tensor, Tensor)");
+  // Per-resblock gradient scaling (dalle_fast/amp.py). scales: fp32 [blocks]; found_inf: bool [blocks].
+  // Gradient entering a resblock branch: grad * scales[block].
+  m.def("grad_scale(Tensor grad, Tensor scales, int block) -> Tensor");
+  // Gradient leaving the branch: grad / scales[block] with Inf/NaN set to 0; sets found_inf[block] if any.
+  m.def("grad_unscale_filter(Tensor grad, Tensor scales, int block, Tensor(a!) found_inf) -> Tensor");
+  // In place: grads[i] /= scales[blocks[i]]; found_inf[blocks[i]] set where grads[i] has Inf/NaN.
+  m.def("multi_unscale_check_(Tensor(a!)[] grads, int[] blocks, Tensor scales, Tensor(b!) found_inf) -> ()");
+  // The paper's scale rules for one update, on the scales' device (no host synchronisation).
+  m.def(
+      "resblock_scale_update_(Tensor(a!) scales, Tensor(b!) cooldown, Tensor found_inf, float growth, "
+      "float backoff, int window, float min_scale, float max_scale) -> ()");
+  // AdamW over parameters grouped by block, skipping every block whose found_inf is set. Per-block
+  // step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t), decay = 1 - lr * wd.
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+      "int[] blocks, Tensor found_inf, Tensor step_size, Tensor bias_correction2_sqrt, Tensor decay, "
+      "float beta1, float beta2, float eps) -> ()");
   // (q_ptr, q_kblock, q_full, k_ptr, k_qblock, k_full): query-major and key-major CSR block layouts.
   m.def("block_layout(str kind, int text_len, int image_size, int kernel_size, int block) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",

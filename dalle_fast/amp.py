@@ -1,0 +1,391 @@
+"""Per-resblock gradient scaling (the paper's Section 2.4 and Appendix D, Figure 4).
+
+One gradient scale per resblock instead of one loss scale. In backward, the gradient entering a
+resblock's branch f is multiplied by that block's scale; the gradient leaving f is unscaled and
+filtered (Inf/NaN -> 0) before it joins the identity path, which stays fp32. So an overflow inside one
+block cannot wipe out the gradient of every block before it, and each block's scale can sit as high as
+its own gradients allow.
+
+    scaler = ResblockGradScaler(num_blocks=len(blocks), replicas=world_size)
+    model.blocks = nn.ModuleList(scaler.residual(f, i) for i, f in enumerate(branches))   # x + f(x)
+    opt = BlockAdamW(scaler.param_groups(model), scaler, lr=4.5e-4, betas=(0.9, 0.96), weight_decay=4.5e-2)
+    loss.backward()
+    scaler.unscale_(opt)   # one pass over all grads: unscale by the block's scale, flag Inf/NaN per block
+    opt.step()             # skips exactly the flagged blocks, on device, without a host sync
+    scaler.update()        # the paper's rules: x 2^(1/1000), or / sqrt(2) at most once per 125 updates
+
+Block index num_blocks (one past the last resblock) is the "outside" group: parameters not inside any
+resblock branch (embeddings, final layers). Its gradients are not scaled (scale fixed at 1), but they
+are checked, and the group is skipped when they are not finite.
+
+The kernels are custom ops (csrc/cpu/grad_scaling.cpp); the *_reference functions below define them
+in plain PyTorch, operation for operation, and the CPU kernels match them bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dalle_fast import _C  # noqa: F401  (registers torch.ops.dalle_fast)
+
+GROWTH = 2.0 ** (1.0 / 1000.0)  # per clean update
+BACKOFF = math.sqrt(2.0)  # divisor on a nonfinite gradient
+WINDOW = 125  # updates after a division during which the scale is not divided again
+INIT_EXP, MIN_EXP, MAX_EXP = 13, 7, 24  # scales start at M * 2^13, clamped to [M * 2^7, M * 2^24]
+
+
+# ---- references (plain PyTorch; the CPU kernels agree with them bit for bit) -------------------------
+
+
+def grad_scale_reference(grad: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    return (grad.float() * scales[block]).to(grad.dtype)
+
+
+def grad_unscale_filter_reference(
+    grad: torch.Tensor, scales: torch.Tensor, block: int, found_inf: torch.Tensor
+) -> torch.Tensor:
+    v = grad.float()
+    finite = torch.isfinite(v)
+    found_inf[block] |= ~finite.all()
+    return torch.where(finite, v * scales[block].reciprocal(), torch.zeros_like(v)).to(grad.dtype)
+
+
+def multi_unscale_check_reference(
+    grads: list[torch.Tensor], blocks: list[int], scales: torch.Tensor, found_inf: torch.Tensor
+) -> None:
+    inv = scales.reciprocal()
+    for g, b in zip(grads, blocks, strict=True):
+        v = g.float()
+        found_inf[b] |= ~torch.isfinite(v).all()
+        g.copy_((v * inv[b]).to(g.dtype))
+
+
+def scale_update_reference(
+    scales: torch.Tensor, cooldown: torch.Tensor, found_inf: torch.Tensor, min_scale: float, max_scale: float
+) -> None:
+    blocked = cooldown > 0
+    cooldown.sub_(blocked.int())
+    divide = found_inf & ~blocked
+    grown = scales * torch.tensor(GROWTH, dtype=torch.float32)
+    shrunk = scales / torch.tensor(BACKOFF, dtype=torch.float32)
+    new = torch.where(divide, shrunk, torch.where(found_inf, scales, grown)).clamp(min_scale, max_scale)
+    scales.copy_(new)
+    cooldown.copy_(torch.where(divide, torch.full_like(cooldown, WINDOW), cooldown))
+
+
+def adamw_step_reference(
+    params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bias_correction2_sqrt, decay, beta1, beta2, eps
+) -> None:
+    for p, g, m, v, b in zip(params, grads, exp_avg, exp_avg_sq, blocks, strict=True):
+        if bool(found_inf[b]):
+            continue
+        g32 = g.float()
+        p32 = p.float() * decay[b]
+        m32 = m.float() * beta1 + g32 * (1.0 - beta1)
+        v32 = v.float() * beta2 + (g32 * g32) * (1.0 - beta2)
+        denom = v32.sqrt() / bias_correction2_sqrt[b] + eps
+        p32 = p32 - step_size[b] * (m32 / denom)
+        p.copy_(p32.to(p.dtype))
+        m.copy_(m32.to(m.dtype))
+        v.copy_(v32.to(v.dtype))
+
+
+# ---- the boundary of a resblock -----------------------------------------------------------------------
+
+
+class _ScaleGradIn(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient entering the branch by the block's scale."""
+
+    @staticmethod
+    def forward(ctx, y, scales, block):
+        ctx.scales, ctx.block = scales, block
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.dalle_fast.grad_scale(grad.contiguous(), ctx.scales, ctx.block), None, None
+
+
+class _UnscaleGradOut(torch.autograd.Function):
+    """Identity forward; backward unscales and filters the gradient leaving the branch."""
+
+    @staticmethod
+    def forward(ctx, x, scales, block, found_inf):
+        ctx.scales, ctx.block, ctx.found_inf = scales, block, found_inf
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.ops.dalle_fast.grad_unscale_filter(grad.contiguous(), ctx.scales, ctx.block, ctx.found_inf)
+        return out, None, None, None
+
+
+class ScaledResidual(nn.Module):
+    """x + branch(x), with the branch's gradient scaled by its block's scale (see the module docstring).
+
+    `branch` is the f of a resblock x + f(x): any module mapping x to a tensor of x's shape. Its
+    parameters belong to block `index` of the scaler.
+    """
+
+    def __init__(self, branch: nn.Module, index: int, scaler: ResblockGradScaler):
+        super().__init__()
+        if not 0 <= index < scaler.num_blocks:
+            raise ValueError(f"index must be in [0, {scaler.num_blocks}), got {index}")
+        self.branch = branch
+        self.index = index
+        self._scaler = [scaler]  # a list, so the scaler is not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._scaler[0]
+        if not torch.is_grad_enabled():
+            return x + self.branch(x)
+        inner = _UnscaleGradOut.apply(x, s._scales, self.index, s.found_inf)
+        return x + _ScaleGradIn.apply(self.branch(inner), s._scales, self.index)
+
+
+# ---- the scaler -------------------------------------------------------------------------------------
+
+
+class ResblockGradScaler:
+    """One gradient scale per resblock, updated by the paper's rules on the training device.
+
+    scales: fp32 [num_blocks]. found_inf: bool [num_blocks + 1], set during backward (by the resblock
+    boundaries) and by unscale_ (per parameter block); the last entry is the outside group.
+    """
+
+    def __init__(self, num_blocks: int, replicas: int = 1, device: torch.device | str | None = None):
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+        self.num_blocks = num_blocks
+        self.replicas = replicas
+        self.min_scale = float(replicas * 2.0**MIN_EXP)
+        self.max_scale = float(replicas * 2.0**MAX_EXP)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        # The outside group's scale sits after the blocks' and stays 1.
+        self._scales = torch.full((num_blocks + 1,), float(replicas * 2.0**INIT_EXP), device=dev)
+        self._scales[-1] = 1.0
+        self.cooldown = torch.zeros(num_blocks, dtype=torch.int32, device=dev)
+        self.found_inf = torch.zeros(num_blocks + 1, dtype=torch.bool, device=dev)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """fp32 [num_blocks] (a view: updated in place)."""
+        return self._scales[: self.num_blocks]
+
+    @property
+    def device(self) -> torch.device:
+        return self._scales.device
+
+    def residual(self, branch: nn.Module, index: int) -> ScaledResidual:
+        """Wraps the branch f of resblock `index` as x + f(x) with per-block gradient scaling."""
+        return ScaledResidual(branch, index, self)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer param groups, one per block, from the ScaledResidual modules inside `model`;
+        every other trainable parameter goes to the outside group (index num_blocks)."""
+        groups: dict[int, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for mod in model.modules():
+            if isinstance(mod, ScaledResidual) and mod._scaler[0] is self:
+                for p in mod.branch.parameters():
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        groups.setdefault(mod.index, []).append(p)
+        outside = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+        if outside:
+            groups[self.num_blocks] = outside
+        return [{"params": ps, "block": b} for b, ps in sorted(groups.items())]
+
+    def unscale_(self, params_by_block: Iterable[tuple[torch.Tensor, int]] | torch.optim.Optimizer) -> None:
+        """Unscales every gradient by its block's scale and flags Inf/NaN per block: one fused pass.
+
+        Takes an optimizer whose param groups carry "block" (see param_groups), or (param, block) pairs.
+        """
+        if isinstance(params_by_block, torch.optim.Optimizer):
+            pairs = [(p, g["block"]) for g in params_by_block.param_groups for p in g["params"]]
+        else:
+            pairs = list(params_by_block)
+        grads, blocks = [], []
+        for p, b in pairs:
+            if not 0 <= b <= self.num_blocks:
+                raise ValueError(f"block index must be in [0, {self.num_blocks}], got {b}")
+            if p.grad is not None:
+                grads.append(p.grad)
+                blocks.append(b)
+        if grads:
+            torch.ops.dalle_fast.multi_unscale_check_(grads, blocks, self._scales, self.found_inf)
+
+    def update(self, found_inf: torch.Tensor | None = None) -> None:
+        """Applies the scale rules for one update, then clears the flags.
+
+        found_inf: bool [num_blocks] (default: the flags gathered since the last update)."""
+        flags = self.found_inf[: self.num_blocks] if found_inf is None else found_inf
+        if flags.shape != (self.num_blocks,) or flags.dtype != torch.bool:
+            raise ValueError(
+                f"found_inf must be a bool tensor of shape [{self.num_blocks}], got {flags.dtype} {tuple(flags.shape)}"
+            )
+        torch.ops.dalle_fast.resblock_scale_update_(
+            self.scales, self.cooldown, flags.to(self.device), GROWTH, BACKOFF, WINDOW, self.min_scale, self.max_scale
+        )
+        self.found_inf.zero_()
+
+    def state_dict(self) -> dict:
+        return {
+            "scales": self.scales.clone(),
+            "cooldown": self.cooldown.clone(),
+            "num_blocks": self.num_blocks,
+            "replicas": self.replicas,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("scales", "cooldown", "num_blocks", "replicas"):
+            if key not in state:
+                raise ValueError(f"state_dict is missing {key!r}")
+        if state["num_blocks"] != self.num_blocks or state["replicas"] != self.replicas:
+            raise ValueError(
+                f"state_dict is for num_blocks={state['num_blocks']}, replicas={state['replicas']}; this scaler "
+                f"has num_blocks={self.num_blocks}, replicas={self.replicas}"
+            )
+        self.scales.copy_(state["scales"])
+        self.cooldown.copy_(state["cooldown"])
+
+
+# ---- the optimizer ----------------------------------------------------------------------------------
+
+
+class BlockAdamW(torch.optim.Optimizer):
+    """AdamW that skips exactly the blocks whose gradients were not finite, on device, with no host sync.
+
+    Param groups carry a "block" index (ResblockGradScaler.param_groups). A skipped block's parameters,
+    moments and step count stay unchanged. Decoupled weight decay as in torch.optim.AdamW.
+    """
+
+    def __init__(
+        self,
+        params,
+        scaler: ResblockGradScaler,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        for g in self.param_groups:
+            if "block" not in g or not 0 <= g["block"] <= scaler.num_blocks:
+                raise ValueError(f"every param group needs a 'block' in [0, {scaler.num_blocks}]")
+        if len({g["betas"] for g in self.param_groups}) > 1 or len({g["eps"] for g in self.param_groups}) > 1:
+            raise ValueError("BlockAdamW needs the same betas and eps in every param group")
+        self.scaler = scaler
+        # Per-block step counts live on the device, so skipping a block needs no host decision.
+        self.block_steps = torch.zeros(scaler.num_blocks + 1, dtype=torch.float32, device=scaler.device)
+
+    def _block_factors(self):
+        """Per-block step_size, sqrt(1 - beta2^t) and decay (1 - lr * wd), as fp32 device tensors."""
+        key = tuple((g["block"], g["lr"], g["weight_decay"]) for g in self.param_groups)
+        if getattr(self, "_hyper_key", None) != key:  # re-upload only when a learning rate changes
+            nb = self.scaler.num_blocks + 1
+            lr = torch.zeros(nb, dtype=torch.float32)
+            decay = torch.ones(nb, dtype=torch.float32)
+            for g in self.param_groups:
+                lr[g["block"]] = g["lr"]
+                decay[g["block"]] = 1.0 - g["lr"] * g["weight_decay"]
+            dev = self.block_steps.device
+            if dev.type == "cuda":  # pinned + non_blocking: no host synchronisation
+                lr, decay = lr.pin_memory(), decay.pin_memory()
+            self._lr = lr.to(dev, non_blocking=True)
+            self._decay = decay.to(dev, non_blocking=True)
+            self._hyper_key = key
+        beta1, beta2 = self.param_groups[0]["betas"]
+        t = self.block_steps
+        step_size = self._lr / (1.0 - torch.pow(beta1, t))
+        bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
+        return step_size, bc2_sqrt, self._decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("BlockAdamW.step takes no closure")
+        found = self.scaler.found_inf
+        self.block_steps.add_((~found).float())
+        step_size, bc2_sqrt, decay = self._block_factors()
+        params, grads, ms, vs, blocks = [], [], [], [], []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                params.append(p)
+                grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_avg_sq"])
+                blocks.append(g["block"])
+        if params:
+            beta1, beta2 = self.param_groups[0]["betas"]
+            torch.ops.dalle_fast.adamw_step_(
+                params,
+                grads,
+                ms,
+                vs,
+                blocks,
+                found,
+                step_size,
+                bc2_sqrt,
+                decay,
+                beta1,
+                beta2,
+                self.param_groups[0]["eps"],
+            )
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["block_steps"] = self.block_steps.clone()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        steps = state_dict.pop("block_steps", None)
+        if steps is None or steps.shape != self.block_steps.shape:
+            raise ValueError(f"state_dict needs block_steps of shape {tuple(self.block_steps.shape)}")
+        super().load_state_dict(state_dict)
+        self.block_steps.copy_(steps)
+
+
+# ---- fake kernels -------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("dalle_fast::grad_scale")
+def _grad_scale_fake(grad, scales, block):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dalle_fast::grad_unscale_filter")
+def _grad_unscale_filter_fake(grad, scales, block, found_inf):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dalle_fast::multi_unscale_check_")
+def _multi_unscale_check_fake(grads, blocks, scales, found_inf):
+    return None
+
+
+@torch.library.register_fake("dalle_fast::resblock_scale_update_")
+def _scale_update_fake(scales, cooldown, found_inf, growth, backoff, window, min_scale, max_scale):
+    return None
+
+
+@torch.library.register_fake("dalle_fast::adamw_step_")
+def _adamw_fake(params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bc2, decay, beta1, beta2, eps):
+    return None
