@@ -366,3 +366,64 @@ def test_per_resblock_scaling_keeps_gradients_that_one_loss_scale_loses():
     )
     assert zeros_global > 0.5
     assert zeros_block < 0.05
+
+
+# ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(
+    not (
+        torch.cuda.is_available()
+        and torch._C._dispatch_has_kernel_for_dispatch_key("dalle_fast::multi_unscale_check_", "CUDA")
+    ),
+    reason="no CUDA kernels",
+)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_kernels_match_cpu_kernels():
+    """The CUDA kernels use round-to-nearest intrinsics throughout (no contraction, exact reciprocal),
+    so on normal-range data they agree with the CPU kernels bit for bit."""
+    torch.manual_seed(0)
+    grads = [_poison(torch.randn(70001) * 100), torch.randn(300).half(), torch.randn(5).bfloat16()]
+    blocks, scales = [0, 1, 2], torch.tensor([2.0**13, 3 * 2.0**9, 2.0**7])
+    found_c, found_g = torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool, device="cuda")
+    gc = [g.clone() for g in grads]
+    gg = [g.cuda() for g in grads]
+    torch.ops.dalle_fast.multi_unscale_check_(gc, blocks, scales, found_c)
+    torch.ops.dalle_fast.multi_unscale_check_(gg, blocks, scales.cuda(), found_g)
+    for a, b in zip(gc, gg, strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0, equal_nan=True)
+    assert found_c.tolist() == found_g.cpu().tolist() == [True, False, False]
+    g = torch.randn(4099).half()
+    torch.testing.assert_close(
+        torch.ops.dalle_fast.grad_scale(g.cuda(), scales.cuda(), 1).cpu(), torch.ops.dalle_fast.grad_scale(g, scales, 1)
+    )
+    s_c = ResblockGradScaler(8)
+    s_g = ResblockGradScaler(8, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        f = torch.rand(8, generator=gen) < 0.1
+        s_c.update(f)
+        s_g.update(f.cuda())
+    assert torch.equal(s_c.scales, s_g.scales.cpu()) and torch.equal(s_c.cooldown, s_g.cooldown.cpu())
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_training_step_has_no_host_sync():
+    scaler = ResblockGradScaler(4, device="cuda")
+    model = make_model(scaler, poison=1).cuda()
+    opt = BlockAdamW(scaler.param_groups(model), scaler, lr=1e-2)
+    for _ in range(2):  # the first step uploads hyperparameters; both must be sync-free
+        model(torch.randn(5, 8, device="cuda")).square().sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.unscale_(opt)
+            opt.step()
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.zero_grad()
+    assert opt.block_steps.tolist() == [2.0, 0.0, 2.0, 2.0, 2.0]

@@ -45,7 +45,7 @@ __global__ void grad_scale_kernel(const void* in, void* out, int64_t n, int32_t 
 
 __global__ void grad_unscale_filter_kernel(const void* in, void* out, int64_t n, int32_t kind, const float* scales,
                                            int64_t block, bool* found_inf) {
-  const float inv = 1.0f / scales[block];
+  const float inv = __frcp_rn(scales[block]);  // exact reciprocal, also under --use_fast_math
   bool bad = false;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -63,7 +63,7 @@ __global__ void multi_unscale_check_kernel(const TensorEntry* entries, const Chu
   const TensorEntry& t = entries[c.tensor];
   const int64_t begin = c.chunk * kChunk;
   const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
-  const float inv = 1.0f / scales[t.block];
+  const float inv = __frcp_rn(scales[t.block]);
   bool bad = false;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float v = load(t.ptr[0], t.kind[0], i);
