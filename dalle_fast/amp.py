@@ -216,6 +216,11 @@ class ResblockGradScaler:
             if not 0 <= b <= self.num_blocks:
                 raise ValueError(f"block index must be in [0, {self.num_blocks}], got {b}")
             if p.grad is not None:
+                if p.grad.dtype == torch.float16:
+                    raise ValueError(
+                        "unscale_ got float16 gradients: unscaling them in place would underflow them again; keep "
+                        "parameters (and so gradients) in float32 or bfloat16 and run the branches in fp16"
+                    )
                 grads.append(p.grad)
                 blocks.append(b)
         if grads:

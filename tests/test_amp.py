@@ -277,6 +277,12 @@ def test_state_dict_round_trip():
         ResblockGradScaler(4, replicas=2).load_state_dict(scaler.state_dict())
 
 
+def _with_grad(dtype):
+    p = torch.ones(3, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    return p
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -286,6 +292,7 @@ def test_state_dict_round_trip():
         (lambda: ResblockGradScaler(2).update(torch.zeros(2)), "found_inf"),
         (lambda: ResblockGradScaler(2).residual(nn.Identity(), 2), "index"),
         (lambda: ResblockGradScaler(2).unscale_([(torch.ones(1, requires_grad=True), 5)]), "block"),
+        (lambda: ResblockGradScaler(2).unscale_([(_with_grad(torch.float16), 0)]), "float16"),
     ],
 )
 def test_bad_arguments(call, match):

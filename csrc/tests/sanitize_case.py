@@ -1,4 +1,5 @@
-"""A small case of every CUDA kernel (forward, dK/dV, dQ) for every kind, dtype and head dim, for
+"""A small case of every CUDA kernel (attention forward, dK/dV, dQ for every kind, dtype and head dim;
+the gradient-scaling kernels), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run."""
 
@@ -17,6 +18,18 @@ def main():
                 q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                 out.backward(torch.randn_like(out))
+    # Per-resblock gradient scaling: boundary ops, multi-tensor unscale + check, scale update, AdamW.
+    from torch import nn
+
+    from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+
+    scaler = ResblockGradScaler(3, device="cuda")
+    model = nn.Sequential(*[scaler.residual(nn.Linear(40, 40), i) for i in range(3)]).cuda()
+    opt = BlockAdamW(scaler.param_groups(model), scaler)
+    model(torch.randn(7, 40, device="cuda").half().float()).sum().backward()
+    scaler.unscale_(opt)
+    opt.step()
+    scaler.update()
     torch.cuda.synchronize()
     print("sanitize case done")
 
