@@ -90,4 +90,27 @@ inline void check_tensor_list(at::TensorList ts, c10::IntArrayRef blocks, const 
   }
 }
 
+inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                             at::TensorList exp_avg_sq, c10::IntArrayRef blocks, const at::Tensor& found_inf,
+                             const at::Tensor& step_size, const at::Tensor& bias_correction2_sqrt,
+                             const at::Tensor& decay) {
+  check_flags(step_size, found_inf, step_size.device());
+  for (const auto* t : {&bias_correction2_sqrt, &decay})
+    TORCH_CHECK(t->sizes() == step_size.sizes() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->device() == step_size.device(),
+                "dalle_fast: step_size, bias_correction2_sqrt and decay must be float32 tensors of shape ",
+                step_size.sizes());
+  check_tensor_list(params, blocks, step_size, "params");
+  check_tensor_list(grads, blocks, step_size, "grads");
+  check_tensor_list(exp_avg, blocks, step_size, "exp_avg");
+  check_tensor_list(exp_avg_sq, blocks, step_size, "exp_avg_sq");
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(grads[t].numel() == params[t].numel() && exp_avg[t].numel() == params[t].numel() &&
+                    exp_avg_sq[t].numel() == params[t].numel(),
+                "dalle_fast: params[", t, "], grads, exp_avg and exp_avg_sq must have the same number of elements");
+    TORCH_CHECK(exp_avg_sq[t].scalar_type() == exp_avg[t].scalar_type(),
+                "dalle_fast: exp_avg[", t, "] and exp_avg_sq[", t, "] must share a dtype");
+  }
+}
+
 }  // namespace dalle_fast

@@ -121,21 +121,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     c10::IntArrayRef blocks, const at::Tensor& found_inf, const at::Tensor& step_size,
                     const at::Tensor& bias_correction2_sqrt, const at::Tensor& decay, double beta1, double beta2,
                     double eps) {
-  TORCH_CHECK(step_size.scalar_type() == at::kFloat && bias_correction2_sqrt.scalar_type() == at::kFloat &&
-                  decay.scalar_type() == at::kFloat,
-              "dalle_fast: step_size, bias_correction2_sqrt and decay must be float32");
-  check_flags(step_size, found_inf, step_size.device());
-  for (const auto* t : {&bias_correction2_sqrt, &decay})
-    TORCH_CHECK(t->sizes() == step_size.sizes() && t->is_contiguous() && t->device() == step_size.device(),
-                "dalle_fast: per-block factors must share shape ", step_size.sizes());
-  check_tensor_list(params, blocks, step_size, "params");
-  check_tensor_list(grads, blocks, step_size, "grads");
-  check_tensor_list(exp_avg, blocks, step_size, "exp_avg");
-  check_tensor_list(exp_avg_sq, blocks, step_size, "exp_avg_sq");
-  for (size_t t = 0; t < params.size(); ++t)
-    TORCH_CHECK(grads[t].numel() == params[t].numel() && exp_avg[t].numel() == params[t].numel() &&
-                    exp_avg_sq[t].numel() == params[t].numel(),
-                "dalle_fast: params[", t, "], grads, exp_avg and exp_avg_sq must have the same number of elements");
+  check_adamw_args(params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bias_correction2_sqrt, decay);
   const bool* f = found_inf.data_ptr<bool>();
   const float* ss = step_size.data_ptr<float>();
   const float* bc2 = bias_correction2_sqrt.data_ptr<float>();
@@ -157,8 +143,6 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           const g_t* g = grads[t].data_ptr<g_t>();
           m_t* m = exp_avg[t].data_ptr<m_t>();
           m_t* v = exp_avg_sq[t].data_ptr<m_t>();
-          TORCH_CHECK(exp_avg_sq[t].scalar_type() == exp_avg[t].scalar_type(),
-                      "dalle_fast: exp_avg and exp_avg_sq must share a dtype");
           at::parallel_for(0, params[t].numel(), kGrain, [&](int64_t lo, int64_t hi) {
             for (int64_t i = lo; i < hi; ++i) {
               const float gi = static_cast<float>(g[i]);

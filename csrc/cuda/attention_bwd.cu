@@ -247,18 +247,6 @@ cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, c
                                  : dispatch_head_dim<__nv_bfloat16>(p, grad_out, lse, delta, dq, dk, dv, stream);
 }
 
-size_t backward_smem_bytes(DType dtype, int head_dim) {
-  // fp16 and bf16 have the same size, so only the head dim matters.
-  (void)dtype;
-  switch (head_dim) {
-    case 32:
-      return BwdSmem<32>::bytes<__half>();
-    case 64:
-      return BwdSmem<64>::bytes<__half>();
-    case 128:
-      return BwdSmem<128>::bytes<__half>();
-  }
-  return 0;
-}
+size_t backward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<BwdSmem>(head_dim); }
 
 }  // namespace dalle_fast::cuda

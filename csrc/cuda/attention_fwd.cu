@@ -183,18 +183,6 @@ cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, c
                                  : dispatch_head_dim<__nv_bfloat16>(p, out, lse, stream);
 }
 
-size_t forward_smem_bytes(DType dtype, int head_dim) {
-  // fp16 and bf16 have the same size, so only the head dim matters.
-  (void)dtype;
-  switch (head_dim) {
-    case 32:
-      return FwdSmem<32>::bytes<__half>();
-    case 64:
-      return FwdSmem<64>::bytes<__half>();
-    case 128:
-      return FwdSmem<128>::bytes<__half>();
-  }
-  return 0;
-}
+size_t forward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<FwdSmem>(head_dim); }
 
 }  // namespace dalle_fast::cuda

@@ -125,21 +125,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      c10::IntArrayRef blocks, const at::Tensor& found_inf, const at::Tensor& step_size,
                      const at::Tensor& bias_correction2_sqrt, const at::Tensor& decay, double beta1, double beta2,
                      double eps) {
-  check_flags(step_size, found_inf, step_size.device());
-  for (const auto* t : {&bias_correction2_sqrt, &decay})
-    TORCH_CHECK(t->sizes() == step_size.sizes() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->device() == step_size.device(),
-                "dalle_fast: per-block factors must be float32 tensors of shape ", step_size.sizes());
-  check_tensor_list(params, blocks, step_size, "params");
-  check_tensor_list(grads, blocks, step_size, "grads");
-  check_tensor_list(exp_avg, blocks, step_size, "exp_avg");
-  check_tensor_list(exp_avg_sq, blocks, step_size, "exp_avg_sq");
+  check_adamw_args(params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bias_correction2_sqrt, decay);
   const c10::cuda::CUDAGuard guard(step_size.device());
   std::vector<cuda::TensorEntry> entries;
   for (size_t t = 0; t < params.size(); ++t) {
-    TORCH_CHECK(grads[t].numel() == params[t].numel() && exp_avg[t].numel() == params[t].numel() &&
-                    exp_avg_sq[t].numel() == params[t].numel(),
-                "dalle_fast: params[", t, "], grads, exp_avg and exp_avg_sq must have the same number of elements");
     if (params[t].numel() == 0) continue;
     cuda::TensorEntry e{};
     const at::Tensor* ts[4] = {&params[t], &grads[t], &exp_avg[t], &exp_avg_sq[t]};

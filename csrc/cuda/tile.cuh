@@ -78,6 +78,20 @@ __device__ __forceinline__ void store_rows(Frag (&acc)[N16], float* stage, int l
   __syncwarp();
 }
 
+// Dynamic shared memory of a kernel whose carve-up is Smem<D> (fp16 and bf16 have the same size).
+template <template <int> class Smem>
+size_t smem_bytes_for_head_dim(int head_dim) {
+  switch (head_dim) {
+    case 32:
+      return Smem<32>::template bytes<__half>();
+    case 64:
+      return Smem<64>::template bytes<__half>();
+    case 128:
+      return Smem<128>::template bytes<__half>();
+  }
+  return 0;
+}
+
 template <typename Kernel>
 cudaError_t prepare_launch(Kernel kernel, size_t smem_bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
