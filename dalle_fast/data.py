@@ -1,0 +1,339 @@
+"""Image-caption data: the built-in `shapes` dataset and readers for real data.
+
+Every source yields (image, caption) with image a float tensor [3, S, S] in [0, 1] and caption a str.
+Bad items (unreadable or corrupt images, empty or missing captions) come back as None from the
+map-style sources and are dropped by `collate_skip`, which counts them; `SkipCounter` reports the count
+with one warning at the end of an epoch. A run never dies on one bad file.
+
+Sources:
+  ShapesDataset     procedurally drawn shapes with captions and paraphrases; no download; same seed,
+                    same data; some colour-shape pairs are held out of training (zero-shot composition)
+  FolderDataset     a folder of images with same-stem .txt captions (one caption per line)
+  CocoDataset       MS-COCO: a captions JSON plus its image folder
+  webdataset_source WebDataset tar shards (image + txt), streamed, for data that outgrows one disk
+
+Preprocessing follows the paper: a random square crop near the centre, resized to the target size, no flip.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------
+
+
+def preprocess(img: Image.Image, size: int, rng: random.Random | None = None) -> torch.Tensor:
+    """Square crop (random near the centre when rng is given, else centred), resize, to [3, size, size] in [0, 1]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    slack_x, slack_y = w - side, h - side
+    # Jitter the crop by up to a quarter of the slack around the centre: random, but near the centre.
+    jx = rng.uniform(-0.25, 0.25) if rng else 0.0
+    jy = rng.uniform(-0.25, 0.25) if rng else 0.0
+    x0 = round(slack_x / 2 + jx * slack_x)
+    y0 = round(slack_y / 2 + jy * slack_y)
+    img = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC)
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return t.permute(2, 0, 1).float().div_(255.0)
+
+
+def _load_image(data: bytes | Path, size: int, rng: random.Random | None) -> torch.Tensor | None:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img.load()
+            return preprocess(img, size, rng)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _pick_caption(lines: Sequence[str], rng: random.Random) -> str | None:
+    lines = [c.strip() for c in lines if c.strip()]
+    return rng.choice(lines) if lines else None
+
+
+# ---- skipping bad items ----------------------------------------------------------------------------
+
+
+def collate_skip(items: list) -> tuple[torch.Tensor, list[str], int]:
+    """DataLoader collate_fn: drops bad items; returns (images [B, 3, S, S], captions, number skipped)."""
+    good = [it for it in items if it]  # None (map-style sources) or () (streamed sources) mark bad items
+    skipped = len(items) - len(good)
+    if not good:
+        return torch.empty(0), [], skipped
+    return torch.stack([g[0] for g in good]), [g[1] for g in good], skipped
+
+
+class SkipCounter:
+    """Counts skipped items over an epoch and warns once at its end."""
+
+    def __init__(self, name: str = "data"):
+        self.name = name
+        self.skipped = 0
+        self.seen = 0
+
+    def add(self, seen: int, skipped: int) -> None:
+        self.seen += seen
+        self.skipped += skipped
+
+    def end_epoch(self) -> int:
+        n = self.skipped
+        if n:
+            warnings.warn(
+                f"{self.name}: skipped {n} of {self.seen} items this epoch (unreadable or corrupt images, "
+                "empty or missing captions)",
+                stacklevel=2,
+            )
+        self.skipped = self.seen = 0
+        return n
+
+
+# ---- the built-in dataset --------------------------------------------------------------------------
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 0.22, "large": 0.38}  # fraction of the image side
+# Colour-shape pairs never drawn in the training split: the test of zero-shot composition.
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square"))
+RELATIONS = {  # relation -> (dx, dy) of the first object relative to the second, and its paraphrases
+    "above": ((0, -1), ("above", "on top of", "over")),
+    "below": ((0, 1), ("below", "under", "beneath")),
+    "left": ((-1, 0), ("to the left of", "left of")),
+    "right": ((1, 0), ("to the right of", "right of")),
+}
+INVERSE = {"above": "below", "below": "above", "left": "right", "right": "left"}
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Deterministic procedural captions dataset: one or two shapes with colour, shape, size, position.
+
+    split: "train" (never draws a HELD_OUT colour-shape pair), "heldout" (every item contains at least
+    one held-out pair), or "val" (same distribution as train, other seeds). Item i is a function of
+    (seed, split, i) only. Each item has several paraphrased captions; which one __getitem__ returns
+    also depends on the epoch (set_epoch), so training sees paraphrases.
+    """
+
+    def __init__(self, split: str = "train", length: int = 10000, image_size: int = 64, seed: int = 0):
+        if split not in ("train", "val", "heldout"):
+            raise ValueError(f"split must be 'train', 'val' or 'heldout', got {split!r}")
+        if length < 1 or image_size < 8:
+            raise ValueError(f"length must be >= 1 and image_size >= 8, got {length}, {image_size}")
+        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self, index: int, salt: int = 0) -> random.Random:
+        split_id = {"train": 0, "val": 1, "heldout": 2}[self.split]
+        return random.Random(((self.seed * 3 + split_id) * 1_000_003 + index) * 7919 + salt)
+
+    def _object(self, rng: random.Random, want_held_out: bool) -> dict:
+        while True:
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if ((color, shape) in HELD_OUT) == want_held_out:
+                return {"color": color, "shape": shape, "size": rng.choice(list(SIZES))}
+
+    def scene(self, index: int) -> dict:
+        """The item's content: objects (colour, shape, size, centre) and the relation between them."""
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = self._rng(index)
+        two = rng.random() < 0.6
+        held_slot = rng.randrange(2 if two else 1) if self.split == "heldout" else -1
+        objs = [self._object(rng, held_slot == k) for k in range(2 if two else 1)]
+        if not two:
+            objs[0]["center"] = (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
+            return {"objects": objs, "relation": None}
+        rel = rng.choice(list(RELATIONS))
+        (dx, dy), _ = RELATIONS[rel]
+        cx, cy = rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6)
+        gap = 0.26
+        objs[0]["center"] = (cx + dx * gap, cy + dy * gap)
+        objs[1]["center"] = (cx - dx * gap, cy - dy * gap)
+        return {"objects": objs, "relation": rel}
+
+    def captions(self, index: int) -> list[str]:
+        """Every paraphrase of item `index`'s caption."""
+        sc = self.scene(index)
+        name = [f"a {o['size']} {o['color']} {o['shape']}" for o in sc["objects"]]
+        if sc["relation"] is None:
+            return [name[0], f"{name[0]} on a grey background", f"there is {name[0]}"]
+        rel = sc["relation"]
+        out = [f"{name[0]} {p} {name[1]}" for p in RELATIONS[rel][1]]
+        out += [f"{name[1]} {p} {name[0]}" for p in RELATIONS[INVERSE[rel]][1]]
+        return out
+
+    def render(self, index: int) -> Image.Image:
+        sc = self.scene(index)
+        s = self.image_size * 4  # draw large, then downsample: anti-aliased edges
+        img = Image.new("RGB", (s, s), (200, 200, 200))
+        draw = ImageDraw.Draw(img)
+        for o in sc["objects"]:
+            r = SIZES[o["size"]] * s / 2
+            cx, cy = o["center"][0] * s, o["center"][1] * s
+            fill = COLORS[o["color"]]
+            if o["shape"] == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            elif o["shape"] == "square":
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            elif o["shape"] == "triangle":
+                pts = [
+                    (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+                ]
+                draw.polygon(pts, fill=fill)
+            else:
+                draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        return img.resize((self.image_size, self.image_size), Image.Resampling.LANCZOS)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image = preprocess(self.render(index), self.image_size)
+        caption = self._rng(index, salt=1 + self.epoch).choice(self.captions(index))
+        return image, caption
+
+
+# ---- real data -------------------------------------------------------------------------------------
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A folder (searched recursively) of images with same-stem .txt captions, one caption per line.
+
+    Images without a caption file are not listed; unreadable images and empty caption files give None
+    (dropped and counted by collate_skip)."""
+
+    def __init__(self, root: str | Path, image_size: int = 256, train: bool = True, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"root must be an existing folder, got {str(root)!r}")
+        self.items = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.with_suffix(".txt").exists()
+        )
+        if not self.items:
+            raise ValueError(f"no images with same-stem .txt captions under {self.root}")
+        self.image_size, self.train, self.seed = image_size, train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path = self.items[index]
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
+        try:
+            caption = _pick_caption(path.with_suffix(".txt").read_text(errors="replace").splitlines(), rng)
+        except OSError:
+            return None
+        image = _load_image(path, self.image_size, rng if self.train else None)
+        return None if image is None or caption is None else (image, caption)
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """MS-COCO captions: `annotations` is captions_*.json, `images` its image folder."""
+
+    def __init__(
+        self, annotations: str | Path, images: str | Path, image_size: int = 256, train: bool = True, seed: int = 0
+    ):
+        try:
+            meta = json.loads(Path(annotations).read_text())
+            files = {im["id"]: im["file_name"] for im in meta["images"]}
+            caps: dict[int, list[str]] = {}
+            for a in meta["annotations"]:
+                caps.setdefault(a["image_id"], []).append(a["caption"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"annotations must be a COCO captions JSON, could not read {annotations}: {e}") from e
+        self.images = Path(images)
+        if not self.images.is_dir():
+            raise ValueError(f"images must be an existing folder, got {str(images)!r}")
+        self.items = sorted((files[i], c) for i, c in caps.items() if i in files)
+        self.image_size, self.train, self.seed = image_size, train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        name, captions = self.items[index]
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
+        caption = _pick_caption(captions, rng)
+        image = _load_image(self.images / name, self.image_size, rng if self.train else None)
+        return None if image is None or caption is None else (image, caption)
+
+
+def webdataset_source(
+    urls: str | list[str], image_size: int = 256, train: bool = True, seed: int = 0, shuffle: int = 1000
+) -> torch.utils.data.IterableDataset:
+    """WebDataset tar shards with image (jpg/png/webp) + txt members, streamed; shards are split across
+    DataLoader workers. Bad samples yield () (dropped and counted by collate_skip)."""
+    try:
+        import webdataset as wds
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("webdataset_source needs the `webdataset` package: pip install webdataset") from e
+
+    rng = random.Random(seed)
+
+    def to_item(sample: dict):
+        # A bad sample becomes () rather than None: webdataset would drop None before it could be counted.
+        data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        text = sample.get("txt")
+        if data is None or text is None:
+            return ()
+        caption = _pick_caption(text.decode("utf-8", errors="replace").splitlines(), rng)
+        image = _load_image(data, image_size, rng if train else None)
+        return () if image is None or caption is None else (image, caption)
+
+    ds = wds.WebDataset(
+        urls, shardshuffle=False if not train else 100, handler=wds.warn_and_continue, empty_check=False, seed=seed
+    )
+    if train and shuffle:
+        ds = ds.shuffle(shuffle, rng=random.Random(seed))
+    return ds.map(to_item, handler=wds.warn_and_continue)
+
+
+def iterate_batches(
+    dataset, batch_size: int, shuffle: bool = True, workers: int = 0, seed: int = 0, counter: SkipCounter | None = None
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """One epoch of (images, captions) batches with bad items dropped; warns once at the end if any were."""
+    counter = counter or SkipCounter(type(dataset).__name__)
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and not iterable,
+        num_workers=workers,
+        collate_fn=collate_skip,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+    for images, captions, skipped in loader:
+        counter.add(len(captions) + skipped, skipped)
+        if captions:
+            yield images, captions
+    counter.end_epoch()

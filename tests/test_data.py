@@ -1,0 +1,140 @@
+"""Data sources from fixtures the tests write: shapes, a folder with a corrupt image and an empty caption,
+a tiny COCO JSON, a tiny WebDataset shard; bad items are skipped and counted, never fatal."""
+
+import io
+import json
+import tarfile
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from dalle_fast.data import (
+    HELD_OUT,
+    CocoDataset,
+    FolderDataset,
+    ShapesDataset,
+    SkipCounter,
+    collate_skip,
+    iterate_batches,
+    preprocess,
+    webdataset_source,
+)
+
+
+def _png(color=(10, 200, 30), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_shapes_is_deterministic_and_well_formed():
+    a, b = ShapesDataset("train", 50, 32, seed=3), ShapesDataset("train", 50, 32, seed=3)
+    for i in (0, 7, 49):
+        ia, ca = a[i]
+        ib, cb = b[i]
+        assert torch.equal(ia, ib) and ca == cb
+        assert ia.shape == (3, 32, 32) and ia.dtype == torch.float32 and 0 <= ia.min() and ia.max() <= 1
+        assert ca in a.captions(i)
+    assert not torch.equal(a[0][0], ShapesDataset("train", 50, 32, seed=4)[0][0])
+
+
+def test_shapes_holds_out_pairs_from_training():
+    train, held = ShapesDataset("train", 400), ShapesDataset("heldout", 200)
+    pairs = lambda ds, i: {(o["color"], o["shape"]) for o in ds.scene(i)["objects"]}  # noqa: E731
+    assert all(not (pairs(train, i) & set(HELD_OUT)) for i in range(len(train)))
+    assert all(pairs(held, i) & set(HELD_OUT) for i in range(len(held)))
+
+
+def test_shapes_paraphrases_change_with_epoch():
+    ds = ShapesDataset("train", 100)
+    i = next(i for i in range(100) if ds.scene(i)["relation"] is not None)
+    seen = set()
+    for e in range(12):
+        ds.set_epoch(e)
+        seen.add(ds[i][1])
+    assert len(seen) > 1 and seen <= set(ds.captions(i))
+
+
+def test_shapes_caption_matches_picture():
+    ds = ShapesDataset("val", 200, 64)
+    i = next(i for i in range(200) if ds.scene(i)["relation"] == "above")
+    sc = ds.scene(i)
+    assert sc["objects"][0]["center"][1] < sc["objects"][1]["center"][1]  # "above" is higher on screen
+    assert "above" in ds.captions(i)[0]
+
+
+def test_preprocess_crops_square_near_centre():
+    img = Image.new("RGB", (100, 40), (0, 0, 0))
+    img.paste((255, 255, 255), (30, 0, 70, 40))  # a white band in the middle 40 columns
+    out = preprocess(img, 16)
+    assert out.shape == (3, 16, 16)
+    assert out.mean() > 0.9  # the centred crop is the white band
+    import random
+
+    jittered = [preprocess(img, 16, random.Random(s)) for s in range(20)]
+    assert all(0.4 < j.mean() <= 1.0 for j in jittered)  # random, but never far from the centre
+
+
+def test_folder_dataset_skips_corrupt_and_empty(tmp_path):
+    (tmp_path / "good.png").write_bytes(_png())
+    (tmp_path / "good.txt").write_text("a green thing\nanother caption\n")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (tmp_path / "corrupt.txt").write_text("never seen")
+    (tmp_path / "empty.png").write_bytes(_png())
+    (tmp_path / "empty.txt").write_text("\n   \n")
+    (tmp_path / "nocaption.png").write_bytes(_png())
+    ds = FolderDataset(tmp_path, image_size=16)
+    assert len(ds) == 3  # the image without a caption file is not listed
+    counter = SkipCounter("folder")
+    with pytest.warns(UserWarning, match="skipped 2 of 3"):
+        batches = list(iterate_batches(ds, batch_size=2, shuffle=False, counter=counter))
+    images = torch.cat([b[0] for b in batches])
+    captions = [c for b in batches for c in b[1]]
+    assert images.shape == (1, 3, 16, 16) and captions[0] in ("a green thing", "another caption")
+
+
+def test_coco_dataset(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1.png").write_bytes(_png())
+    (tmp_path / "img" / "2.png").write_bytes(b"broken")
+    meta = {
+        "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}],
+        "annotations": [{"image_id": 1, "caption": "A cat."}, {"image_id": 2, "caption": "A dog."}],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(meta))
+    ds = CocoDataset(tmp_path / "captions.json", tmp_path / "img", image_size=8)
+    assert len(ds) == 2
+    good = [ds[i] for i in range(2)]
+    assert good[0][1] == "A cat." and good[1] is None
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="COCO captions JSON"):
+        CocoDataset(tmp_path / "bad.json", tmp_path / "img")
+
+
+def test_webdataset_shard(tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, data, text in [("a", _png(), "a red square"), ("b", b"garbage", "broken image"), ("c", _png(), "")]:
+            for ext, payload in (("png", data), ("txt", text.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    ds = webdataset_source(str(shard), image_size=8, train=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(iterate_batches(ds, batch_size=4, shuffle=False))
+    assert [c for b in batches for c in b[1]] == ["a red square"]
+    assert any("skipped 2 of 3" in str(w.message) for w in caught)
+
+
+def test_collate_and_bad_arguments(tmp_path):
+    images, captions, skipped = collate_skip([None, (torch.zeros(3, 4, 4), "x")])
+    assert images.shape == (1, 3, 4, 4) and captions == ["x"] and skipped == 1
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset("test")
+    with pytest.raises(ValueError, match="root"):
+        FolderDataset(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no images"):
+        FolderDataset(tmp_path)
