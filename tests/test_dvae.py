@@ -1,0 +1,97 @@
+"""The dVAE's pieces: phi, the logit-Laplace density, schedules, shapes of encode/decode, the loss."""
+
+import math
+
+import pytest
+import torch
+
+from dalle_fast.dvae import (
+    DVAE,
+    EPS,
+    PRESETS,
+    DVAEConfig,
+    codebook_usage,
+    cosine_anneal,
+    linear_ramp,
+    logit_laplace_nll,
+    phi,
+    phi_inv,
+    psnr,
+)
+
+
+def test_phi_round_trip_and_range():
+    x = torch.rand(1000)
+    y = phi(x)
+    assert y.min() >= EPS and y.max() <= 1 - EPS
+    torch.testing.assert_close(phi_inv(y), x)
+
+
+@pytest.mark.parametrize("mu,ln_b", [(0.0, 0.0), (1.5, -1.0), (-2.0, 0.7)])
+def test_logit_laplace_density_integrates_to_one(mu, ln_b):
+    # Integrate over x in (0, 1) through x = sigmoid(y), dx = x (1 - x) dy, on a wide fine grid of y.
+    y = torch.linspace(-30, 30, 400001, dtype=torch.float64)  # sigmoid(+-30) stays inside (0, 1)
+    x = torch.sigmoid(y)
+    density = torch.exp(
+        -logit_laplace_nll(x, torch.tensor(mu, dtype=torch.float64), torch.tensor(ln_b, dtype=torch.float64))
+    )
+    total = torch.trapezoid(density * x * (1 - x), y).item()
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_schedules_end_points():
+    assert cosine_anneal(0, 100, 1.0, 1 / 16) == pytest.approx(1.0)
+    assert cosine_anneal(100, 100, 1.0, 1 / 16) == pytest.approx(1 / 16)
+    assert cosine_anneal(500, 100, 1.0, 1 / 16) == pytest.approx(1 / 16)
+    assert cosine_anneal(50, 100, 1.0, 0.0) == pytest.approx(0.5)
+    assert linear_ramp(0, 5000, 6.6) == 0.0 and linear_ramp(5000, 5000, 6.6) == pytest.approx(6.6)
+    assert linear_ramp(2500, 5000, 6.6) == pytest.approx(3.3)
+
+
+def test_encode_decode_shapes_and_loss():
+    cfg = DVAEConfig(groups=3, blocks_per_group=1, hidden=8, codebook=16, image_size=16)
+    model = DVAE(cfg)
+    x = torch.rand(2, 3, 16, 16)
+    codes = model.encode(x)
+    assert codes.shape == (2, 4, 4) and codes.dtype == torch.long and codes.max() < 16
+    rec = model.decode(codes)
+    assert rec.shape == (2, 3, 16, 16) and rec.min() >= 0 and rec.max() <= 1
+    out = model(x, tau=1.0, beta=6.6)
+    assert set(out) == {"loss", "nll", "kl", "mse"} and out["kl"] >= 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # Readable state-dict names, as in openai/DALL-E.
+    assert "encoder.blocks.group_1.block_1.res_path.1.weight" in model.state_dict()
+
+
+def test_kl_is_zero_for_uniform_codes():
+    cfg = DVAEConfig(groups=2, blocks_per_group=1, hidden=4, codebook=8, image_size=8)
+    model = DVAE(cfg)
+    with torch.no_grad():
+        model.encoder.output.weight.zero_()
+        model.encoder.output.bias.zero_()
+    assert model(torch.rand(1, 3, 8, 8), 1.0, 1.0)["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_presets_and_metrics():
+    assert PRESETS["paper"].grid == 32 and PRESETS["paper"].codebook == 8192 and PRESETS["paper"].factor == 8
+    assert PRESETS["tiny"].grid == 16
+    assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
+    used, ppl = codebook_usage(torch.tensor([0, 1, 1, 3]), 8)
+    assert used == 3 / 8 and ppl == pytest.approx(math.exp(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5))))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: DVAEConfig(groups=0), "groups"),
+        (lambda: DVAEConfig(image_size=100), "multiple"),
+        (lambda: DVAEConfig(tau_end=2.0), "tau_end"),
+        (lambda: DVAE(PRESETS["tiny"]).encode(torch.rand(1, 1, 64, 64)), "images"),
+        (lambda: DVAE(PRESETS["tiny"]).decode(torch.zeros(1, 4, 4)), "LongTensor"),
+        (lambda: DVAE(PRESETS["tiny"]).decode(torch.full((1, 4, 4), 9999)), "codes"),
+    ],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
