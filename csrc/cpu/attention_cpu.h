@@ -28,7 +28,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
                         float* dv);
 
 // Block sizes (one layout block = this many tokens) used by the CPU passes.
-constexpr int64_t kForwardBlock = 64;
+constexpr int64_t kForwardBlock = 32;
 constexpr int64_t kForwardSuperRows = 256;  // query rows per forward task (a multiple of kForwardBlock)
 constexpr int64_t kBackwardBlock = 64;
 
