@@ -75,7 +75,7 @@ def test_kl_is_zero_for_uniform_codes():
 
 def test_presets_and_metrics():
     assert PRESETS["paper"].grid == 32 and PRESETS["paper"].codebook == 8192 and PRESETS["paper"].factor == 8
-    assert PRESETS["tiny"].grid == 16
+    assert PRESETS["tiny"].grid == 8
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
     used, ppl = codebook_usage(torch.tensor([0, 1, 1, 3]), 8)
     assert used == 3 / 8 and ppl == pytest.approx(math.exp(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5))))

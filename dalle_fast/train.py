@@ -1,0 +1,323 @@
+"""Training entry point: `python -m dalle_fast.train vae --data shapes --preset tiny`.
+
+Stage 1 (the dVAE) is here; stage 2 (the transformer) will join as another subcommand. Flags are
+generated from the config dataclass, so the CLI and the config cannot drift apart.
+
+A run directory holds: config.json, model.safetensors and ema.safetensors (weights), state.pt
+(optimizer, step, RNG: everything --resume needs to continue exactly), log.csv, TensorBoard events and
+recon_<step>.png (held-out originals above their reconstructions). Every file is written to a
+temporary name and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from dalle_fast.data import CocoDataset, FolderDataset, ShapesDataset, SkipCounter, collate_skip
+from dalle_fast.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, cosine_anneal, linear_ramp, psnr
+
+
+@dataclass
+class VAETrainConfig:
+    data: str = field(default="shapes", metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR"})
+    preset: str = field(default="tiny", metadata={"help": f"dVAE size: {' | '.join(PRESETS)}"})
+    out: str = field(default="runs/vae", metadata={"help": "run directory (checkpoints, logs, images)"})
+    steps: int = field(default=1500, metadata={"help": "optimizer updates in the whole run"})
+    batch_size: int = field(default=32, metadata={"help": "images per update"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (the paper: 1e-4 at its scale)"})
+    lr_end: float = field(default=1.25e-5, metadata={"help": "learning rate at the end of the cosine decay"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (the paper's 1e-4)"})
+    ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for evaluation"})
+    kl_ramp: float = field(default=0.25, metadata={"help": "fraction of the run over which beta rises 0 -> max"})
+    tau_anneal: float = field(default=1.0, metadata={"help": "fraction of the run over which tau falls 1 -> 1/16"})
+    ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
+    log_every: int = field(default=50, metadata={"help": "updates between log lines"})
+    eval_images: int = field(default=256, metadata={"help": "held-out images for PSNR and codebook usage"})
+    time_limit: float = field(
+        default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds; 0: none"}
+    )
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, the init and the gumbel noise"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and 0 <= self.lr_end <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= lr_end <= lr, got {self.lr}, {self.lr_end}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not (0 < self.kl_ramp <= 1 and 0 < self.tau_anneal <= 1):
+            raise ValueError("kl_ramp and tau_anneal must be in (0, 1]")
+        if self.workers < 0 or self.threads < 0 or self.time_limit < 0:
+            raise ValueError("workers, threads and time_limit must be >= 0")
+
+
+def build_parser(cls, prog: str) -> argparse.ArgumentParser:
+    """argparse flags from a config dataclass: --field-name, typed, defaults and help from the fields."""
+    ap = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            ap.add_argument(
+                flag, type=typ, default=f.default, help=f"{f.metadata.get('help', '')} (default: {f.default})"
+            )
+    return ap
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+def make_datasets(spec: str, image_size: int, seed: int):
+    """(train, held-out) datasets for a --data spec."""
+    if spec == "shapes":
+        return ShapesDataset("train", 100_000, image_size, seed), ShapesDataset("val", 10_000, image_size, seed)
+    kind, _, arg = spec.partition(":")
+    if kind == "folder" and arg:
+        full = FolderDataset(arg, image_size, train=True, seed=seed)
+    elif kind == "coco" and "," in arg:
+        ann, img = arg.split(",", 1)
+        full = CocoDataset(ann, img, image_size, train=True, seed=seed)
+    else:
+        raise ValueError(f"--data must be shapes, folder:DIR or coco:CAPTIONS_JSON,IMAGE_DIR; got {spec!r}")
+    n_val = max(1, len(full) // 50)  # the last 2% (by sorted name) held out
+    idx = list(range(len(full)))
+    return torch.utils.data.Subset(full, idx[:-n_val]), torch.utils.data.Subset(full, idx[-n_val:])
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices as a pure function of (seed, step): resuming at step s replays exactly what an
+    uninterrupted run would have drawn from step s on."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int, stop: int):
+        self.length, self.batch_size, self.seed, self.start, self.stop = length, batch_size, seed, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            yield torch.randint(0, self.length, (self.batch_size,), generator=g).tolist()
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model, ema: dict, opt, step: int, cfg: VAETrainConfig, dcfg: DVAEConfig) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(
+        out / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p)
+    )
+    _atomic(out / "ema.safetensors", lambda p: save_file({k: v.contiguous() for k, v in ema.items()}, p))
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    _atomic(out / "state.pt", lambda p: torch.save(state, p))
+    meta = {"train": dataclasses.asdict(cfg), "dvae": dataclasses.asdict(dcfg), "step": step}
+    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
+def load_checkpoint(out: Path, model, ema: dict, opt) -> int:
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(out / "model.safetensors"))
+        for k, v in load_file(out / "ema.safetensors").items():
+            ema[k].copy_(v)
+        state = torch.load(out / "state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        return int(state["step"])
+    except FileNotFoundError as e:
+        raise ValueError(f"--resume: no complete checkpoint in {out} ({e.filename} is missing)") from e
+    except Exception as e:  # truncated or foreign files
+        raise ValueError(f"--resume: the checkpoint in {out} is unreadable: {type(e).__name__}: {e}") from e
+
+
+def save_recon_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> None:
+    from PIL import Image
+
+    n = originals.shape[0]
+    grid = torch.cat([torch.cat(list(originals), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # [3, 2H, nW]
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+    img = Image.fromarray(arr)
+    if n and originals.shape[-1] < 128:
+        img = img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST)
+    _atomic(path, lambda p: img.save(p, format="PNG"))
+
+
+@torch.no_grad()
+def evaluate(model: DVAE, ema: dict, images: torch.Tensor) -> dict:
+    """PSNR and codebook usage of argmax codes on held-out images, with the EMA weights."""
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema)
+    try:
+        codes = torch.cat([model.encode(b) for b in images.split(64)])
+        recon = torch.cat([model.decode(c) for c in codes.split(64)])
+    finally:
+        model.load_state_dict(live)
+    used, ppl = codebook_usage(codes, model.cfg.codebook)
+    return {"psnr": psnr(recon, images), "usage": used, "perplexity": ppl, "recon": recon}
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+LOG_COLUMNS = ["step", "loss", "nll", "kl", "mse", "tau", "beta", "lr", "psnr", "usage", "perplexity", "seconds"]
+
+
+def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
+    """Runs (or resumes) stage-1 training. stop_at: stop after that step, as if killed (tests use it)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    dcfg = PRESETS[cfg.preset]
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = DVAE(dcfg)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    step = 0
+    if cfg.resume:
+        step = load_checkpoint(out, model, ema, opt)
+    elif (out / "state.pt").exists():
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+
+    train_ds, val_ds = make_datasets(cfg.data, dcfg.image_size, cfg.seed)
+    n_eval = min(cfg.eval_images, len(val_ds))
+    val_items = [val_ds[i] for i in range(n_eval)]
+    val_images = torch.stack([it[0] for it in val_items if it])
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_sampler=StepBatches(len(train_ds), cfg.batch_size, cfg.seed, step, cfg.steps),
+        collate_fn=collate_skip,
+        num_workers=cfg.workers,
+        # Its own generator: the loader must not draw from the global RNG, which the gumbel noise uses
+        # and the checkpoint restores.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    counter = SkipCounter(cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.csv"
+    new_log = not log_path.exists() or not cfg.resume
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(
+            ["step", "loss", "nll", "kl", "mse", "tau", "beta", "lr", "psnr", "usage", "perplexity", "seconds"]
+        )
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    except ImportError:  # tensorboard is optional
+        tb = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="dVAE", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    except ImportError:
+        bar = None
+
+    started = time.time()
+    metrics: dict = {}
+    ema_params = [(ema[k], v) for k, v in model.state_dict().items() if v.dtype.is_floating_point]
+    for images, captions, skipped in loader:
+        counter.add(len(captions) + skipped, skipped)
+        if not captions:
+            continue
+        tau = cosine_anneal(step, int(cfg.steps * cfg.tau_anneal), dcfg.tau_start, dcfg.tau_end)
+        beta = linear_ramp(step, int(cfg.steps * cfg.kl_ramp), dcfg.kl_max)
+        lr = cosine_anneal(step, cfg.steps, cfg.lr, cfg.lr_end)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        parts = model(images, tau, beta)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        with torch.no_grad():  # EMA with a warm-up, so short runs are not evaluated on their init
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for e, v in ema_params:
+                e.lerp_(v, 1 - decay)
+        step += 1
+        if bar:
+            bar.update(1)
+        done = step == cfg.steps or step == stop_at or (cfg.time_limit and time.time() - started > cfg.time_limit)
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or done:
+            ev = evaluate(model, ema, val_images) if (step % cfg.ckpt_every == 0 or done) else {}
+            metrics = {"step": step, **{k: float(parts[k].detach()) for k in ("loss", "nll", "kl", "mse")}}
+            metrics.update(tau=tau, beta=beta, lr=lr, seconds=time.time() - started)
+            metrics.update({k: ev.get(k, math.nan) for k in ("psnr", "usage", "perplexity")})
+            log.writerow([metrics[k] for k in LOG_COLUMNS])
+            log_file.flush()
+            if tb:
+                for k, v in metrics.items():
+                    if k != "step" and not math.isnan(v):
+                        tb.add_scalar(f"vae/{k}", v, step)
+            if ev:
+                save_checkpoint(out, model, ema, opt, step, cfg, dcfg)
+                save_recon_grid(out / f"recon_{step:07d}.png", val_images[:8], ev["recon"][:8])
+                msg = f"step {step}: loss {metrics['loss']:.4f} psnr {ev['psnr']:.2f} dB codebook {ev['usage']:.0%}"
+                (bar.write if bar else print)(msg)
+        if done:
+            break
+        if counter.seen and step % 1000 == 0:
+            counter.end_epoch()
+    counter.end_epoch()
+    if bar:
+        bar.close()
+    if tb:
+        tb.close()
+    log_file.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("vae",):
+        print("usage: python -m dalle_fast.train vae [flags]   (run with `vae --help` for the flags)", file=sys.stderr)
+        return 2
+    ap = build_parser(VAETrainConfig, "python -m dalle_fast.train vae")
+    args = ap.parse_args(argv[1:])
+    try:
+        cfg = VAETrainConfig(**vars(args))
+        metrics = train_vae(cfg)
+    except ValueError as e:
+        ap.error(str(e))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
