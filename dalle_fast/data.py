@@ -217,13 +217,43 @@ class ShapesDataset(torch.utils.data.Dataset):
 # ---- real data -------------------------------------------------------------------------------------
 
 
-class FolderDataset(torch.utils.data.Dataset):
+class _CaptionedImages(torch.utils.data.Dataset):
+    """Shared by the map-style real-data sources: items, epochs, and one image + caption per index.
+
+    Subclasses fill self.items and implement _source(index) -> (image path, caption lines or None)."""
+
+    def __init__(self, image_size: int, train: bool, seed: int):
+        self.image_size, self.train, self.seed = image_size, train, seed
+        self.epoch = 0
+        self.items: list = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _source(self, index: int) -> tuple[Path, list[str] | None]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        path, lines = self._source(index)
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
+        caption = _pick_caption(lines, rng) if lines is not None else None
+        if caption is None:
+            return None
+        image = _load_image(path, self.image_size, rng if self.train else None)
+        return None if image is None else (image, caption)
+
+
+class FolderDataset(_CaptionedImages):
     """A folder (searched recursively) of images with same-stem .txt captions, one caption per line.
 
     Images without a caption file are not listed; unreadable images and empty caption files give None
     (dropped and counted by collate_skip)."""
 
     def __init__(self, root: str | Path, image_size: int = 256, train: bool = True, seed: int = 0):
+        super().__init__(image_size, train, seed)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root must be an existing folder, got {str(root)!r}")
@@ -232,32 +262,22 @@ class FolderDataset(torch.utils.data.Dataset):
         )
         if not self.items:
             raise ValueError(f"no images with same-stem .txt captions under {self.root}")
-        self.image_size, self.train, self.seed = image_size, train, seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
+    def _source(self, index: int) -> tuple[Path, list[str] | None]:
         path = self.items[index]
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
         try:
-            caption = _pick_caption(path.with_suffix(".txt").read_text(errors="replace").splitlines(), rng)
+            return path, path.with_suffix(".txt").read_text(errors="replace").splitlines()
         except OSError:
-            return None
-        image = _load_image(path, self.image_size, rng if self.train else None)
-        return None if image is None or caption is None else (image, caption)
+            return path, None
 
 
-class CocoDataset(torch.utils.data.Dataset):
+class CocoDataset(_CaptionedImages):
     """MS-COCO captions: `annotations` is captions_*.json, `images` its image folder."""
 
     def __init__(
         self, annotations: str | Path, images: str | Path, image_size: int = 256, train: bool = True, seed: int = 0
     ):
+        super().__init__(image_size, train, seed)
         try:
             meta = json.loads(Path(annotations).read_text())
             files = {im["id"]: im["file_name"] for im in meta["images"]}
@@ -270,21 +290,10 @@ class CocoDataset(torch.utils.data.Dataset):
         if not self.images.is_dir():
             raise ValueError(f"images must be an existing folder, got {str(images)!r}")
         self.items = sorted((files[i], c) for i, c in caps.items() if i in files)
-        self.image_size, self.train, self.seed = image_size, train, seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
+    def _source(self, index: int) -> tuple[Path, list[str] | None]:
         name, captions = self.items[index]
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
-        caption = _pick_caption(captions, rng)
-        image = _load_image(self.images / name, self.image_size, rng if self.train else None)
-        return None if image is None or caption is None else (image, caption)
+        return self.images / name, captions
 
 
 def webdataset_source(
