@@ -3,8 +3,6 @@
 //                dK and dV accumulate in registers (wmma fragments) of the warp owning those keys.
 //   dq_kernel:   one thread block per (batch * head, query block), walking the query-major layout.
 // delta = rowsum(dO * O) comes from the caller.
-#include <type_traits>
-
 #include "tile.cuh"
 
 namespace dalle_fast::cuda {
@@ -25,36 +23,18 @@ struct BwdSmem {
   }
 };
 
-// acc[n] (16 x 16 fp32) += A (16 x 64, T, row_major with lda) @ B (64 x 16n, T). B row-major with ldb
-// when B_ROW, else B is stored transposed (column-major: element (k, n) at b[n * ldb + k]).
-template <typename T, int N16, bool B_ROW, typename Acc>
+// acc[n] (16 x 16 fp32) += A (16 x 64, T, row-major with lda) @ B (64 x 16 N16, T, row-major with ldb):
+// like rows_times, but accumulating into fragments that stay in registers across key/query blocks.
+template <typename T, int N16, typename Acc>
 __device__ __forceinline__ void mma_rows(Acc (&acc)[N16], const T* a, int lda, const T* b, int ldb) {
-  using BLayout = typename std::conditional<B_ROW, wmma::row_major, wmma::col_major>::type;
   for (int kk = 0; kk < kBlock / 16; ++kk) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
     wmma::load_matrix_sync(fa, a + kk * 16, lda);
     for (int n = 0; n < N16; ++n) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-      wmma::load_matrix_sync(fb, B_ROW ? b + kk * 16 * ldb + n * 16 : b + n * 16 * ldb + kk * 16, ldb);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, b + kk * 16 * ldb + n * 16, ldb);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
-  }
-}
-
-// dst (16 x 64 fp32, ld ldf) = A (16 x D, T, row-major) @ B^T where B is 64 x D row-major (T).
-template <typename T, int D>
-__device__ __forceinline__ void rows_times_tile_t(float* dst, int ldf, const T* a, int lda, const T* b, int ldb) {
-  for (int n = 0; n < kBlock / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a + kk * 16, lda);
-      wmma::load_matrix_sync(fb, b + n * 16 * ldb + kk * 16, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(dst + n * 16, acc, ldf, wmma::mem_row_major);
   }
 }
 
@@ -109,8 +89,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows.
-    rows_times_tile_t<T, D>(sSt + warp * 16 * L::ldf, L::ldf, sK + warp * 16 * L::ldt, L::ldt, sQ, L::ldt);
-    rows_times_tile_t<T, D>(sdPt + warp * 16 * L::ldf, L::ldf, sV + warp * 16 * L::ldt, L::ldt, sdO, L::ldt);
+    rows_times<T, D, kBlock, false>(sSt + warp * 16 * L::ldf, L::ldf, sK + warp * 16 * L::ldt, L::ldt, sQ, L::ldt);
+    rows_times<T, D, kBlock, false>(sdPt + warp * 16 * L::ldf, L::ldf, sV + warp * 16 * L::ldt, L::ldt, sdO, L::ldt);
     __syncwarp();
 
     // P^T = exp(S^T * scale - lse) (0 where masked), dS^T = P^T (dP^T - delta).
@@ -128,8 +108,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncwarp();
 
     // dV += P^T dO, dK += dS^T Q (scale applied at the end).
-    mma_rows<T, D / 16, true>(acc_dv, sPt + warp * 16 * L::ldh, L::ldh, sdO, L::ldt);
-    mma_rows<T, D / 16, true>(acc_dk, sdSt + warp * 16 * L::ldh, L::ldh, sQ, L::ldt);
+    mma_rows<T, D / 16>(acc_dv, sPt + warp * 16 * L::ldh, L::ldh, sdO, L::ldt);
+    mma_rows<T, D / 16>(acc_dk, sdSt + warp * 16 * L::ldh, L::ldh, sQ, L::ldt);
   }
   __syncthreads();  // the fp32 scratch becomes per-warp staging below
 
@@ -184,8 +164,8 @@ __global__ void __launch_bounds__(kThreads)
     load_tile<T, D>(sV, L::ldt, V, k0, N);
     __syncthreads();
 
-    rows_times_tile_t<T, D>(sS + warp * 16 * L::ldf, L::ldf, sQ + warp * 16 * L::ldt, L::ldt, sK, L::ldt);
-    rows_times_tile_t<T, D>(sdP + warp * 16 * L::ldf, L::ldf, sdO + warp * 16 * L::ldt, L::ldt, sV, L::ldt);
+    rows_times<T, D, kBlock, false>(sS + warp * 16 * L::ldf, L::ldf, sQ + warp * 16 * L::ldt, L::ldt, sK, L::ldt);
+    rows_times<T, D, kBlock, false>(sdP + warp * 16 * L::ldf, L::ldf, sdO + warp * 16 * L::ldt, L::ldt, sV, L::ldt);
     __syncwarp();
     {
       const int i = q0 + my_row;
@@ -198,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncwarp();
     // dQ += dS K (scale applied at the end).
-    mma_rows<T, D / 16, true>(acc_dq, sdS + warp * 16 * L::ldh, L::ldh, sK, L::ldt);
+    mma_rows<T, D / 16>(acc_dq, sdS + warp * 16 * L::ldh, L::ldh, sK, L::ldt);
   }
   __syncthreads();
   store_rows<T, D / 16>(acc_dq, sF + warp * 16 * L::ldst, L::ldst, dq + base, q0 + warp * 16, N, p.scale);

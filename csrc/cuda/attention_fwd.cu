@@ -8,8 +8,6 @@
 namespace dalle_fast::cuda {
 namespace {
 
-using namespace nvcuda;
-
 template <int D>
 struct FwdSmem {
   static constexpr int ldt = D + kPadT;                              // Q, K, V rows (T)
@@ -66,18 +64,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows.
-    for (int n = 0; n < kBlock / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(a, sQ + warp * 16 * L::ldt + kk * 16, L::ldt);
-        wmma::load_matrix_sync(b, sK + n * 16 * L::ldt + kk * 16, L::ldt);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(sS + warp * 16 * L::lds + n * 16, acc, L::lds, wmma::mem_row_major);
-    }
+    rows_times<T, D, kBlock, false>(sS + warp * 16 * L::lds, L::lds, sQ + warp * 16 * L::ldt, L::ldt, sK, L::ldt);
     __syncwarp();
 
     // Online softmax over this block for the warp's rows. The two lanes of a row take alternate
@@ -116,18 +103,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
     __syncwarp();
 
     // P V for the warp's rows, staged in its rows of sS (S is no longer needed there).
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < kBlock / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, sP + warp * 16 * L::ldp + kk * 16, L::ldp);
-        wmma::load_matrix_sync(b, sV + kk * 16 * L::ldt + n * 16, L::ldt);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(sS + warp * 16 * L::lds + n * 16, acc, L::lds, wmma::mem_row_major);
-    }
+    rows_times<T, kBlock, D, true>(sS + warp * 16 * L::lds, L::lds, sP + warp * 16 * L::ldp, L::ldp, sV, L::ldt);
     __syncwarp();
 
     // O = alpha * O + P V.

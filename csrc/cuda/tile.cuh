@@ -9,6 +9,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../layout.h"
 #include "attention_cuda.h"
@@ -60,6 +61,25 @@ __device__ __forceinline__ bool visible(const MaskSpec& m, int i, int j, int seq
 // A layout entry needs no element mask when the layout says full and the tile has no padding.
 __device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int seq_len) {
   return layout_full && q0 + kBlock <= seq_len && k0 + kBlock <= seq_len;
+}
+
+// dst (16 x N fp32, leading dim ldd) = A (16 x K, T, row-major) @ B, where B is K x N row-major when
+// B_ROW, else B is stored as an N x K row-major matrix and read transposed. One warp; K, N multiples of 16.
+template <typename T, int K, int N, bool B_ROW>
+__device__ __forceinline__ void rows_times(float* dst, int ldd, const T* a, int lda, const T* b, int ldb) {
+  using BLayout = typename std::conditional<B_ROW, nvcuda::wmma::row_major, nvcuda::wmma::col_major>::type;
+  for (int n = 0; n < N / 16; ++n) {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+    nvcuda::wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < K / 16; ++kk) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+      nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, lda);
+      nvcuda::wmma::load_matrix_sync(fb, B_ROW ? b + kk * 16 * ldb + n * 16 : b + n * 16 * ldb + kk * 16, ldb);
+      nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+    }
+    nvcuda::wmma::store_matrix_sync(dst + n * 16, acc, ldd, nvcuda::wmma::mem_row_major);
+  }
 }
 
 // Stores a warp's 16 x (16 * n) fp32 accumulator fragments as T rows in global memory (rows past
