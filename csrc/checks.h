@@ -55,17 +55,27 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& q) {
 
 // ---- per-resblock gradient scaling ----
 
-inline void check_flags(const at::Tensor& scales, const at::Tensor& found_inf, const at::Device& device) {
+inline void check_scales(const at::Tensor& scales, const at::Device& device) {
   TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat,
               "dalle_fast: scales must be a 1-D float32 tensor, got ", scales.scalar_type(), " of shape ",
               scales.sizes());
+  TORCH_CHECK(scales.device() == device, "dalle_fast: scales must be on ", device, ", got ", scales.device());
+}
+
+inline void check_flags(const at::Tensor& scales, const at::Tensor& found_inf, const at::Device& device) {
+  check_scales(scales, device);
   TORCH_CHECK(found_inf.dim() == 1 && found_inf.scalar_type() == at::kBool && found_inf.size(0) == scales.size(0),
               "dalle_fast: found_inf must be a bool tensor of shape [", scales.size(0), "], got ",
               found_inf.scalar_type(), " of shape ", found_inf.sizes());
-  TORCH_CHECK(scales.device() == device && found_inf.device() == device,
-              "dalle_fast: scales and found_inf must be on ", device, ", got ", scales.device(), " and ",
+  TORCH_CHECK(found_inf.device() == device, "dalle_fast: found_inf must be on ", device, ", got ",
               found_inf.device());
   TORCH_CHECK(scales.is_contiguous() && found_inf.is_contiguous(), "dalle_fast: scales and found_inf must be contiguous");
+}
+
+inline void check_cooldown(const at::Tensor& cooldown, const at::Tensor& scales) {
+  TORCH_CHECK(cooldown.scalar_type() == at::kInt && cooldown.sizes() == scales.sizes() && cooldown.is_contiguous() &&
+                  cooldown.device() == scales.device(),
+              "dalle_fast: cooldown must be a contiguous int32 tensor shaped like scales");
 }
 
 inline void check_block(int64_t block, const at::Tensor& scales, const char* what) {

@@ -23,8 +23,7 @@ constexpr int64_t kGrain = 32768;
 
 at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, int64_t block) {
   check_grad(grad, "grad");
-  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.device() == grad.device(),
-              "dalle_fast: scales must be a 1-D float32 tensor on ", grad.device());
+  check_scales(scales, grad.device());
   check_block(block, scales, "block");
   const float s = scales.contiguous().data_ptr<float>()[block];
   const at::Tensor g = grad.contiguous();
@@ -95,9 +94,7 @@ void multi_unscale_check_cpu(at::TensorList grads, c10::IntArrayRef blocks, cons
 void resblock_scale_update_cpu(at::Tensor& scales, at::Tensor& cooldown, const at::Tensor& found_inf, double growth,
                                double backoff, int64_t window, double min_scale, double max_scale) {
   check_flags(scales, found_inf, scales.device());
-  TORCH_CHECK(cooldown.scalar_type() == at::kInt && cooldown.sizes() == scales.sizes() && cooldown.is_contiguous() &&
-                  cooldown.device() == scales.device(),
-              "dalle_fast: cooldown must be a contiguous int32 tensor shaped like scales");
+  check_cooldown(cooldown, scales);
   float* s = scales.data_ptr<float>();
   int32_t* c = cooldown.data_ptr<int32_t>();
   const bool* f = found_inf.data_ptr<bool>();

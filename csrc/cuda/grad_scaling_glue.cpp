@@ -59,8 +59,7 @@ Tables upload_tables(const std::vector<cuda::TensorEntry>& entries, const at::De
 
 at::Tensor grad_scale_cuda(const at::Tensor& grad, const at::Tensor& scales, int64_t block) {
   check_grad(grad, "grad");
-  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.device() == grad.device(),
-              "dalle_fast: scales must be a 1-D float32 tensor on ", grad.device());
+  check_scales(scales, grad.device());
   check_block(block, scales, "block");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor g = grad.contiguous(), s = scales.contiguous();
@@ -110,9 +109,7 @@ void multi_unscale_check_cuda(at::TensorList grads, c10::IntArrayRef blocks, con
 void resblock_scale_update_cuda(at::Tensor& scales, at::Tensor& cooldown, const at::Tensor& found_inf, double growth,
                                 double backoff, int64_t window, double min_scale, double max_scale) {
   check_flags(scales, found_inf, scales.device());
-  TORCH_CHECK(cooldown.scalar_type() == at::kInt && cooldown.sizes() == scales.sizes() && cooldown.is_contiguous() &&
-                  cooldown.device() == scales.device(),
-              "dalle_fast: cooldown must be a contiguous int32 tensor shaped like scales");
+  check_cooldown(cooldown, scales);
   const c10::cuda::CUDAGuard guard(scales.device());
   check_launch(cuda::scale_update(scales.data_ptr<float>(), cooldown.data_ptr<int32_t>(), found_inf.data_ptr<bool>(),
                                   scales.numel(), static_cast<float>(growth), static_cast<float>(backoff),
