@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -92,34 +93,19 @@ def linear_ramp(step: int, total: int, end: float) -> float:
     return end * min(max(step / max(total, 1), 0.0), 1.0)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, post_gain: float):
+class BottleneckBlock(nn.Module):
+    """id_path(x) + post_gain * res_path(x); res_path is 4 convs (ReLU before each) through n_out / 4
+    channels. Kernel sizes: (3, 3, 3, 1) in the encoder, (1, 3, 3, 3) in the decoder."""
+
+    def __init__(self, n_in: int, n_out: int, post_gain: float, kernels: tuple[int, int, int, int]):
         super().__init__()
         hid = max(n_out // 4, 1)
+        widths = [n_in, hid, hid, hid, n_out]
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(n_in, hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hid, n_out, 1),
-        )  # fmt: skip
-        self.post_gain = post_gain
-
-    def forward(self, x):
-        return self.id_path(x) + self.post_gain * self.res_path(x)
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, post_gain: float):
-        super().__init__()
-        hid = max(n_out // 4, 1)
-        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(n_in, hid, 1),
-            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hid, n_out, 3, padding=1),
-        )  # fmt: skip
+        layers: list[nn.Module] = []
+        for k, a, b in zip(kernels, widths[:-1], widths[1:], strict=True):
+            layers += [nn.ReLU(), nn.Conv2d(a, b, k, padding=k // 2)]
+        self.res_path = nn.Sequential(*layers)
         self.post_gain = post_gain
 
     def forward(self, x):
@@ -147,16 +133,19 @@ class DVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = [cfg.hidden * 2**g for g in range(cfg.groups)]
+        enc_block = partial(BottleneckBlock, kernels=(3, 3, 3, 1))
+        dec_block = partial(BottleneckBlock, kernels=(1, 3, 3, 3))
+        upsample = partial(nn.Upsample, scale_factor=2, mode="nearest")
         self.encoder = nn.Sequential(OrderedDict(
             input=nn.Conv2d(3, cfg.hidden, 7, padding=3),
-            blocks=_groups(cfg, EncoderBlock, widths, cfg.hidden, lambda: nn.MaxPool2d(2)),
+            blocks=_groups(cfg, enc_block, widths, cfg.hidden, partial(nn.MaxPool2d, 2)),
             relu=nn.ReLU(),
             output=nn.Conv2d(widths[-1], cfg.codebook, 1),
         ))  # fmt: skip
         rev = widths[::-1]
         self.decoder = nn.Sequential(OrderedDict(
             input=nn.Conv2d(cfg.codebook, rev[0], 1),
-            blocks=_groups(cfg, DecoderBlock, rev, rev[0], lambda: nn.Upsample(scale_factor=2, mode="nearest")),
+            blocks=_groups(cfg, dec_block, rev, rev[0], upsample),
             relu=nn.ReLU(),
             output=nn.Conv2d(rev[-1], 6, 1),
         ))  # fmt: skip
