@@ -1,0 +1,565 @@
+"""Stage 2: training the transformer on (caption, dVAE code) pairs: `python -m dalle_fast.train dalle`.
+
+The images are encoded once by the stage-1 dVAE (argmax codes of its EMA weights) and cached in the
+run directory with their captions, already BPE-encoded: every caption once without and `bpe_variants`
+times with BPE dropout. Training then draws, per step, a batch of items, one caption of each and one
+of its encodings, all as a function of (seed, step), so --resume continues exactly. (The tokenizers
+library's dropout RNG cannot be seeded, hence the pre-drawn encodings; with enough variants this is
+the paper's 10% BPE dropout.)
+
+A run directory holds config.json, model.safetensors, ema.safetensors, state.pt, tokenizer.json, the
+token caches (cache_train.pt, cache_val.pt), log.csv, TensorBoard events (tb/) and samples_<step>.png.
+
+Precision: fp32 or bf16 autocast on CPU; on CUDA fp16 autocast with per-resblock gradient scaling
+(dalle_fast.amp: one scale per resblock, skipped blocks on overflow, no host sync), or bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dalle_fast.checkpoint import atomic_write, load_config, load_state, load_weights, save_run
+from dalle_fast.dvae import DVAE, DVAEConfig
+from dalle_fast.generate import sample_tokens, save_captioned_grid
+from dalle_fast.tokenizer import CaptionTokenizer
+from dalle_fast.transformer import ATTENTION_MODES, DALLE, PRESETS, TransformerConfig, preset
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DALLETrainConfig:
+    """Stage 2: the DALL-E transformer on captions and dVAE codes."""
+
+    data: str = field(default="shapes", metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR"})
+    vae: str = field(default="runs/vae", metadata={"help": "the stage-1 run directory (its EMA weights encode)"})
+    preset: str = field(default="tiny", metadata={"help": f"transformer size: {' | '.join(PRESETS)}"})
+    out: str = field(default="runs/dalle", metadata={"help": "run directory (checkpoints, logs, samples)"})
+    text_len: int = field(default=0, metadata={"help": "text positions; 0: the preset's"})
+    vocab_size: int = field(default=0, metadata={"help": "BPE vocabulary size; 0: the preset's text_vocab"})
+    bpe_dropout: float = field(default=0.1, metadata={"help": "BPE dropout on training captions (the paper: 0.1)"})
+    bpe_variants: int = field(default=4, metadata={"help": "pre-drawn BPE-dropout encodings per caption"})
+    max_items: int = field(default=0, metadata={"help": "encode at most this many training items; 0: all"})
+    val_items: int = field(default=512, metadata={"help": "held-out items for the validation loss"})
+    attention: str = field(default="sparse", metadata={"help": "sparse (the paper's masks) | causal | dense (SDPA)"})
+    steps: int = field(default=2000, metadata={"help": "optimizer updates in the whole run"})
+    batch_size: int = field(default=64, metadata={"help": "captioned images per update"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (the paper: 4.5e-4 at its scale)"})
+    lr_end: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup: int = field(default=100, metadata={"help": "updates of linear learning-rate warm-up"})
+    weight_decay: float = field(default=4.5e-2, metadata={"help": "AdamW weight decay (the paper's 4.5e-2)"})
+    grad_clip: float = field(default=4.0, metadata={"help": "gradient-norm clip (the paper's 4); 0: none"})
+    ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for sampling"})
+    precision: str = field(default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16) | fp32 | bf16 | fp16"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    checkpoint: bool = field(default=False, metadata={"help": "activation checkpointing (recompute in backward)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
+    log_every: int = field(default=50, metadata={"help": "updates between log lines"})
+    samples: int = field(default=8, metadata={"help": "held-out captions sampled at each checkpoint; 0: none"})
+    time_limit: float = field(default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds"})
+    workers: int = field(default=0, metadata={"help": "DataLoader workers for the one-off image encoding"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    seed: int = field(default=0, metadata={"help": "seed of the init, the batches and the samples"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "val_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("text_len", "vocab_size", "bpe_variants", "max_items", "warmup", "samples", "workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vocab_size and self.vocab_size < 257:
+            raise ValueError(f"vocab_size must be 0 or >= 257, got {self.vocab_size}")
+        if not (self.lr > 0 and 0 <= self.lr_end <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= lr_end <= lr, got {self.lr}, {self.lr_end}")
+        if not 0 <= self.bpe_dropout < 1 or not 0 <= self.ema < 1:
+            raise ValueError("bpe_dropout and ema must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.time_limit < 0:
+            raise ValueError("weight_decay, grad_clip and time_limit must be >= 0")
+
+
+# ---- stage 1 and the data ---------------------------------------------------------------------------
+
+
+def load_dvae(run: str | Path) -> DVAE:
+    """The stage-1 dVAE of a run directory, with its EMA weights, in eval mode."""
+    meta = load_config(run, "--vae")
+    if "dvae" not in meta:
+        raise ValueError(f"--vae: {run} is not a dVAE run (its config.json has no 'dvae' entry)")
+    model = DVAE(DVAEConfig(**meta["dvae"]))
+    try:
+        model.load_state_dict(load_weights(Path(run) / "ema.safetensors", "--vae"))
+    except RuntimeError as e:
+        raise ValueError(f"--vae: the weights in {run} do not match its config: {e}") from e
+    return model.eval()
+
+
+def caption_lines(dataset, index: int) -> list[str] | None:
+    """Every caption of a map-style item (all paraphrases), or None when the dataset cannot list them."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return caption_lines(dataset.dataset, dataset.indices[index])
+    captions = getattr(dataset, "captions", None)
+    return captions(index) if callable(captions) else None
+
+
+class _ItemsWithCaptions(torch.utils.data.Dataset):
+    """(image, all caption lines) per item, for the one-off encoding pass."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        if not item:
+            return None
+        lines = caption_lines(self.dataset, i) or [item[1]]
+        lines = [c.strip() for c in lines if c.strip()]
+        return (item[0], lines) if lines else None
+
+
+def _collate(items):
+    good = [it for it in items if it]
+    images = torch.stack([g[0] for g in good]) if good else torch.empty(0)
+    return images, [g[1] for g in good], len(items) - len(good)
+
+
+@torch.no_grad()
+def encode_images(dataset, dvae: DVAE, limit: int, workers: int, desc: str) -> tuple[torch.Tensor, list[list[str]]]:
+    """dVAE argmax codes (M, grid**2) int16 and the caption lines of each good item; bad items are skipped
+    and counted (one warning)."""
+    from dalle_fast.data import SkipCounter
+
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        if limit:
+            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        dataset = _ItemsWithCaptions(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_collate)
+    codes, lines, counter = [], [], SkipCounter(desc)
+    for images, caps, skipped in loader:
+        if caps and isinstance(caps[0], str):  # a streamed source: one caption per item
+            caps = [[c] for c in caps]
+        counter.add(len(caps) + skipped, skipped)
+        if caps:
+            codes.append(dvae.encode(images).flatten(1).to(torch.int16))
+            lines += caps
+        if limit and len(lines) >= limit:
+            break
+    counter.end_epoch()
+    if not lines:
+        raise ValueError(f"{desc}: no usable items (every image or caption was unreadable)")
+    return torch.cat(codes)[: limit or None], lines[: limit or None]
+
+
+@dataclass
+class TokenCache:
+    """Encoded items: image codes (M, grid**2) int16; the captions of item m are rows
+    text[ptr[m]:ptr[m + 1]] (C, variants, text_len) int32, variant 0 without BPE dropout."""
+
+    codes: torch.Tensor
+    ptr: torch.Tensor
+    text: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @classmethod
+    def build(cls, codes: torch.Tensor, lines: list[list[str]], tok: CaptionTokenizer, variants: int) -> TokenCache:
+        flat = [c for cs in lines for c in cs]
+        encs = [tok.encode(flat)] + [tok.encode(flat, dropout=True) for _ in range(variants)]
+        ptr = torch.tensor([0] + [len(cs) for cs in lines]).cumsum(0)
+        return cls(codes, ptr, torch.stack(encs, dim=1).to(torch.int32))
+
+    def batch(self, index: torch.Tensor, generator: torch.Generator, dropout: bool) -> tuple[torch.Tensor, ...]:
+        """(text (B, text_len), image (B, grid**2)) for items `index`: a random caption of each, a random
+        BPE-dropout variant of it when dropout is on, else the clean encoding."""
+        n_caps = self.ptr[index + 1] - self.ptr[index]
+        pick = self.ptr[index] + (torch.rand(len(index), generator=generator) * n_caps).long()
+        if dropout and self.text.shape[1] > 1:
+            var = torch.randint(1, self.text.shape[1], (len(index),), generator=generator)
+        else:
+            var = torch.zeros(len(index), dtype=torch.long)
+        return self.text[pick, var].long(), self.codes[index].long()
+
+    def save(self, path: Path, key: dict) -> None:
+        payload = {"key": key, "codes": self.codes, "ptr": self.ptr, "text": self.text}
+        atomic_write(path, lambda p: torch.save(payload, p))
+
+    @classmethod
+    def load(cls, path: Path, key: dict) -> TokenCache | None:
+        """The cache at path if it was built for `key`, else None."""
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache is rebuilt, not trusted
+            return None
+        if payload.get("key") != key:
+            return None
+        return cls(payload["codes"], payload["ptr"], payload["text"])
+
+
+def make_datasets(spec: str, image_size: int, seed: int):
+    from dalle_fast.train import make_datasets as open_datasets
+
+    return open_datasets(spec, image_size, seed)
+
+
+# ---- optimisation helpers ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clip_grad_norm_finite_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clips the total gradient norm to max_norm, leaving nonfinite gradients out of the norm (those
+    blocks are skipped by the optimizer anyway), without a host sync. Returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    total = torch.where(norms.isfinite(), norms, torch.zeros_like(norms)).norm()
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return total
+
+
+def learning_rate(step: int, cfg: DALLETrainConfig) -> float:
+    """Linear warm-up to lr, then a cosine decay to lr_end (short runs have no plateaus to halve on, the
+    paper's schedule)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr_end + (cfg.lr - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
+    """(device, precision) with "auto" resolved; ValueError for combinations that cannot run."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: no CUDA device is available")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")
+    if device.type == "cuda" and precision == "fp32" and cfg.attention != "dense":
+        raise ValueError("precision fp32 on CUDA: the CUDA attention kernels take fp16/bf16; use bf16 or fp16")
+    return device, precision
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+LOG_COLUMNS = ["step", "loss", "text", "image", "val_image", "grad_norm", "lr", "tokens_per_s", "seconds"]
+
+
+class Trainer:
+    """Builds (or resumes) a stage-2 run and trains it; attributes are the run's parts."""
+
+    def __init__(self, cfg: DALLETrainConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out)
+        if not cfg.resume and (self.out / "state.pt").exists():
+            raise ValueError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+        self.device, self.precision = resolve_device(cfg)
+        self.dvae = load_dvae(cfg.vae)
+        self._prepare_data()
+        base = PRESETS[cfg.preset]
+        self.mcfg = preset(
+            cfg.preset,
+            text_vocab=self.tok.vocab_size,
+            text_len=self.tok.text_len,
+            image_vocab=self.dvae.cfg.codebook,
+            image_size=self.dvae.cfg.grid,
+            attention=cfg.attention,
+            checkpoint=cfg.checkpoint,
+            kernel_size=min(base.kernel_size, 2 * self.dvae.cfg.grid - 1),
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = DALLE(self.mcfg).to(self.device)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.scaler = None
+        params = list(self.model.parameters())
+        hyper = dict(lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=cfg.weight_decay)
+        if self.precision == "fp16":
+            from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+
+            self.scaler = ResblockGradScaler(2 * self.mcfg.n_layers, device=self.device)
+            self.model.use_resblock_scaler(self.scaler)
+            self.opt = BlockAdamW(self.scaler.param_groups(self.model), self.scaler, **hyper)
+        else:
+            self.opt = torch.optim.AdamW(params, **hyper)
+        self.step = 0
+        if cfg.resume:
+            self._load()
+        self.forward_loss = torch.compile(self.model.loss) if cfg.compile else self.model.loss
+
+    # data and tokenizer
+
+    def _prepare_data(self) -> None:
+        cfg, out = self.cfg, self.out
+        tok_path = out / "tokenizer.json"
+        key = {
+            "data": cfg.data,
+            "vae": str(Path(cfg.vae).resolve()),
+            "vae_step": load_config(cfg.vae, "--vae").get("step"),
+            "max_items": cfg.max_items,
+            "val_items": cfg.val_items,
+            "bpe_variants": cfg.bpe_variants,
+            "seed": cfg.seed,
+        }
+        caches = {s: TokenCache.load(out / f"cache_{s}.pt", key) for s in ("train", "val")}
+        if tok_path.exists() and all(caches.values()):
+            self.tok = CaptionTokenizer.load(tok_path)
+        elif cfg.resume and tok_path.exists():
+            raise ValueError(f"--resume: the token caches in {out} are missing or were built for other data")
+        else:
+            train_ds, val_ds = make_datasets(cfg.data, self.dvae.cfg.image_size, cfg.seed)
+            t0 = time.time()
+            codes, lines = encode_images(train_ds, self.dvae, cfg.max_items, cfg.workers, f"{cfg.data} (train)")
+            vcodes, vlines = encode_images(val_ds, self.dvae, cfg.val_items, cfg.workers, f"{cfg.data} (val)")
+            base = PRESETS[cfg.preset]
+            self.tok = CaptionTokenizer.train(
+                (c for cs in lines for c in cs),
+                vocab_size=cfg.vocab_size or base.text_vocab,
+                text_len=cfg.text_len or base.text_len,
+                dropout=cfg.bpe_dropout,
+            )
+            self.tok.save(tok_path)
+            caches = {
+                "train": TokenCache.build(codes, lines, self.tok, cfg.bpe_variants if cfg.bpe_dropout else 0),
+                "val": TokenCache.build(vcodes, vlines, self.tok, 0),
+            }
+            for split, c in caches.items():
+                c.save(out / f"cache_{split}.pt", key)
+            print(
+                f"encoded {len(codes)} training and {len(vcodes)} held-out images in {time.time() - t0:.0f} s; "
+                f"BPE vocabulary {self.tok.vocab_size}",
+                file=sys.stderr,
+            )
+        self.train_cache, self.val_cache = caches["train"], caches["val"]
+        # Held-out captions for the sample grids (the first few held-out items, clean encodings).
+        self.sample_text, _ = self.val_cache.batch(
+            torch.arange(min(self.cfg.samples, len(self.val_cache))), torch.Generator(), dropout=False
+        )
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of update `step`: a pure function of (seed, step)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        index = torch.randint(0, len(self.train_cache), (self.cfg.batch_size,), generator=g)
+        text, image = self.train_cache.batch(index, g, dropout=self.cfg.bpe_dropout > 0)
+        return text.to(self.device), image.to(self.device)
+
+    # checkpoints
+
+    def _meta(self) -> dict:
+        return {
+            "train": dataclasses.asdict(self.cfg),
+            "transformer": dataclasses.asdict(self.mcfg),
+            "dvae": dataclasses.asdict(self.dvae.cfg),
+            "step": self.step,
+        }
+
+    def save(self) -> None:
+        state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        save_run(self.out, {"model": self.model.state_dict(), "ema": self.ema}, state, self._meta())
+
+    def _load(self) -> None:
+        state = load_state(self.out)
+        saved = load_config(self.out).get("transformer")
+        if saved != dataclasses.asdict(self.mcfg):
+            raise ValueError(f"--resume: {self.out} holds a different model configuration: {saved}")
+        try:
+            self.model.load_state_dict(load_weights(self.out / "model.safetensors", "--resume"))
+            for k, v in load_weights(self.out / "ema.safetensors", "--resume").items():
+                self.ema[k].copy_(v)
+            self.opt.load_state_dict(state["optimizer"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step = int(state["step"])
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"--resume: the checkpoint in {self.out} does not fit this run: {e}") from e
+
+    # evaluation
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights swapped into the model for the duration."""
+        live = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(live)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Image cross-entropy of the EMA weights on the held-out items (clean captions)."""
+        total, n = 0.0, 0
+        with self.ema_weights() as model, self.autocast():
+            model.eval()
+            for start in range(0, len(self.val_cache), 128):
+                index = torch.arange(start, min(start + 128, len(self.val_cache)))
+                text, image = self.val_cache.batch(index, torch.Generator(), dropout=False)
+                total += float(model.loss(text.to(self.device), image.to(self.device))["image"]) * len(index)
+                n += len(index)
+            model.train()
+        return total / n
+
+    @torch.no_grad()
+    def write_samples(self, path: Path) -> None:
+        if not len(self.sample_text):
+            return
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        with self.ema_weights() as model, self.autocast():
+            model.eval()
+            tokens = sample_tokens(model, self.sample_text.to(self.device), top_k=0, generator=g)
+            model.train()
+        W = self.mcfg.image_size
+        images = self.dvae.decode(tokens.cpu().view(-1, W, W))
+        save_captioned_grid(path, images, self.tok.decode(self.sample_text))
+
+    # training
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Runs to cfg.steps (or stop_at, as if killed there); returns the last logged metrics."""
+        cfg, out = self.cfg, self.out
+        log_path = out / "log.csv"
+        new_log = not (cfg.resume and log_path.exists())
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(LOG_COLUMNS)
+        tb = _tensorboard(out)
+        bar = _progress(cfg.steps, self.step, "DALL-E")
+        params = list(self.model.parameters())
+        ema_pairs = [(self.ema[k], v) for k, v in self.model.state_dict().items() if v.dtype.is_floating_point]
+        started, window_start, window_tokens = time.time(), time.time(), 0
+        metrics: dict = {}
+        self.model.train()
+        while self.step < cfg.steps:
+            text, image = self.batch(self.step)
+            lr = learning_rate(self.step, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            with self.autocast():
+                parts = self.forward_loss(text, image)
+            self.opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            gnorm = clip_grad_norm_finite_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+            self.opt.step()
+            if self.scaler is not None:
+                self.scaler.update()
+            with torch.no_grad():  # EMA with a warm-up, so short runs are not sampled from their init
+                decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+                for e, v in ema_pairs:
+                    e.lerp_(v.to(e.dtype), 1 - decay)
+            self.step += 1
+            window_tokens += image.numel()
+            if bar:
+                bar.update(1)
+            timed_out = cfg.time_limit and time.time() - started > cfg.time_limit
+            done = self.step == cfg.steps or self.step == stop_at or timed_out
+            ckpt = self.step % cfg.ckpt_every == 0 or done
+            if self.step % cfg.log_every == 0 or ckpt:
+                now = time.time()
+                metrics = {"step": self.step, **{k: float(parts[k].detach()) for k in ("loss", "text", "image")}}
+                metrics.update(
+                    val_image=self.validate() if ckpt else math.nan,
+                    grad_norm=float(gnorm),
+                    lr=lr,
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    seconds=now - started,
+                )
+                log.writerow([metrics[k] for k in LOG_COLUMNS])
+                log_file.flush()
+                if tb:
+                    for k, v in metrics.items():
+                        if k != "step" and not math.isnan(v):
+                            tb.add_scalar(f"dalle/{k}", v, self.step)
+                if ckpt:
+                    self.save()
+                    if cfg.samples:
+                        self.write_samples(out / f"samples_{self.step:07d}.png")
+                    msg = (
+                        f"step {self.step}: loss {metrics['loss']:.4f} image {metrics['image']:.4f} "
+                        f"held-out image {metrics['val_image']:.4f}"
+                    )
+                    (bar.write if bar else print)(msg, file=sys.stderr)
+                window_start, window_tokens = time.time(), 0  # evaluation and samples stay out of the rate
+            if done:
+                break
+        if bar:
+            bar.close()
+        if tb:
+            tb.close()
+        log_file.close()
+        return metrics
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _progress(total: int, initial: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
+def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
+    """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it)."""
+    return Trainer(cfg).train(stop_at)
+
+
+def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:
+    """A trained stage-2 run: (transformer with its EMA or live weights, tokenizer, dVAE), in eval mode."""
+    meta = load_config(run, "--run")
+    if "transformer" not in meta:
+        raise ValueError(f"--run: {run} is not a transformer run (its config.json has no 'transformer' entry)")
+    model = DALLE(TransformerConfig(**meta["transformer"]))
+    try:
+        model.load_state_dict(load_weights(Path(run) / ("ema.safetensors" if ema else "model.safetensors"), "--run"))
+    except RuntimeError as e:
+        raise ValueError(f"--run: the weights in {run} do not match its config: {e}") from e
+    tok = CaptionTokenizer.load(Path(run) / "tokenizer.json")
+    return model.eval(), tok, load_dvae(meta["train"]["vae"])

@@ -1,0 +1,162 @@
+"""Stage-2 training: the token cache, exact resume, the CLI and its errors, sampling, and a smoke run of
+the whole main job (every stage, micro-sized)."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_fast.data import ShapesDataset
+from dalle_fast.generate import filter_logits, sample_tokens
+from dalle_fast.train import PipelineConfig, VAETrainConfig, main, run_pipeline, train_vae
+from dalle_fast.train_dalle import DALLETrainConfig, TokenCache, Trainer, load_transformer, train_dalle
+from dalle_fast.transformer import DALLE, preset
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    train_vae(VAETrainConfig(out=str(out), steps=2, batch_size=4, ckpt_every=2, log_every=2, eval_images=8))
+    return out
+
+
+def _cfg(vae_run, out, **kw):
+    base = dict(
+        vae=str(vae_run), out=str(out), preset="micro", steps=6, batch_size=4, ckpt_every=3, log_every=3,
+        max_items=48, val_items=8, samples=0, warmup=2, bpe_variants=2, vocab_size=300, text_len=48, seed=3,
+    )  # fmt: skip
+    base.update(kw)
+    return DALLETrainConfig(**base)
+
+
+def test_resume_is_exact(vae_run, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dalle(_cfg(vae_run, a, samples=1))
+    # The BPE-dropout encodings in the token cache come from the tokenizers library's own (unseeded)
+    # RNG: run b starts from run a's cache, as a resumed run starts from its own.
+    b.mkdir()
+    for f in ("cache_train.pt", "cache_val.pt", "tokenizer.json"):
+        shutil.copy(a / f, b / f)
+    train_dalle(_cfg(vae_run, b, samples=1), stop_at=3)  # "killed" right after its step-3 checkpoint
+    assert json.loads((b / "config.json").read_text())["step"] == 3
+    train_dalle(_cfg(vae_run, b, samples=1, resume=True))
+    for name in ("model", "ema"):
+        wa, wb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (name, k)
+    rows = list(csv.DictReader(open(b / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert sorted(p.name for p in b.glob("samples_*.png")) == ["samples_0000003.png", "samples_0000006.png"]
+
+
+def test_training_lowers_the_loss(vae_run, tmp_path):
+    metrics = train_dalle(_cfg(vae_run, tmp_path / "r", steps=30, ckpt_every=30, log_every=30, lr=3e-3))
+    rows = list(csv.DictReader(open(tmp_path / "r" / "log.csv")))
+    assert metrics["step"] == 30
+    # Cross-entropy starts near log(vocab); 30 updates on a few dozen items must cut the image loss.
+    assert metrics["image"] < 0.8 * torch.log(torch.tensor(64.0)).item(), rows
+
+
+def test_token_cache(vae_run, tmp_path):
+    trainer = Trainer(_cfg(vae_run, tmp_path / "c"))
+    cache = trainer.train_cache
+    assert len(cache) == 48 and cache.codes.shape == (48, 64) and cache.codes.dtype == torch.int16
+    assert cache.text.shape[1:] == (3, trainer.tok.text_len)  # clean + 2 dropout variants
+    # The shapes data lists every paraphrase of an item.
+    assert (cache.ptr.diff() >= 3).all()
+    text, image = cache.batch(torch.tensor([0, 5]), torch.Generator().manual_seed(0), dropout=False)
+    assert text.dtype == image.dtype == torch.long and image.shape == (2, 64)
+    assert trainer.tok.decode(text[0]) in ShapesDataset("train", 100, 32, seed=3).captions(0)
+    # Same (seed, step), same batch; the cache is reused by a second trainer for the same data.
+    assert all(torch.equal(x, y) for x, y in zip(trainer.batch(4), trainer.batch(4), strict=True))
+    assert TokenCache.load(tmp_path / "c" / "cache_train.pt", {"other": "key"}) is None
+
+
+def test_samples_and_filters(vae_run, tmp_path):
+    train_dalle(_cfg(vae_run, tmp_path / "s", steps=3))
+    model, tok, dvae = load_transformer(tmp_path / "s")
+    text = tok.encode(["a small red circle", "a large blue square"])
+    a = sample_tokens(model, text, generator=torch.Generator().manual_seed(1), top_k=5)
+    b = sample_tokens(model, text, generator=torch.Generator().manual_seed(1), top_k=5)
+    assert torch.equal(a, b) and a.shape == (2, 64) and 0 <= a.min() and a.max() < 64
+    prime = a[:, :16]
+    c = sample_tokens(model, text, generator=torch.Generator().manual_seed(2), prime=prime)
+    assert torch.equal(c[:, :16], prime)
+    assert dvae.decode(a.view(2, 8, 8)).shape == (2, 3, 32, 32)
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    # top_p: the smallest set reaching the mass; the top token always stays.
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(logits, top_p=0.0)
+
+
+def test_dense_and_causal_attention_modes(vae_run, tmp_path):
+    for mode in ("dense", "causal"):
+        metrics = train_dalle(_cfg(vae_run, tmp_path / mode, steps=2, attention=mode))
+        assert metrics["step"] == 2
+
+
+def test_bf16_training(vae_run, tmp_path):
+    metrics = train_dalle(_cfg(vae_run, tmp_path / "bf16", steps=3, precision="bf16"))
+    assert metrics["step"] == 3 and metrics["loss"] == metrics["loss"]  # finite, not NaN
+
+
+def test_cli_errors(vae_run, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["dalle", "--vae", str(vae_run), "--out", str(out), "--preset", "micro", "--steps", "2"]
+    args += ["--batch-size", "2", "--max-items", "16", "--val-items", "4", "--samples", "0", "--vocab-size", "300"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    with pytest.raises(SystemExit):  # an existing run needs --resume
+        main(args)
+    (out / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit):  # a damaged checkpoint: a clean error, not a traceback
+        main(args + ["--resume"])
+    assert "unreadable" in capsys.readouterr().err
+    for bad in (
+        ["--vae", str(tmp_path / "nowhere")],
+        ["--precision", "fp8"],
+        ["--attention", "flash"],
+        ["--steps", "0"],
+        ["--device", "tpu"],
+        ["--precision", "fp16", "--device", "cpu"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["dalle", "--out", str(tmp_path / "x"), "--vae", str(vae_run), *bad])
+    err = capsys.readouterr().err
+    assert "--vae" in err and "not a run directory" in err
+    assert "precision" in err and "attention" in err
+    assert main(["transformer"]) == 2
+
+
+def test_load_transformer_errors(vae_run, tmp_path):
+    with pytest.raises(ValueError, match="not a run directory"):
+        load_transformer(tmp_path)
+    with pytest.raises(ValueError, match="not a transformer run"):
+        load_transformer(vae_run)
+
+
+def test_main_job_smoke(tmp_path):
+    """Every stage of `python -m dalle_fast.train`, micro-sized: files land where it says."""
+    cfg = PipelineConfig(root=str(tmp_path), name="smoke", vae_steps=2, dalle_steps=2, items=32, captions=2)
+    where = run_pipeline(cfg)
+    run = tmp_path / "smoke"
+    assert where["samples"] == str(run / "samples.png") and (run / "samples.png").exists()
+    for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json"):
+        assert (run / f).exists(), f
+    # A second call finds every stage done and only draws the samples again.
+    before = (run / "dalle" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(cfg)
+    assert (run / "dalle" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_model_from_a_run_matches_the_trained_config(vae_run, tmp_path):
+    train_dalle(_cfg(vae_run, tmp_path / "m", steps=1))
+    model, _, _ = load_transformer(tmp_path / "m")
+    assert isinstance(model, DALLE)
+    assert model.cfg.image_size == 8 and model.cfg.d_model == preset("micro").d_model
