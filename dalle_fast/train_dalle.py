@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dalle_fast.checkpoint import atomic_write, load_config, load_state, load_weights, save_run
+from dalle_fast.data import SkipCounter, open_datasets
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.generate import sample_tokens, save_captioned_grid
 from dalle_fast.tokenizer import CaptionTokenizer
@@ -40,7 +41,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class DALLETrainConfig:
     """Stage 2: the DALL-E transformer on captions and dVAE codes."""
 
-    data: str = field(default="shapes", metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR"})
+    data: str = field(
+        default="shapes",
+        metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS (tar shards: a brace pattern "
+                  "or a comma list)"},
+    )  # fmt: skip
+    val_data: str = field(
+        default="",
+        metadata={"help": "held-out data (same forms); empty: split from --data (a stream: its first items)"},
+    )
     vae: str = field(default="runs/vae", metadata={"help": "the stage-1 run directory (its EMA weights encode)"})
     preset: str = field(default="tiny", metadata={"help": f"transformer size: {' | '.join(PRESETS)}"})
     out: str = field(default="runs/dalle", metadata={"help": "run directory (checkpoints, logs, samples)"})
@@ -147,8 +156,6 @@ def _collate(items):
 def encode_images(dataset, dvae: DVAE, limit: int, workers: int, desc: str) -> tuple[torch.Tensor, list[list[str]]]:
     """dVAE argmax codes (M, grid**2) int16 and the caption lines of each good item; bad items are skipped
     and counted (one warning)."""
-    from dalle_fast.data import SkipCounter
-
     if not isinstance(dataset, torch.utils.data.IterableDataset):
         if limit:
             dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
@@ -216,12 +223,6 @@ class TokenCache:
         if payload.get("key") != key:
             return None
         return cls(payload["codes"], payload["ptr"], payload["text"])
-
-
-def make_datasets(spec: str, image_size: int, seed: int):
-    from dalle_fast.train import make_datasets as open_datasets
-
-    return open_datasets(spec, image_size, seed)
 
 
 # ---- optimisation helpers ---------------------------------------------------------------------------
@@ -323,6 +324,7 @@ class Trainer:
         tok_path = out / "tokenizer.json"
         key = {
             "data": cfg.data,
+            "val_data": cfg.val_data,
             "vae": str(Path(cfg.vae).resolve()),
             "vae_step": load_config(cfg.vae, "--vae").get("step"),
             "max_items": cfg.max_items,
@@ -336,7 +338,13 @@ class Trainer:
         elif cfg.resume and tok_path.exists():
             raise ValueError(f"--resume: the token caches in {out} are missing or were built for other data")
         else:
-            train_ds, val_ds = make_datasets(cfg.data, self.dvae.cfg.image_size, cfg.seed)
+            train_ds, val_ds = open_datasets(
+                cfg.data,
+                self.dvae.cfg.image_size,
+                cfg.seed,
+                val_spec=cfg.val_data or None,
+                stream_heldout=cfg.val_items,
+            )
             t0 = time.time()
             codes, lines = encode_images(train_ds, self.dvae, cfg.max_items, cfg.workers, f"{cfg.data} (train)")
             vcodes, vlines = encode_images(val_ds, self.dvae, cfg.val_items, cfg.workers, f"{cfg.data} (val)")

@@ -160,3 +160,19 @@ def test_model_from_a_run_matches_the_trained_config(vae_run, tmp_path):
     model, _, _ = load_transformer(tmp_path / "m")
     assert isinstance(model, DALLE)
     assert model.cfg.image_size == 8 and model.cfg.d_model == preset("micro").d_model
+
+
+def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(7):
+        Image.new("RGB", (40, 36), (30 * i, 100, 200 - 20 * i)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"thing number {i}\nanother caption {i}\n")
+    (root / "3.png").write_bytes(b"not a png")  # corrupt: skipped and counted
+    with pytest.warns(UserWarning, match="skipped 1"):
+        trainer = Trainer(_cfg(vae_run, tmp_path / "f", data=f"folder:{root}", max_items=0, steps=2))
+    assert len(trainer.train_cache) == 5  # 7 items, 1 held out, 1 corrupt
+    assert trainer.train_cache.ptr.diff().tolist() == [2] * 5
+    assert trainer.train()["step"] == 2

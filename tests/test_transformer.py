@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dalle_fast.amp import ResblockGradScaler
 from dalle_fast.masks import MASK_KINDS, attention_mask, layer_kinds
 from dalle_fast.tokenizer import PAD
-from dalle_fast.transformer import DALLE, Attention, TransformerConfig, preset
+from dalle_fast.transformer import DALLE, Attention, TransformerConfig, main, preset
 
 # 5 text tokens + a 4x4 grid; kernel 3 so that the conv mask is a real subset at this size.
 SMALL = dict(text_vocab=40, text_len=5, image_vocab=12, image_size=4, d_model=32, n_heads=2, head_dim=16, kernel_size=3)
@@ -162,6 +162,12 @@ def test_presets():
     assert preset("tiny", image_size=8).image_size == 8
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
+
+
+def test_preset_summary_cli(capsys):
+    assert main(["paper"]) == 0
+    out = capsys.readouterr().out
+    assert "12.29B parameters" in out and "row x47, column x16, conv x1" in out
 
 
 @pytest.mark.parametrize(
