@@ -241,12 +241,16 @@ def clip_grad_norm_finite_(params: list[torch.Tensor], max_norm: float) -> torch
     return total
 
 
-def learning_rate(step: int, cfg: DALLETrainConfig) -> float:
+def learning_rate(step: int, cfg: DALLETrainConfig, seconds: float = 0.0) -> float:
     """Linear warm-up to lr, then a cosine decay to lr_end (short runs have no plateaus to halve on, the
-    paper's schedule)."""
+    paper's schedule). With a time limit the decay follows whichever runs out first, steps or time, so a
+    run cut short by the clock still ends annealed (and is then not bit-reproducible)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_limit:
+        t = max(t, seconds / cfg.time_limit)
+    t = min(1.0, t)
     return cfg.lr_end + (cfg.lr - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -313,6 +317,7 @@ class Trainer:
         else:
             self.opt = torch.optim.AdamW(params, **hyper)
         self.step = 0
+        self.seconds = 0.0  # training time so far, across resumes (the time limit covers the whole run)
         if cfg.resume:
             self._load()
         self.forward_loss = torch.compile(self.model.loss) if cfg.compile else self.model.loss
@@ -391,7 +396,12 @@ class Trainer:
         }
 
     def save(self) -> None:
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}
+        state = {
+            "step": self.step,
+            "seconds": self.seconds,
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         save_run(self.out, {"model": self.model.state_dict(), "ema": self.ema}, state, self._meta())
@@ -410,6 +420,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
             self.step = int(state["step"])
+            self.seconds = float(state.get("seconds", 0.0))
         except (KeyError, RuntimeError) as e:
             raise ValueError(f"--resume: the checkpoint in {self.out} does not fit this run: {e}") from e
 
@@ -473,12 +484,13 @@ class Trainer:
         bar = _progress(cfg.steps, self.step, "DALL-E")
         params = list(self.model.parameters())
         ema_pairs = [(self.ema[k], v) for k, v in self.model.state_dict().items() if v.dtype.is_floating_point]
-        started, window_start, window_tokens = time.time(), time.time(), 0
+        started = time.time() - self.seconds
+        window_start, window_tokens = time.time(), 0
         metrics: dict = {}
         self.model.train()
         while self.step < cfg.steps:
             text, image = self.batch(self.step)
-            lr = learning_rate(self.step, cfg)
+            lr = learning_rate(self.step, cfg, time.time() - started)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             with self.autocast():
@@ -499,7 +511,8 @@ class Trainer:
             window_tokens += image.numel()
             if bar:
                 bar.update(1)
-            timed_out = cfg.time_limit and time.time() - started > cfg.time_limit
+            self.seconds = time.time() - started
+            timed_out = cfg.time_limit and self.seconds > cfg.time_limit
             done = self.step == cfg.steps or self.step == stop_at or timed_out
             ckpt = self.step % cfg.ckpt_every == 0 or done
             if self.step % cfg.log_every == 0 or ckpt:

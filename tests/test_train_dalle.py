@@ -176,3 +176,17 @@ def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path)
     assert len(trainer.train_cache) == 5  # 7 items, 1 held out, 1 corrupt
     assert trainer.train_cache.ptr.diff().tolist() == [2] * 5
     assert trainer.train()["step"] == 2
+
+
+def test_learning_rate_schedule():
+    from dalle_fast.train_dalle import learning_rate
+
+    cfg = DALLETrainConfig(lr=1e-3, lr_end=1e-5, warmup=10, steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(60, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(110, cfg) == pytest.approx(1e-5)
+    timed = DALLETrainConfig(lr=1e-3, lr_end=1e-5, warmup=10, steps=10_000, time_limit=100.0)
+    # Cut short by the clock, the decay follows the time: half-way in time, half-way down.
+    assert learning_rate(20, timed, seconds=50.0) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(20, timed, seconds=100.0) == pytest.approx(1e-5)
