@@ -70,6 +70,10 @@ class DALLETrainConfig:
     ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for sampling"})
     precision: str = field(default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16) | fp32 | bf16 | fp16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    resblock_scaling: bool = field(
+        default=False,
+        metadata={"help": "per-resblock gradient scaling (dalle_fast.amp); always on with fp16"},
+    )
     checkpoint: bool = field(default=False, metadata={"help": "activation checkpointing (recompute in backward)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
@@ -308,7 +312,7 @@ class Trainer:
         self.scaler = None
         params = list(self.model.parameters())
         hyper = dict(lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=cfg.weight_decay)
-        if self.precision == "fp16":
+        if self.precision == "fp16" or cfg.resblock_scaling:
             from dalle_fast.amp import BlockAdamW, ResblockGradScaler
 
             self.scaler = ResblockGradScaler(2 * self.mcfg.n_layers, device=self.device)

@@ -190,3 +190,29 @@ def test_learning_rate_schedule():
     # Cut short by the clock, the decay follows the time: half-way in time, half-way down.
     assert learning_rate(20, timed, seconds=50.0) == pytest.approx((1e-3 + 1e-5) / 2)
     assert learning_rate(20, timed, seconds=100.0) == pytest.approx(1e-5)
+
+
+def test_resblock_scaling_path_resumes_exactly(vae_run, tmp_path):
+    """The fp16 path's machinery (per-resblock scales, BlockAdamW, the scaler's state in the checkpoint),
+    run in fp32 on the CPU."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dalle(_cfg(vae_run, a, resblock_scaling=True, bpe_dropout=0.0))
+    train_dalle(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0), stop_at=3)
+    trainer = Trainer(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0, resume=True))
+    assert trainer.scaler is not None and trainer.step == 3
+    assert (trainer.scaler.scales > 2.0**13).all()  # three clean updates grew every scale
+    trainer.train()
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_compiled_training(vae_run, tmp_path):
+    metrics = train_dalle(_cfg(vae_run, tmp_path / "compiled", steps=2, compile=True))
+    assert metrics["step"] == 2 and metrics["loss"] == metrics["loss"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_training(vae_run, tmp_path):
+    metrics = train_dalle(_cfg(vae_run, tmp_path / "cuda", steps=4, device="cuda", preset="tiny"))
+    assert metrics["step"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
