@@ -1,7 +1,10 @@
 """Sampling image tokens from a trained transformer, and the captioned PNG grids samples are shown in.
 
 `sample_tokens` draws the image tokens one at a time (temperature, top-k, top-p, a seeded generator).
-It recomputes the whole sequence for every token: simple and exactly the model's forward pass.
+By default it decodes through a key/value cache (`dalle_fast.kv_cache`: the prompt runs once, then each
+new token attends only to the cached keys its layer's mask allows); cache=False recomputes the whole
+sequence for every token, the plain reference the cache is tested against. Both draw the same random
+numbers in the same order, so for a seed they give the same tokens (up to fp32 rounding of the logits).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dalle_fast.checkpoint import atomic_write
+from dalle_fast.kv_cache import decode_step, prefill
 from dalle_fast.transformer import DALLE
 
 
@@ -41,8 +45,10 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
+    cache: bool = True,
 ) -> torch.Tensor:
-    """Image tokens (B, image_size**2) for text (B, text_len). prime: (B, P) first image tokens to keep."""
+    """Image tokens (B, image_size**2) for text (B, text_len). prime: (B, P) first image tokens to keep.
+    cache=False: recompute the whole sequence per token (the reference path)."""
     cfg = model.cfg
     n = cfg.image_size**2
     if temperature <= 0:
@@ -54,9 +60,15 @@ def sample_tokens(
         start = prime.shape[1]
         image[:, :start] = prime
     model.check_tokens(text, image)
+    if start == n:
+        return image
+    if cache:
+        kv, logits = prefill(model, text, image, start)
     for j in range(start, n):
-        h = model.hidden(text, image)
-        logits = model.image_logits(h[:, cfg.text_len - 1 + j])  # (B, image_vocab)
+        if not cache:
+            logits = model.image_logits(model.hidden(text, image)[:, cfg.text_len - 1 + j])  # (B, image_vocab)
+        elif j > start:
+            logits = decode_step(model, kv, image[:, j - 1])
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
         image[:, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return image
