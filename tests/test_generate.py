@@ -93,3 +93,133 @@ def test_priming_keeps_the_given_tokens(cache):
     assert torch.equal(out[:, :6], image[:, :6])
     full = sample_tokens(model, text, prime=image, generator=torch.Generator().manual_seed(0), cache=cache)
     assert torch.equal(full, image)
+
+
+# ---- batched generation, reranking, the CLI ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A dVAE, a transformer and a CLIP run, each trained for two updates (micro sizes)."""
+    from dalle_fast.clip import CLIPTrainConfig, train_clip
+    from dalle_fast.train import VAETrainConfig, train_vae
+    from dalle_fast.train_dalle import DALLETrainConfig, train_dalle
+
+    root = tmp_path_factory.mktemp("runs")
+    train_vae(VAETrainConfig(out=str(root / "vae"), steps=2, batch_size=4, ckpt_every=2, log_every=2, eval_images=8))
+    train_dalle(DALLETrainConfig(
+        vae=str(root / "vae"), out=str(root / "dalle"), preset="micro", steps=2, batch_size=4, ckpt_every=2,
+        log_every=2, max_items=32, val_items=8, samples=0, warmup=1, bpe_variants=0, vocab_size=300, text_len=24,
+    ))  # fmt: skip
+    train_clip(CLIPTrainConfig(
+        dalle=str(root / "dalle"), out=str(root / "clip"), width=16, embed_dim=8, max_items=32, val_items=8,
+        steps=2, batch_size=8, ckpt_every=2,
+    ))  # fmt: skip
+    return root
+
+
+class FixedScorer:
+    """Scores images by their mean brightness: a known order to check the reranking against."""
+
+    def score(self, images, captions):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_generate_batches_rerank_and_prime(runs):
+    from dalle_fast.generate import generate
+    from dalle_fast.train_dalle import load_transformer
+
+    model, tok, dvae = load_transformer(runs / "dalle")
+    captions = ["a large red circle", "a small blue square above a large green circle"]
+    text = tok.encode(captions)
+    kw = dict(draws=6, batch_size=4, top_k=8)  # 12 rows in batches of 4
+    plain = generate(model, text, dvae, generator=torch.Generator().manual_seed(1), **kw)
+    assert plain["tokens"].shape == (2, 6, 64) and plain["images"].shape == (2, 6, 3, 32, 32)
+    again = generate(model, text, dvae, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(plain["tokens"], again["tokens"])
+    best = generate(
+        model, text, dvae, keep=2, scorer=FixedScorer(), captions=captions,
+        generator=torch.Generator().manual_seed(1), **kw,
+    )  # fmt: skip
+    # Same draws, so the kept ones are the two brightest of each caption's six, best first.
+    brightness = plain["images"].mean(dim=(2, 3, 4))
+    top = brightness.topk(2, dim=1)
+    torch.testing.assert_close(best["scores"], top.values)
+    assert torch.equal(best["tokens"], plain["tokens"][torch.arange(2).unsqueeze(1), top.indices])
+    prime = torch.arange(24) % dvae.cfg.codebook  # three token rows
+    primed = generate(model, text, dvae, prime=prime, generator=torch.Generator().manual_seed(1), **kw)
+    assert (primed["tokens"][:, :, :24] == prime).all()
+
+
+def test_cli_writes_a_grid_and_is_deterministic(runs, tmp_path, capsys):
+    from dalle_fast.generate import main
+
+    args = ["--run", str(runs / "dalle"), "a large red circle", "a small blue square", "-n", "2", "--rerank", "3"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--top-k", "4", "--top-p", "0.9", "--temperature", "0.8"]) == 0
+    assert main([*args, "--out", str(tmp_path / "c"), "--top-k", "4", "--top-p", "0.9", "--temperature", "0.8"]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["000_000.png", "000_001.png", "001_000.png", "001_001.png", "grid.png"]
+    for name in names:
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+
+
+def test_cli_completion(runs, tmp_path):
+    from PIL import Image
+
+    from dalle_fast.data import ShapesDataset, preprocess
+    from dalle_fast.generate import load_prime, main
+    from dalle_fast.train_dalle import load_transformer
+
+    _, _, dvae = load_transformer(runs / "dalle")
+    ShapesDataset("heldout", 4, 32).render(0).save(tmp_path / "in.png")
+    rows, recon = load_prime(tmp_path / "in.png", dvae, 3)
+    codes = dvae.encode(preprocess(Image.open(tmp_path / "in.png"), 32)[None])
+    assert torch.equal(rows, codes[0, :3].flatten()) and recon.shape == (3, 32, 32)
+    out = tmp_path / "out"
+    args = ["--run", str(runs / "dalle"), "a red triangle", "-n", "2", "--prime", str(tmp_path / "in.png")]
+    assert main([*args, "--prime-rows", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000_000.png", "000_001.png", "grid.png"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "{run}", "   "], "caption 1 is empty"),
+        (["--run", "{run}"], "no caption given"),
+        (["--run", "{tmp}/nowhere", "a red circle"], "is not a run directory"),
+        (["--run", "{run}", "a red circle", "--prime", "{tmp}/not.png"], "is not a readable image"),
+        (["--run", "{run}", "a red circle", "--prime", "{tmp}/missing.png"], "does not exist"),
+        (["--run", "{run}", "a red circle", "--prime", "{tmp}/not.png", "--prime-rows", "9"], "--prime-rows"),
+        (["--run", "{run}", "a red circle", "-n", "4", "--rerank", "2"], "--rerank"),
+        (
+            ["--run", "{run}", "a red circle", "-n", "2", "--rerank", "4", "--clip", "{tmp}/noclip"],
+            "is not a run directory",
+        ),
+        (
+            ["--run", "{run}", "a red circle", "-n", "2", "--rerank", "4", "--clip", "open_clip:ViT-B-32:/none.pt"],
+            "open_clip",
+        ),
+        (["a red circle"], "--run is required"),
+    ],
+)
+def test_cli_errors_are_one_line(runs, tmp_path, capsys, args, message):
+    from dalle_fast.generate import main
+
+    (tmp_path / "not.png").write_text("not an image")
+    args = [a.format(run=runs / "dalle", tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("python -m dalle_fast.generate: error:")
+
+
+def test_cli_warns_about_a_long_caption(runs, tmp_path, capsys):
+    from dalle_fast.generate import main
+
+    long = " ".join(["a small red circle above a large blue square"] * 10)
+    assert main(["--run", str(runs / "dalle"), long, "-n", "1", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "caption 1 is longer than 24 tokens and was truncated" in err and "Traceback" not in err

@@ -1,0 +1,79 @@
+"""The reranker: the contrastive loss, learning on the shapes data, reranking, loading and the CLI stage."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_fast.clip import CLIP, CLIPConfig, CLIPTrainConfig, load_clip, load_scorer, rerank, train_clip
+from dalle_fast.data import ShapesDataset
+from dalle_fast.tokenizer import PAD, CaptionTokenizer
+
+
+@pytest.fixture(scope="module")
+def dalle_run(tmp_path_factory):
+    """What train_clip needs from a stage-2 run: its tokenizer and its dVAE's image size."""
+    root = tmp_path_factory.mktemp("dalle")
+    ds = ShapesDataset("train", 300, 32)
+    tok = CaptionTokenizer.train((c for i in range(300) for c in ds.captions(i)), vocab_size=300, text_len=24)
+    tok.save(root / "tokenizer.json")
+    (root / "config.json").write_text(json.dumps({"dvae": {"image_size": 32}}))
+    return root
+
+
+def test_loss_is_symmetric_infonce():
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(text_vocab=50, text_len=6, width=16, embed_dim=8, heads=2))
+    images, text = torch.rand(5, 3, 32, 32), torch.randint(0, 50, (5, 6))
+    text[1, 2:] = PAD
+    logits = model.logit_scale.exp() * model.encode_image(images) @ model.encode_text(text).t()
+    want = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.t(), torch.arange(5))) / 2
+    torch.testing.assert_close(model(images, text)["loss"], want)
+    torch.testing.assert_close(model.encode_text(text).norm(dim=-1), torch.ones(5))
+
+
+def test_rerank_keeps_the_highest():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [3.0, -1.0, 2.0, 0.0]])
+    assert rerank(scores, 2).tolist() == [[1, 3], [0, 2]]
+    with pytest.raises(ValueError, match="keep"):
+        rerank(scores, 5)
+
+
+def test_training_learns_and_resumes(dalle_run, tmp_path):
+    cfg = CLIPTrainConfig(
+        dalle=str(dalle_run), out=str(tmp_path / "c"), width=32, embed_dim=32, max_items=256, val_items=32,
+        steps=40, batch_size=32, ckpt_every=20, lr=3e-3, seed=1,
+    )  # fmt: skip
+    first = train_clip(cfg, stop_at=20)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_clip(cfg)
+    last = train_clip(dataclasses.replace(cfg, resume=True))
+    assert (first["step"], last["step"]) == (20, 40)
+    # 32 held-out captions: chance is 1/32; a few dozen updates must beat it clearly.
+    assert last["val_accuracy"] > 3 / 32, last
+    model, tok = load_clip(tmp_path / "c")
+    scorer = load_scorer(str(tmp_path / "c"))
+    ds = ShapesDataset("val", 4, 32)
+    images = torch.stack([ds[i][0] for i in range(4)])
+    s = scorer.score(images, [ds.captions(i)[0] for i in range(4)])
+    assert s.shape == (4,) and ((s >= -1.0001) & (s <= 1.0001)).all()
+
+
+def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
+    from dalle_fast.train import main
+
+    args = ["clip", "--dalle", str(dalle_run), "--width", "16", "--embed-dim", "8", "--max-items", "32",
+            "--val-items", "8", "--steps", "2", "--batch-size", "8", "--ckpt-every", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "model.safetensors").exists() and (tmp_path / "c" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "d"), "--batch-size", "1"])
+    with pytest.raises(SystemExit):
+        main(["clip", "--dalle", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert "batch_size must be >= 2" in err and "is not a run directory" in err and "Traceback" not in err
+    for spec, msg in [(str(tmp_path / "none"), "not a run directory"), ("open_clip:x", "open_clip:ARCH")]:
+        with pytest.raises(ValueError, match=msg):
+            load_scorer(spec)
