@@ -1,0 +1,74 @@
+"""Caption fidelity: the classifier's targets and decisions, the report, and the CLI's errors."""
+
+import pytest
+import torch
+
+from dalle_fast.data import SHAPES, ShapesDataset
+from dalle_fast.evaluate import AttributeClassifier, caption_match, detected_pairs, main, scene_targets, write_report
+
+
+def test_targets_and_detection_round_trip():
+    ds = ShapesDataset("heldout", 20, 32)
+    for sc in distinct_colours(ds):
+        present, shape, _ = scene_targets(sc)
+        logits = torch.nn.functional.one_hot(shape.clamp(min=0), len(SHAPES)).float()
+        (seen,) = detected_pairs((present * 2 - 1)[None], logits[None])
+        assert seen == {(o["color"], o["shape"]) for o in sc["objects"]}
+
+
+def distinct_colours(ds):
+    """Scenes whose objects differ in colour (the classifier has one shape per colour: see its docstring)."""
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    return [sc for sc in scenes if len({o["color"] for o in sc["objects"]}) == len(sc["objects"])]
+
+
+class Oracle(AttributeClassifier):
+    """Answers from known scenes (one per image, in order): what a perfect classifier would say."""
+
+    def __init__(self, scenes, shift=(0.0, 0.0)):
+        super().__init__(width=4)
+        self.scenes, self.shift = scenes, torch.tensor(shift)
+
+    def forward(self, images):
+        t = [scene_targets(sc) for sc in self.scenes]
+        present = torch.stack([p for p, _, _ in t]) * 2 - 1
+        shapes = torch.nn.functional.one_hot(torch.stack([s for _, s, _ in t]).clamp(min=0), len(SHAPES)).float()
+        return present, shapes, torch.stack([c for _, _, c in t]) + self.shift
+
+
+def test_caption_match():
+    scenes = distinct_colours(ShapesDataset("train", 60, 32))
+    images = torch.zeros(len(scenes), 3, 32, 32)
+    ok = caption_match(Oracle(scenes), images, scenes)
+    assert ok["pairs"].all() and ok["position"].all()
+    # Judged against other captions, most fail (a scene named by another scene's caption).
+    wrong = caption_match(Oracle(scenes), images, scenes[1:] + scenes[:1])
+    assert wrong["pairs"].float().mean() < 0.5
+    # Relations: swapping the two objects' detected centres breaks "position" but not "pairs".
+    two = [sc for sc in scenes if sc["relation"]]
+    swapped = [
+        {
+            **sc,
+            "objects": [{**a, "center": b["center"]} for a, b in zip(sc["objects"], sc["objects"][::-1], strict=True)],
+        }
+        for sc in two
+    ]
+    res = caption_match(Oracle(swapped), torch.zeros(len(two), 3, 32, 32), two)
+    assert res["pairs"].all() and not res["position"].any()
+
+
+def test_report(tmp_path):
+    results = {"classifier_accuracy": 0.9, "N": [1, 2, 4]}
+    for s in ("held-out pairs", "seen pairs"):
+        results[s] = {"pairs": 0.5, "position": 0.3, "rerank_pairs": [0.5, 0.6, 0.7], "rerank_position": [0.3] * 3}
+    md, png = write_report(results, tmp_path)
+    assert "| held-out pairs | colour + shape | 50.0% | 50.0% | 60.0% | 70.0% |" in md.read_text()
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [([], "--run is required"), (["--run", "{tmp}/x"], "not a run directory")])
+def test_cli_errors(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
