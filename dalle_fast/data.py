@@ -12,17 +12,22 @@ Sources:
   CocoDataset       MS-COCO: a captions JSON plus its image folder
   webdataset_source WebDataset tar shards (image + txt), streamed, for data that outgrows one disk
 
+`open_datasets(spec, image_size, seed)` turns a trainer's --data spec (shapes, folder:DIR,
+coco:CAPTIONS_JSON,IMAGE_DIR, wds:URLS) into (train, held-out) datasets.
+
 Preprocessing follows the paper: a random square crop near the centre, resized to the target size, no flip.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -296,34 +301,80 @@ class CocoDataset(_CaptionedImages):
         return self.images / name, captions
 
 
-def webdataset_source(
-    urls: str | list[str], image_size: int = 256, train: bool = True, seed: int = 0, shuffle: int = 1000
-) -> torch.utils.data.IterableDataset:
+class WebDatasetStream(torch.utils.data.IterableDataset):
     """WebDataset tar shards with image (jpg/png/webp) + txt members, streamed; shards are split across
-    DataLoader workers. Bad samples yield () (dropped and counted by collate_skip)."""
-    try:
+    DataLoader workers. Bad samples yield () (dropped and counted by collate_skip). Samples whose
+    sample_id is in `exclude` are dropped silently (a held-out part read from the same shards).
+
+    In training, shards and samples (a buffer of `shuffle`) are shuffled with a seed drawn from
+    (seed, epoch): call set_epoch before a pass to get a new order."""
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        image_size: int = 256,
+        train: bool = True,
+        seed: int = 0,
+        shuffle: int = 1000,
+        exclude: frozenset[str] = frozenset(),
+    ):
+        try:
+            import webdataset  # noqa: F401
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise ImportError("WebDataset shards need the `webdataset` package: pip install webdataset") from e
+        self.urls, self.image_size, self.train, self.seed = urls, image_size, train, seed
+        self.shuffle, self.exclude = shuffle, exclude
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
         import webdataset as wds
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ImportError("webdataset_source needs the `webdataset` package: pip install webdataset") from e
 
-    rng = random.Random(seed)
+        seed = self.seed * 1_000_003 + self.epoch
+        rng = random.Random(seed)
+        ds = wds.WebDataset(
+            self.urls,
+            shardshuffle=100 if self.train else False,
+            handler=wds.warn_and_continue,
+            empty_check=False,
+            seed=seed,
+        )
+        if self.exclude:
+            ds = ds.select(lambda sample: sample_id(sample) not in self.exclude)
+        if self.train and self.shuffle:
+            ds = ds.shuffle(self.shuffle, rng=random.Random(seed + 1))
+        to_item = partial(_decode_sample, image_size=self.image_size, rng=rng, train=self.train)
+        yield from ds.map(to_item, handler=wds.warn_and_continue)
 
-    def to_item(sample: dict):
-        # A bad sample becomes () rather than None: webdataset would drop None before it could be counted.
-        data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        text = sample.get("txt")
-        if data is None or text is None:
-            return ()
-        caption = _pick_caption(text.decode("utf-8", errors="replace").splitlines(), rng)
-        image = _load_image(data, image_size, rng if train else None)
-        return () if image is None or caption is None else (image, caption)
 
-    ds = wds.WebDataset(
-        urls, shardshuffle=False if not train else 100, handler=wds.warn_and_continue, empty_check=False, seed=seed
-    )
-    if train and shuffle:
-        ds = ds.shuffle(shuffle, rng=random.Random(seed))
-    return ds.map(to_item, handler=wds.warn_and_continue)
+def webdataset_source(
+    urls: str | list[str],
+    image_size: int = 256,
+    train: bool = True,
+    seed: int = 0,
+    shuffle: int = 1000,
+    exclude: frozenset[str] = frozenset(),
+) -> WebDatasetStream:
+    """A WebDatasetStream (see there) over `urls`: a brace pattern, a "::"-separated string or a list."""
+    return WebDatasetStream(urls, image_size, train, seed, shuffle, exclude)
+
+
+def _decode_sample(sample: dict, image_size: int, rng: random.Random, train: bool):
+    # A bad sample becomes () rather than None: webdataset would drop None before it could be counted.
+    data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+    text = sample.get("txt")
+    if data is None or text is None:
+        return ()
+    caption = _pick_caption(text.decode("utf-8", errors="replace").splitlines(), rng)
+    image = _load_image(data, image_size, rng if train else None)
+    return () if image is None or caption is None else (image, caption)
+
+
+def sample_id(sample: dict) -> str:
+    """A WebDataset sample's identity across reads: its shard and key."""
+    return f"{sample.get('__url__', '')}/{sample.get('__key__', '')}"
 
 
 def iterate_batches(
@@ -346,3 +397,154 @@ def iterate_batches(
         if captions:
             yield images, captions
     counter.end_epoch()
+
+
+# ---- --data specs ----------------------------------------------------------------------------------
+
+DATA_SPECS = "shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Items already in memory (a held-out part read from a stream)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def shard_urls(urls: str) -> list[str]:
+    """The shards of a wds: spec: commas outside braces separate patterns, each brace-expanded
+    ("a-{000..002}.tar,b.tar" -> a-000.tar, a-001.tar, a-002.tar, b.tar)."""
+    from webdataset.shardlists import expand_urls
+
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(urls):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(urls[start:i])
+            start = i + 1
+    parts.append(urls[start:])
+    return [u for p in parts if p.strip() for u in expand_urls(p.strip())]
+
+
+def _parse_spec(spec: str, flag: str) -> tuple[str, str]:
+    expected = (
+        f"{flag} must be {DATA_SPECS} (URLS: a brace pattern or a comma list of .tar shards, as webdataset "
+        f"accepts), got {spec!r}"
+    )
+    if not isinstance(spec, str):
+        raise ValueError(expected)
+    if spec == "shapes":
+        return "shapes", ""
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg.strip() or kind not in ("folder", "coco", "wds"):
+        raise ValueError(expected)
+    if kind == "coco" and "," not in arg:
+        raise ValueError(f"{flag} coco: expects CAPTIONS_JSON,IMAGE_DIR (comma-separated), got {spec!r}")
+    return kind, arg
+
+
+def _wds_shards(arg: str, spec: str, flag: str) -> list[str]:
+    urls = shard_urls(arg)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if not urls or missing:
+        raise ValueError(f"{flag} {spec!r}: no such shard file {missing[0] if missing else arg!r}")
+    return urls
+
+
+def _stream_prefix(urls: list[str], image_size: int, n: int, spec: str, flag: str) -> tuple[ListDataset, frozenset]:
+    """The first n good samples of the shards in order (centred crops), and their sample ids."""
+    import webdataset as wds
+
+    stream = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
+    rng = random.Random(0)
+    items, ids = [], set()
+    for sample in stream:
+        item = _decode_sample(sample, image_size, rng, train=False)
+        if item:
+            items.append(item)
+            ids.add(sample_id(sample))
+            if len(items) == n:
+                break
+    if not items:
+        raise ValueError(f"{flag} {spec!r}: no readable image + txt sample in the shards")
+    return ListDataset(items), frozenset(ids)
+
+
+def _open_map_style(kind: str, arg: str, image_size: int, seed: int, spec: str, flag: str):
+    try:
+        if kind == "folder":
+            return FolderDataset(arg, image_size, train=True, seed=seed)
+        ann, img = arg.split(",", 1)
+        return CocoDataset(ann, img, image_size, train=True, seed=seed)
+    except ValueError as e:
+        raise ValueError(f"{flag} {spec!r}: {e}") from e
+
+
+def _held_out_copy(ds: _CaptionedImages) -> _CaptionedImages:
+    """The same items with centred crops (evaluation is not augmented)."""
+    held = copy.copy(ds)
+    held.train = False
+    return held
+
+
+def open_datasets(
+    spec: str,
+    image_size: int,
+    seed: int = 0,
+    *,
+    val_spec: str | None = None,
+    stream_heldout: int = 256,
+    flag: str = "--data",
+    val_flag: str = "--val-data",
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """(train, held-out) datasets for a data spec (the trainers' --data flag).
+
+    shapes                       train: ShapesDataset "train" (100,000 items); held-out: its "val" split
+                                 (10,000 items of the same distribution, other seeds)
+    folder:DIR                   the last 2% of the items (by sorted name) are held out
+    coco:CAPTIONS_JSON,IMAGE_DIR as folder:
+    wds:URLS                     train is a stream (an IterableDataset, reshuffled each pass); the first
+                                 `stream_heldout` good samples of the shards, read in order, are held out
+                                 and the training stream skips them
+
+    With val_spec (same forms) the held-out set comes from it instead (a stream: its first
+    `stream_heldout` good samples) and training uses all of `spec`. The held-out set is always map-style
+    (len, indexing) with centred crops; bad items in it are None, as in the training sources.
+    """
+    kind, arg = _parse_spec(spec, flag)
+    split_here = not val_spec
+    if split_here:
+        held = None
+    else:
+        vkind, varg = _parse_spec(val_spec, val_flag)
+        if vkind == "shapes":
+            held = ShapesDataset("val", 10_000, image_size, seed)
+        elif vkind == "wds":
+            urls = _wds_shards(varg, val_spec, val_flag)
+            held, _ = _stream_prefix(urls, image_size, stream_heldout, val_spec, val_flag)
+        else:
+            held = _held_out_copy(_open_map_style(vkind, varg, image_size, seed, val_spec, val_flag))
+
+    if kind == "shapes":
+        return ShapesDataset("train", 100_000, image_size, seed), held or ShapesDataset("val", 10_000, image_size, seed)
+    if kind == "wds":
+        urls = _wds_shards(arg, spec, flag)
+        exclude: frozenset = frozenset()
+        if split_here:
+            held, exclude = _stream_prefix(urls, image_size, stream_heldout, spec, flag)
+        return webdataset_source(urls, image_size, train=True, seed=seed, exclude=exclude), held
+    full = _open_map_style(kind, arg, image_size, seed, spec, flag)
+    if not split_here:
+        return full, held
+    if len(full) < 2:
+        raise ValueError(f"{flag} {spec!r}: one item cannot be split into train and held-out; pass {val_flag}")
+    n_val = max(1, len(full) // 50)  # the last 2% (by sorted name) held out
+    idx = list(range(len(full)))
+    train = torch.utils.data.Subset(full, idx[:-n_val])
+    return train, torch.utils.data.Subset(_held_out_copy(full), idx[-n_val:])

@@ -18,7 +18,9 @@ from dalle_fast.data import (
     SkipCounter,
     collate_skip,
     iterate_batches,
+    open_datasets,
     preprocess,
+    shard_urls,
     webdataset_source,
 )
 
@@ -113,15 +115,21 @@ def test_coco_dataset(tmp_path):
         CocoDataset(tmp_path / "bad.json", tmp_path / "img")
 
 
-def test_webdataset_shard(tmp_path):
-    shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, data, text in [("a", _png(), "a red square"), ("b", b"garbage", "broken image"), ("c", _png(), "")]:
+def _shard(path, samples) -> str:
+    """A WebDataset shard of (key, image bytes, caption) samples."""
+    with tarfile.open(path, "w") as tar:
+        for key, data, text in samples:
             for ext, payload in (("png", data), ("txt", text.encode())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    ds = webdataset_source(str(shard), image_size=8, train=False)
+    return str(path)
+
+
+def test_webdataset_shard(tmp_path):
+    samples = [("a", _png(), "a red square"), ("b", b"garbage", "broken image"), ("c", _png(), "")]
+    shard = _shard(tmp_path / "shard-000.tar", samples)
+    ds = webdataset_source(shard, image_size=8, train=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(iterate_batches(ds, batch_size=4, shuffle=False))
@@ -138,3 +146,52 @@ def test_collate_and_bad_arguments(tmp_path):
         FolderDataset(tmp_path / "missing")
     with pytest.raises(ValueError, match="no images"):
         FolderDataset(tmp_path)
+
+
+def test_shard_urls():
+    assert shard_urls("a-{0..2}.tar") == ["a-0.tar", "a-1.tar", "a-2.tar"]
+    assert shard_urls("x/{a,b}.tar,y.tar") == ["x/a.tar", "x/b.tar", "y.tar"]  # commas inside braces stay
+
+
+def test_open_datasets_splits(tmp_path):
+    train, held = open_datasets("shapes", 16, seed=1)
+    assert (train.split, held.split, len(train), len(held)) == ("train", "val", 100_000, 10_000)
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(_png(size=(40, 20)))
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    train, held = open_datasets(f"folder:{tmp_path}", 8)
+    assert len(train) == 4 and len(held) == 1
+    assert held.dataset.train is False and train.dataset.train is True  # held-out images: centred crops
+    train, held = open_datasets(f"folder:{tmp_path}", 8, val_spec="shapes")
+    assert len(train) == 5 and held.split == "val"
+
+
+def test_open_datasets_stream_holds_out_its_first_samples(tmp_path):
+    shards = [
+        _shard(tmp_path / f"s-{n}.tar", [(f"k{n}{i}", _png((n * 80, i * 40, 9)), f"c{n}{i}") for i in range(3)])
+        for n in range(2)
+    ]
+    train, held = open_datasets(f"wds:{tmp_path}/s-{{0..1}}.tar", 8, stream_heldout=2)
+    assert isinstance(train, torch.utils.data.IterableDataset)
+    assert [held[i][1] for i in range(len(held))] == ["c00", "c01"]
+    assert sorted(item[1] for item in train) == ["c02", "c10", "c11", "c12"]  # never trains on held-out samples
+    train, held = open_datasets(f"wds:{shards[0]}", 8, val_spec=f"wds:{shards[1]}")
+    assert len(held) == 3 and sorted(item[1] for item in train) == ["c00", "c01", "c02"]
+
+
+@pytest.mark.parametrize(
+    "spec,val_spec,match",
+    [
+        ("", None, "--data must be shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
+        ("imagenet", None, "--data must be shapes.*got 'imagenet'"),
+        ("folder:", None, "--data must be"),
+        ("wds:", None, "--data must be.*brace pattern or a comma list"),
+        ("coco:captions.json", None, "--data coco: expects CAPTIONS_JSON,IMAGE_DIR"),
+        ("folder:/no/such/dir", None, "--data 'folder:/no/such/dir': root must be an existing folder"),
+        ("wds:/no/such/shard-{0..3}.tar", None, "--data .*no such shard file '/no/such/shard-0.tar'"),
+        ("shapes", "nonsense", "--val-data must be shapes"),
+    ],
+)
+def test_open_datasets_bad_specs(spec, val_spec, match):
+    with pytest.raises(ValueError, match=match):
+        open_datasets(spec, 8, val_spec=val_spec)
