@@ -241,6 +241,11 @@ class _CaptionedImages(torch.utils.data.Dataset):
     def _source(self, index: int) -> tuple[Path, list[str] | None]:
         raise NotImplementedError
 
+    def captions(self, index: int) -> list[str]:
+        """Every caption of item `index` (stage 2 caches them all and draws one per step)."""
+        lines = self._source(index)[1]
+        return [c.strip() for c in lines or [] if c.strip()]
+
     def __getitem__(self, index: int):
         path, lines = self._source(index)
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)

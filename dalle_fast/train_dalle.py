@@ -29,6 +29,20 @@ import torch
 
 from dalle_fast.checkpoint import atomic_write, load_config, load_state, load_weights, save_run
 from dalle_fast.data import SkipCounter, open_datasets
+from dalle_fast.distributed import (
+    LossModule,
+    agree_found_inf,
+    barrier,
+    bytes_per_step,
+    init_from_env,
+    mean_over_ranks,
+    paper_compression_rate,
+    rank0_decides,
+    shutdown,
+    sync_uncompressed,
+    wrap_ddp,
+    wrap_fsdp,
+)
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.generate import sample_tokens, save_captioned_grid
 from dalle_fast.tokenizer import CaptionTokenizer
@@ -70,6 +84,11 @@ class DALLETrainConfig:
     ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for sampling"})
     precision: str = field(default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16) | fp32 | bf16 | fp16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    shard: bool = field(default=False, metadata={"help": "under torchrun: FSDP (sharded parameters) instead of DDP"})
+    powersgd_rank: int = field(
+        default=0, metadata={"help": "under torchrun: PowerSGD gradient compression of this rank (DDP); 0: off"}
+    )
+    dist_timeout: float = field(default=600.0, metadata={"help": "seconds a collective may wait for the other ranks"})
     resblock_scaling: bool = field(
         default=False,
         metadata={"help": "per-resblock gradient scaling (dalle_fast.amp); always on with fp16"},
@@ -95,7 +114,21 @@ class DALLETrainConfig:
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "val_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("text_len", "vocab_size", "bpe_variants", "max_items", "warmup", "samples", "workers", "threads"):
+        if self.shard and self.powersgd_rank:
+            raise ValueError("--shard and --powersgd-rank exclude each other (PowerSGD is a DDP communication hook)")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
+        for name in (
+            "powersgd_rank",
+            "text_len",
+            "vocab_size",
+            "bpe_variants",
+            "max_items",
+            "warmup",
+            "samples",
+            "workers",
+            "threads",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.vocab_size and self.vocab_size < 257:
@@ -293,8 +326,22 @@ class Trainer:
         if not cfg.resume and (self.out / "state.pt").exists():
             raise ValueError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
         self.device, self.precision = resolve_device(cfg)
+        self.dist = init_from_env(self.device.type, cfg.dist_timeout)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.batch_size % self.dist.world:
+            raise ValueError(
+                f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({self.dist.world})"
+            )
+        if cfg.shard and (self.precision == "fp16" or cfg.resblock_scaling):
+            raise ValueError("--shard does not combine with per-resblock gradient scaling (fp16) yet; use bf16")
         self.dvae = load_dvae(cfg.vae)
+        if not self.dist.main:  # rank 0 encodes the data and trains the tokenizer; the others load them
+            barrier(self.dist)
         self._prepare_data()
+        if self.dist.main:
+            barrier(self.dist)
         base = PRESETS[cfg.preset]
         self.mcfg = preset(
             cfg.preset,
@@ -308,23 +355,37 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.model = DALLE(self.mcfg).to(self.device)
-        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.scaler = None
-        params = list(self.model.parameters())
-        hyper = dict(lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=cfg.weight_decay)
         if self.precision == "fp16" or cfg.resblock_scaling:
-            from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+            from dalle_fast.amp import ResblockGradScaler
 
-            self.scaler = ResblockGradScaler(2 * self.mcfg.n_layers, device=self.device)
+            # The paper's M: scales start M times higher, as each replica's loss is 1/M of the global one.
+            self.scaler = ResblockGradScaler(2 * self.mcfg.n_layers, replicas=self.dist.world, device=self.device)
             self.model.use_resblock_scaler(self.scaler)
+        # The module whose forward() computes the loss: plain, DDP (maybe with PowerSGD) or FSDP.
+        self.uncompressed: list[torch.nn.Parameter] = []
+        self.powersgd = None
+        if cfg.shard and self.dist.enabled:
+            self.forward_module = wrap_fsdp(self.model)
+        elif self.dist.enabled:
+            self.forward_module, self.uncompressed, self.powersgd = wrap_ddp(
+                self.model, self.dist, self.device, cfg.powersgd_rank
+            )
+        else:
+            self.forward_module = LossModule(self.model)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        hyper = dict(lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=cfg.weight_decay)
+        if self.scaler is not None:
+            from dalle_fast.amp import BlockAdamW
+
             self.opt = BlockAdamW(self.scaler.param_groups(self.model), self.scaler, **hyper)
         else:
-            self.opt = torch.optim.AdamW(params, **hyper)
+            self.opt = torch.optim.AdamW(self.model.parameters(), **hyper)
         self.step = 0
         self.seconds = 0.0  # training time so far, across resumes (the time limit covers the whole run)
         if cfg.resume:
             self._load()
-        self.forward_loss = torch.compile(self.model.loss) if cfg.compile else self.model.loss
+        self.forward_loss = torch.compile(self.forward_module) if cfg.compile else self.forward_module
 
     # data and tokenizer
 
@@ -387,6 +448,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         index = torch.randint(0, len(self.train_cache), (self.cfg.batch_size,), generator=g)
         text, image = self.train_cache.batch(index, g, dropout=self.cfg.bpe_dropout > 0)
+        if self.dist.enabled:  # every rank draws the global batch and keeps its own slice
+            text, image = (t.chunk(self.dist.world)[self.dist.rank] for t in (text, image))
         return text.to(self.device), image.to(self.device)
 
     # checkpoints
@@ -399,16 +462,41 @@ class Trainer:
             "step": self.step,
         }
 
-    def save(self) -> None:
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.shard and self.dist.enabled
+
+    def save(self) -> dict | None:
+        """Every rank calls it (a sharded model gathers its full state); rank 0 writes. Returns the
+        gathered full EMA weights of a sharded run (None otherwise)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(self.model, options=opts)
+            optim_sd, optim_format = get_optimizer_state_dict(self.model, self.opt, options=opts), "names"
+            ema = {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v for k, v in self.ema.items()}
+        else:
+            model_sd, ema = self.model.state_dict(), self.ema
+            optim_sd, optim_format = self.opt.state_dict(), "ids"
+        if not self.dist.main:
+            return None
         state = {
             "step": self.step,
             "seconds": self.seconds,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": optim_sd,
+            "optimizer_format": optim_format,  # "names" (sharded runs) or "ids" (torch's own format)
             "torch_rng": torch.get_rng_state(),
+            "world": self.dist.world,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        save_run(self.out, {"model": self.model.state_dict(), "ema": self.ema}, state, self._meta())
+        save_run(self.out, {"model": model_sd, "ema": ema}, state, self._meta())
+        return ema if self.sharded else None
 
     def _load(self) -> None:
         state = load_state(self.out)
@@ -416,10 +504,33 @@ class Trainer:
         if saved != dataclasses.asdict(self.mcfg):
             raise ValueError(f"--resume: {self.out} holds a different model configuration: {saved}")
         try:
-            self.model.load_state_dict(load_weights(self.out / "model.safetensors", "--resume"))
-            for k, v in load_weights(self.out / "ema.safetensors", "--resume").items():
-                self.ema[k].copy_(v)
-            self.opt.load_state_dict(state["optimizer"])
+            weights = load_weights(self.out / "model.safetensors", "--resume")
+            ema = load_weights(self.out / "ema.safetensors", "--resume")
+            names = state.get("optimizer_format", "ids") == "names"
+            if self.sharded and not names:
+                raise ValueError(
+                    f"--resume: {self.out} was saved without --shard; resume it without --shard (DDP or one process)"
+                )
+            if self.sharded or names:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                opts = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, weights, options=opts)
+                set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=opts)
+            else:
+                self.model.load_state_dict(weights)
+                self.opt.load_state_dict(state["optimizer"])
+            for k, v in ema.items():
+                e = self.ema[k]
+                if hasattr(e, "device_mesh"):  # a shard: keep this rank's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    v = distribute_tensor(v.to(e.device), e.device_mesh, e.placements)
+                e.copy_(v)
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
@@ -461,11 +572,19 @@ class Trainer:
         return total / n
 
     @torch.no_grad()
-    def write_samples(self, path: Path) -> None:
-        if not len(self.sample_text):
+    def write_samples(self, path: Path, full_ema: dict | None = None) -> None:
+        """Rank 0 samples the held-out captions with the EMA weights (a sharded run passes the gathered
+        full EMA weights, sampled with a plain copy of the model: no collectives while sampling)."""
+        if not len(self.sample_text) or not self.dist.main:
             return
         g = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        with self.ema_weights() as model, self.autocast():
+        if full_ema is not None:
+            plain = DALLE(self.mcfg).to(self.device)
+            plain.load_state_dict(full_ema)
+            context = contextlib.nullcontext(plain)
+        else:
+            context = self.ema_weights()
+        with context as model, self.autocast():
             model.eval()
             tokens = sample_tokens(model, self.sample_text.to(self.device), top_k=0, generator=g)
             model.train()
@@ -478,14 +597,15 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict:
         """Runs to cfg.steps (or stop_at, as if killed there); returns the last logged metrics."""
         cfg, out = self.cfg, self.out
+        main = self.dist.main  # only rank 0 writes logs, samples and checkpoints
         log_path = out / "log.csv"
         new_log = not (cfg.resume and log_path.exists())
-        log_file = open(log_path, "w" if new_log else "a", newline="")
-        log = csv.writer(log_file)
-        if new_log:
+        log_file = open(log_path, "w" if new_log else "a", newline="") if main else None
+        log = csv.writer(log_file) if main else None
+        if new_log and main:
             log.writerow(LOG_COLUMNS)
-        tb = _tensorboard(out)
-        bar = _progress(cfg.steps, self.step, "DALL-E")
+        tb = _tensorboard(out) if main else None
+        bar = _progress(cfg.steps, self.step, "DALL-E") if main else None
         params = list(self.model.parameters())
         ema_pairs = [(self.ema[k], v) for k, v in self.model.state_dict().items() if v.dtype.is_floating_point]
         started = time.time() - self.seconds
@@ -501,9 +621,16 @@ class Trainer:
                 parts = self.forward_loss(text, image)
             self.opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
+            sync_uncompressed(self.uncompressed, self.dist)
             if self.scaler is not None:
                 self.scaler.unscale_(self.opt)
-            gnorm = clip_grad_norm_finite_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                agree_found_inf(self.scaler.found_inf, self.dist)
+            if not cfg.grad_clip:
+                gnorm = torch.zeros(())
+            elif self.sharded:  # sharded gradients: torch's clip computes the global norm across ranks
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = clip_grad_norm_finite_(params, cfg.grad_clip)
             self.opt.step()
             if self.scaler is not None:
                 self.scaler.update()
@@ -516,12 +643,17 @@ class Trainer:
             if bar:
                 bar.update(1)
             self.seconds = time.time() - started
-            timed_out = cfg.time_limit and self.seconds > cfg.time_limit
+            timed_out = bool(cfg.time_limit) and self.seconds > cfg.time_limit
+            if cfg.time_limit:  # rank 0's clock decides, so every rank stops at the same step
+                timed_out = rank0_decides(timed_out, self.dist, self.device)
             done = self.step == cfg.steps or self.step == stop_at or timed_out
             ckpt = self.step % cfg.ckpt_every == 0 or done
             if self.step % cfg.log_every == 0 or ckpt:
                 now = time.time()
-                metrics = {"step": self.step, **{k: float(parts[k].detach()) for k in ("loss", "text", "image")}}
+                losses = mean_over_ranks(
+                    [float(parts[k].detach()) for k in ("loss", "text", "image")], self.dist, self.device
+                )
+                metrics = {"step": self.step, **dict(zip(("loss", "text", "image"), losses, strict=True))}
                 metrics.update(
                     val_image=self.validate() if ckpt else math.nan,
                     grad_norm=float(gnorm),
@@ -529,21 +661,23 @@ class Trainer:
                     tokens_per_s=window_tokens / max(now - window_start, 1e-9),
                     seconds=now - started,
                 )
-                log.writerow([metrics[k] for k in LOG_COLUMNS])
-                log_file.flush()
+                if main:
+                    log.writerow([metrics[k] for k in LOG_COLUMNS])
+                    log_file.flush()
                 if tb:
                     for k, v in metrics.items():
                         if k != "step" and not math.isnan(v):
                             tb.add_scalar(f"dalle/{k}", v, self.step)
                 if ckpt:
-                    self.save()
+                    full_ema = self.save()
                     if cfg.samples:
-                        self.write_samples(out / f"samples_{self.step:07d}.png")
+                        self.write_samples(out / f"samples_{self.step:07d}.png", full_ema)
                     msg = (
                         f"step {self.step}: loss {metrics['loss']:.4f} image {metrics['image']:.4f} "
                         f"held-out image {metrics['val_image']:.4f}"
                     )
-                    (bar.write if bar else print)(msg, file=sys.stderr)
+                    if main:
+                        (bar.write if bar else print)(msg, file=sys.stderr)
                 window_start, window_tokens = time.time(), 0  # evaluation and samples stay out of the rate
             if done:
                 break
@@ -551,8 +685,22 @@ class Trainer:
             bar.close()
         if tb:
             tb.close()
-        log_file.close()
+        if log_file:
+            log_file.close()
+        if self.powersgd is not None and main:
+            self.report_compression()
         return metrics
+
+    def report_compression(self) -> dict:
+        """Bytes per step with PowerSGD vs uncompressed, next to the paper's formula for this model."""
+        sent = bytes_per_step(self.model, self.powersgd, self.uncompressed)
+        sent["paper_rate"] = paper_compression_rate(self.cfg.powersgd_rank, self.mcfg.d_model)
+        line = f"PowerSGD rank {self.cfg.powersgd_rank}: the paper's compression rate 1 - 5r/(8 d_model) = "
+        line += f"{sent['paper_rate']:.1%}; uncompressed {sent['uncompressed_bytes'] / 1e6:.2f} MB per step"
+        if "sent_bytes" in sent:
+            line += f", sent {sent['sent_bytes'] / 1e6:.2f} MB ({sent['reduction']:.1%} less)"
+        print(line, file=sys.stderr)
+        return sent
 
 
 def _tensorboard(out: Path):
@@ -572,8 +720,13 @@ def _progress(total: int, initial: int, desc: str):
 
 
 def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
-    """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it)."""
-    return Trainer(cfg).train(stop_at)
+    """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it).
+    Under torchrun, every rank runs this; the process group is closed at the end."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train(stop_at)
+    finally:
+        shutdown(trainer.dist)
 
 
 def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:

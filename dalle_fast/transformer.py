@@ -160,11 +160,17 @@ class Layer(nn.Module):
     def __init__(self, cfg: TransformerConfig, kind: str):
         super().__init__()
         self.kind = kind
+        self.checkpoint = cfg.checkpoint
         self.attn = Residual(Attention(cfg, kind))
         self.mlp = Residual(MLP(cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x))
+        for block in (self.attn, self.mlp):
+            if self.checkpoint and torch.is_grad_enabled():  # recompute the block in backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
 
 class DALLE(nn.Module):
@@ -241,11 +247,7 @@ class DALLE(nn.Module):
         """Final normalised states (B, N, d)."""
         x = self.embed(text, image)
         for layer in self.layers:
-            for block in (layer.attn, layer.mlp):
-                if self.cfg.checkpoint and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
-                else:
-                    x = block(x)
+            x = layer(x)
         return x
 
     def _head(self, h: torch.Tensor, head: nn.Linear) -> torch.Tensor:

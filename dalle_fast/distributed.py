@@ -1,0 +1,186 @@
+"""Data-parallel training with PyTorch's own engine (Section 2.5, Appendix E): torchrun, DDP, FSDP and
+PowerSGD gradient compression.
+
+`python -m dalle_fast.train dalle` runs under `torchrun --nproc_per_node N` unchanged: `init_from_env`
+reads torchrun's environment and joins the process group (gloo on CPU, NCCL on CUDA). Every rank
+draws the same global batch for a step (a function of seed and step) and keeps its own slice, so N
+processes compute what one process computes on the whole batch (up to the order of fp32 sums).
+
+- DDP by default. `--powersgd-rank R` registers PyTorch's PowerSGD hook (error feedback, warm start).
+  As in the paper, embeddings and unembeddings are not compressed: they are left out of DDP and their
+  gradients all-reduced uncompressed by `sync_uncompressed`; gains and biases are vectors, which
+  PowerSGD never compresses.
+- `--shard`: FSDP (`fully_shard` per layer, then the root): parameters, gradients and optimizer state
+  sharded across ranks, as the paper does within a machine.
+- Per-resblock gradient scaling: scales start at replicas x 2^13 (the paper's M) and the nonfinite flags
+  are agreed across ranks (`agree_found_inf`, a MAX all-reduce) so every rank skips the same blocks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only one that writes logs, samples and checkpoints."""
+        return self.rank == 0
+
+
+def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistInfo:
+    """Joins torchrun's process group when WORLD_SIZE > 1; a single process otherwise. The timeout bounds
+    every collective, so a rank that dies cannot leave the others waiting forever."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+class LossModule(nn.Module):
+    """model.loss as a forward(), so DDP/FSDP see the call they hook into."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(text, image)
+
+
+def uncompressed_names(model: nn.Module) -> list[str]:
+    """Parameters the paper leaves out of PowerSGD: embeddings and unembeddings (the output heads)."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) or mod_name.endswith("_head"):
+            names += [f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False)]
+    return names
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, powersgd_rank: int = 0, start_iter: int = 2):
+    """(DDP-wrapped LossModule, params synced by sync_uncompressed, PowerSGD state or None)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    wrapper = LossModule(model)
+    held_out: list[nn.Parameter] = []
+    if powersgd_rank:
+        names = uncompressed_names(model)
+        DDP._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in names])
+        params = dict(model.named_parameters())
+        held_out = [params[n] for n in names]
+    ddp = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    state = None
+    if powersgd_rank:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+        state = powersgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=powersgd_rank,
+            start_powerSGD_iter=start_iter,  # > 1: error feedback and warm start need a plain first step
+            min_compression_rate=1.0,
+            use_error_feedback=True,
+            warm_start=True,
+        )
+        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    return ddp, held_out, state
+
+
+def wrap_fsdp(model: nn.Module) -> nn.Module:
+    """FSDP2: each transformer layer its own shard group, then the root (embeddings, heads)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return LossModule(model)
+
+
+@torch.no_grad()
+def sync_uncompressed(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Averages the gradients of the parameters left out of DDP: one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world
+    torch._foreach_copy_(
+        grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+    )
+
+
+@torch.no_grad()
+def agree_found_inf(found_inf: torch.Tensor, info: DistInfo) -> None:
+    """Every rank's nonfinite flags become the OR over ranks (so all skip the same blocks), on device."""
+    if info.enabled:
+        flags = found_inf.to(torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        found_inf.copy_(flags.bool())
+
+
+@torch.no_grad()
+def mean_over_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Averages a few scalars (logged losses) over the ranks."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return (t / info.world).tolist()
+
+
+def rank0_decides(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Rank 0's value of a flag, on every rank (e.g. "the time is up": each rank has its own clock)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def paper_compression_rate(rank: int, d_model: int) -> float:
+    """The paper's compression rate for its setup: 1 - 5 r / (8 d_model)."""
+    return 1.0 - 5.0 * rank / (8.0 * d_model)
+
+
+def bytes_per_step(model: nn.Module, state, held_out: list[nn.Parameter], element_size: int = 4) -> dict:
+    """Gradient bytes each rank sends into all-reduce per step: uncompressed, and as sent with PowerSGD
+    (its own count of compressed and uncompressed elements, averaged over the steps it has seen, plus the
+    parameters synced outside DDP)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"uncompressed_bytes": total * element_size}
+    if state is not None and state.iter > state.start_powerSGD_iter:
+        after = state.compression_stats()[2]
+        steps = state.iter - state.start_powerSGD_iter
+        extra = sum(p.numel() for p in held_out)
+        out["sent_bytes"] = int((after / steps + extra) * element_size)
+        out["reduction"] = 1.0 - out["sent_bytes"] / out["uncompressed_bytes"]
+    return out
