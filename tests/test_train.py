@@ -1,13 +1,19 @@
 """Stage-1 training: a run stopped mid-way resumes to exactly the state of an uninterrupted one; the
-CLI's flags, files and errors."""
+CLI's flags, files and errors; training from a WebDataset stream."""
 
 import csv
+import dataclasses
+import io
 import json
+import re
+import tarfile
+import warnings
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_fast.train import VAETrainConfig, main, train_vae
+from dalle_fast.train import VAETrainConfig, main, schedule_position, train_vae
 
 
 def _cfg(out, **kw):
@@ -53,3 +59,69 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["vae", "--preset", "huge", "--out", str(tmp_path / "x")])
     assert main(["transformer"]) == 2
+
+
+def test_schedules_follow_the_clock_under_a_time_limit():
+    cfg = _cfg("unused", steps=1000, time_limit=100.0)
+    assert schedule_position(10, 50.0, cfg) == 500  # half the time gone: half-way through the schedules
+    assert schedule_position(800, 50.0, cfg) == 800  # ... or further, when the steps run out first
+    assert schedule_position(10, 250.0, cfg) == 1000
+    assert schedule_position(10, 50.0, dataclasses.replace(cfg, time_limit=0.0)) == 10  # steps only
+
+
+def _shard(path, n_good: int) -> str:
+    """A WebDataset shard of n_good 40x30 PNG + caption samples and one corrupt image."""
+    samples = [
+        (f"{i:03d}", Image.new("RGB", (40, 30), (20 * i, 90, 200 - 10 * i)), f"thing {i}") for i in range(n_good)
+    ]
+    with tarfile.open(path, "w") as tar:
+        for key, img, text in [*samples, ("bad", None, "a corrupt image")]:
+            buf = io.BytesIO()
+            if img is None:
+                buf.write(b"not a png")
+            else:
+                img.save(buf, format="PNG")
+            for ext, payload in (("png", buf.getvalue()), ("txt", text.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_cli_trains_from_a_webdataset_stream(tmp_path, capsys):
+    shard = _shard(tmp_path / "shard-0.tar", n_good=8)
+    out = tmp_path / "run"
+    # 8 good samples: the first 2 held out, 6 to train on in batches of 4, so 3 updates take two passes.
+    args = ["vae", "--data", f"wds:{shard}", "--out", str(out), "--steps", "3", "--batch-size", "4"]
+    args += ["--eval-images", "2", "--ckpt-every", "3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert any("skipped 1 of 7" in str(w.message) for w in caught)  # the corrupt sample, counted in pass 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert json.loads((out / "config.json").read_text())["train"]["data"] == f"wds:{shard}"
+    assert (out / "recon_0000003.png").exists()
+
+
+def test_stream_resume_continues(tmp_path):
+    shard = _shard(tmp_path / "shard-0.tar", n_good=6)
+    cfg = _cfg(tmp_path / "run", data=f"wds:{shard}", val_data="shapes", steps=4, ckpt_every=2, log_every=2)
+    with pytest.warns(UserWarning, match="skipped 1 of 7"):
+        train_vae(cfg, stop_at=2)
+        train_vae(dataclasses.replace(cfg, resume=True))  # weights, optimizer, step; a fresh shuffle
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--data", "imagenet"], "--data must be shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
+        (["--data", "wds:/no/such/shard.tar"], "no such shard file"),
+        (["--val-data", "coco:x.json"], "--val-data coco: expects CAPTIONS_JSON,IMAGE_DIR"),
+    ],
+)
+def test_cli_bad_data_spec(tmp_path, capsys, flags, match):
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path / "x"), *flags])
+    assert re.search(match, capsys.readouterr().err)
