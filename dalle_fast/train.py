@@ -236,6 +236,7 @@ def evaluate(model: DVAE, ema: dict, images: torch.Tensor) -> dict:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
+
 def schedule_position(step: int, seconds: float, cfg: VAETrainConfig) -> float:
     """Where the schedules (tau, beta, lr) stand, in steps. With a time limit they follow whichever runs
     out first, steps or time, so a run cut short by the clock (a slow or shared machine) still ends with
@@ -367,8 +368,11 @@ class PipelineConfig:
     vae_steps: int = field(default=1500, metadata={"help": "dVAE updates"})
     vae_minutes: float = field(default=4.5, metadata={"help": "stop the dVAE stage after this long; 0: no limit"})
     dalle_steps: int = field(default=3000, metadata={"help": "transformer updates"})
-    dalle_minutes: float = field(default=8.0, metadata={"help": "stop the transformer after this long; 0: no limit"})
+    dalle_minutes: float = field(default=7.5, metadata={"help": "stop the transformer after this long; 0: no limit"})
     items: int = field(default=30000, metadata={"help": "training images encoded for the transformer"})
+    clip_steps: int = field(default=400, metadata={"help": "updates of the CLIP reranker"})
+    clip_minutes: float = field(default=1.5, metadata={"help": "stop the reranker after this long; 0: no limit"})
+    rerank: int = field(default=32, metadata={"help": "samples drawn per caption; the reranker keeps the best"})
     captions: int = field(default=8, metadata={"help": "held-out captions in samples.png"})
     per_caption: int = field(default=2, metadata={"help": "samples per caption"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
@@ -377,11 +381,13 @@ class PipelineConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty folder name, got {self.name!r}")
-        for name in ("vae_steps", "dalle_steps", "items", "captions", "per_caption"):
+        for name in ("vae_steps", "dalle_steps", "clip_steps", "items", "captions", "per_caption"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vae_minutes < 0 or self.dalle_minutes < 0 or self.threads < 0:
-            raise ValueError("vae_minutes, dalle_minutes and threads must be >= 0")
+        if min(self.vae_minutes, self.dalle_minutes, self.clip_minutes, self.threads) < 0:
+            raise ValueError("vae_minutes, dalle_minutes, clip_minutes and threads must be >= 0")
+        if self.rerank < self.per_caption:
+            raise ValueError(f"rerank ({self.rerank}) must be >= per_caption ({self.per_caption})")
 
 
 def _stage_state(out: Path, steps: int) -> str:
@@ -394,8 +400,9 @@ def _stage_state(out: Path, steps: int) -> str:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Runs (or continues) every stage; returns where everything is."""
+    from dalle_fast.clip import CLIPScorer, CLIPTrainConfig, load_clip, train_clip
     from dalle_fast.data import ShapesDataset
-    from dalle_fast.generate import sample_tokens, save_captioned_grid
+    from dalle_fast.generate import generate, save_captioned_grid
     from dalle_fast.train_dalle import DALLETrainConfig, load_transformer, train_dalle
 
     if cfg.threads:
@@ -408,7 +415,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     )  # fmt: skip
     state = _stage_state(run / "vae", cfg.vae_steps)
     if state != "done":
-        print(f"[1/3] dVAE -> {vae_cfg.out}", file=sys.stderr)
+        print(f"[1/4] dVAE -> {vae_cfg.out}", file=sys.stderr)
         train_vae(dataclasses.replace(vae_cfg, resume=state == "partial"))
     dalle_cfg = DALLETrainConfig(
         data="shapes", vae=vae_cfg.out, preset="tiny", out=str(run / "dalle"), steps=cfg.dalle_steps,
@@ -416,21 +423,34 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     )  # fmt: skip
     state = _stage_state(run / "dalle", cfg.dalle_steps)
     if state != "done":
-        print(f"[2/3] tokenizer and transformer -> {dalle_cfg.out}", file=sys.stderr)
+        print(f"[2/4] tokenizer and transformer -> {dalle_cfg.out}", file=sys.stderr)
         train_dalle(dataclasses.replace(dalle_cfg, resume=state == "partial"))
+    clip_cfg = CLIPTrainConfig(
+        data="shapes", dalle=dalle_cfg.out, out=str(run / "clip"), steps=cfg.clip_steps, max_items=min(cfg.items, 8000),
+        time_limit=cfg.clip_minutes * 60, seed=cfg.seed, threads=cfg.threads,
+    )  # fmt: skip
+    state = _stage_state(run / "clip", cfg.clip_steps)
+    if state != "done":
+        print(f"[3/4] CLIP reranker -> {clip_cfg.out}", file=sys.stderr)
+        train_clip(dataclasses.replace(clip_cfg, resume=state == "partial"))
 
-    print("[3/3] samples for held-out colour-shape pairs", file=sys.stderr)
+    print(f"[4/4] samples for held-out colour-shape pairs (best {cfg.per_caption} of {cfg.rerank})", file=sys.stderr)
     model, tok, dvae = load_transformer(dalle_cfg.out)
     heldout = ShapesDataset("heldout", cfg.captions, dvae.cfg.image_size, cfg.seed)
-    captions = [heldout.captions(i)[0] for i in range(cfg.captions) for _ in range(cfg.per_caption)]
-    tokens = sample_tokens(model, tok.encode(captions), generator=torch.Generator().manual_seed(cfg.seed))
-    W = model.cfg.image_size
-    images = dvae.decode(tokens.view(-1, W, W))
+    caps = [heldout.captions(i)[0] for i in range(cfg.captions)]
+    scorer = CLIPScorer(*load_clip(clip_cfg.out))
+    drawn = generate(
+        model, tok.encode(caps), dvae, draws=cfg.rerank, keep=cfg.per_caption, scorer=scorer, captions=caps,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
+    captions = [c for c in caps for _ in range(cfg.per_caption)]
+    images = drawn["images"].flatten(0, 1)  # (captions * per_caption, 3, H, W), each caption's best first
     samples = save_captioned_grid(run / "samples.png", images, captions, columns=2 * cfg.per_caption)
     where = {
         "samples": str(samples),
         "dvae": vae_cfg.out,
         "transformer": dalle_cfg.out,
+        "reranker": clip_cfg.out,
         "tokenizer": str(run / "dalle" / "tokenizer.json"),
         "minutes": round((time.time() - started) / 60, 2),
     }

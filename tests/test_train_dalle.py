@@ -143,11 +143,14 @@ def test_load_transformer_errors(vae_run, tmp_path):
 
 def test_main_job_smoke(tmp_path):
     """Every stage of `python -m dalle_fast.train`, micro-sized: files land where it says."""
-    cfg = PipelineConfig(root=str(tmp_path), name="smoke", vae_steps=2, dalle_steps=2, items=32, captions=2)
+    cfg = PipelineConfig(
+        root=str(tmp_path), name="smoke", vae_steps=2, dalle_steps=2, clip_steps=2, items=32, captions=2, rerank=3
+    )
     where = run_pipeline(cfg)
     run = tmp_path / "smoke"
     assert where["samples"] == str(run / "samples.png") and (run / "samples.png").exists()
-    for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json"):
+    assert where["reranker"] == str(run / "clip")
+    for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json", "clip/config.json"):
         assert (run / f).exists(), f
     # A second call finds every stage done and only draws the samples again.
     before = (run / "dalle" / "model.safetensors").stat().st_mtime_ns
