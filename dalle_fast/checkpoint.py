@@ -64,6 +64,20 @@ def load_config(out: Path, what: str = "run") -> dict:
         raise ValueError(f"{what}: {path} is unreadable: {e}") from e
 
 
+def load_model(run: Path, entry: str, name: str, build, weights: str, what: str) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, the run's config.json) for a run directory: build(meta[entry]) makes the model,
+    <run>/<weights> fills it. ValueErrors name `what` (the flag) and say what is wrong."""
+    meta = load_config(run, what)
+    if entry not in meta:
+        raise ValueError(f"{what}: {run} is not a {name} run (its config.json has no {entry!r} entry)")
+    model = build(meta[entry])
+    try:
+        model.load_state_dict(load_weights(Path(run) / weights, what))
+    except RuntimeError as e:
+        raise ValueError(f"{what}: the weights in {run} do not match its config: {e}") from e
+    return model.eval(), meta
+
+
 def load_state(out: Path, what: str = "--resume") -> dict:
     path = Path(out) / "state.pt"
     if not path.exists():

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_fast.checkpoint import load_config, load_state, load_weights, save_run
+from dalle_fast.checkpoint import load_config, load_model, load_state, load_weights, save_run
 from dalle_fast.tokenizer import PAD, CaptionTokenizer
 
 
@@ -162,14 +162,7 @@ class OpenCLIPScorer(Scorer):
 
 def load_clip(run: str | Path) -> tuple[CLIP, CaptionTokenizer]:
     """A trained CLIP run: (model in eval mode, its tokenizer)."""
-    meta = load_config(run, "--clip")
-    if "clip" not in meta:
-        raise ValueError(f"--clip: {run} is not a CLIP run (its config.json has no 'clip' entry)")
-    model = CLIP(CLIPConfig(**meta["clip"]))
-    try:
-        model.load_state_dict(load_weights(Path(run) / "model.safetensors", "--clip"))
-    except RuntimeError as e:
-        raise ValueError(f"--clip: the weights in {run} do not match its config: {e}") from e
+    model, _ = load_model(run, "clip", "CLIP", lambda c: CLIP(CLIPConfig(**c)), "model.safetensors", "--clip")
     try:
         tok = CaptionTokenizer.load(Path(run) / "tokenizer.json")
     except OSError as e:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.checkpoint import atomic_write, load_config, load_state, load_weights, save_run
+from dalle_fast.checkpoint import atomic_write, load_config, load_model, load_state, load_weights, save_run
 from dalle_fast.data import SkipCounter, open_datasets
 from dalle_fast.distributed import (
     LossModule,
@@ -146,15 +146,7 @@ class DALLETrainConfig:
 
 def load_dvae(run: str | Path) -> DVAE:
     """The stage-1 dVAE of a run directory, with its EMA weights, in eval mode."""
-    meta = load_config(run, "--vae")
-    if "dvae" not in meta:
-        raise ValueError(f"--vae: {run} is not a dVAE run (its config.json has no 'dvae' entry)")
-    model = DVAE(DVAEConfig(**meta["dvae"]))
-    try:
-        model.load_state_dict(load_weights(Path(run) / "ema.safetensors", "--vae"))
-    except RuntimeError as e:
-        raise ValueError(f"--vae: the weights in {run} do not match its config: {e}") from e
-    return model.eval()
+    return load_model(run, "dvae", "dVAE", lambda c: DVAE(DVAEConfig(**c)), "ema.safetensors", "--vae")[0]
 
 
 def caption_lines(dataset, index: int) -> list[str] | None:
@@ -731,13 +723,8 @@ def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
 
 def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:
     """A trained stage-2 run: (transformer with its EMA or live weights, tokenizer, dVAE), in eval mode."""
-    meta = load_config(run, "--run")
-    if "transformer" not in meta:
-        raise ValueError(f"--run: {run} is not a transformer run (its config.json has no 'transformer' entry)")
-    model = DALLE(TransformerConfig(**meta["transformer"]))
-    try:
-        model.load_state_dict(load_weights(Path(run) / ("ema.safetensors" if ema else "model.safetensors"), "--run"))
-    except RuntimeError as e:
-        raise ValueError(f"--run: the weights in {run} do not match its config: {e}") from e
+    weights = "ema.safetensors" if ema else "model.safetensors"
+    build = lambda c: DALLE(TransformerConfig(**c))  # noqa: E731
+    model, meta = load_model(run, "transformer", "transformer", build, weights, "--run")
     tok = CaptionTokenizer.load(Path(run) / "tokenizer.json")
-    return model.eval(), tok, load_dvae(meta["train"]["vae"])
+    return model, tok, load_dvae(meta["train"]["vae"])
