@@ -308,8 +308,9 @@ class CocoDataset(_CaptionedImages):
 
 class WebDatasetStream(torch.utils.data.IterableDataset):
     """WebDataset tar shards with image (jpg/png/webp) + txt members, streamed; shards are split across
-    DataLoader workers. Bad samples yield () (dropped and counted by collate_skip). Samples whose
-    sample_id is in `exclude` are dropped silently (a held-out part read from the same shards).
+    torch.distributed ranks and DataLoader workers. Bad samples yield () (dropped and counted by
+    collate_skip). Samples whose sample_id is in `exclude` are dropped silently (a held-out part read
+    from the same shards).
 
     In training, shards and samples (a buffer of `shuffle`) are shuffled with a seed drawn from
     (seed, epoch): call set_epoch before a pass to get a new order."""
@@ -345,6 +346,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             handler=wds.warn_and_continue,
             empty_check=False,
             seed=seed,
+            nodesplitter=wds.split_by_node,  # under torchrun each rank reads its own shards
         )
         if self.exclude:
             ds = ds.select(lambda sample: sample_id(sample) not in self.exclude)
@@ -466,7 +468,10 @@ def _stream_prefix(urls: list[str], image_size: int, n: int, spec: str, flag: st
     """The first n good samples of the shards in order (centred crops), and their sample ids."""
     import webdataset as wds
 
-    stream = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
+    # nodesplitter=None: under torchrun every rank reads the same held-out prefix.
+    stream = wds.WebDataset(
+        urls, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False, nodesplitter=None
+    )
     rng = random.Random(0)
     items, ids = [], set()
     for sample in stream:

@@ -158,52 +158,58 @@ def caption_lines(dataset, index: int) -> list[str] | None:
 
 
 class _ItemsWithCaptions(torch.utils.data.Dataset):
-    """(image, all caption lines) per item, for the one-off encoding pass."""
+    """(image, all caption lines, item index) for the items `indices` of a map-style dataset."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.indices)
 
-    def __getitem__(self, i):
+    def __getitem__(self, k):
+        i = self.indices[k]
         item = self.dataset[i]
         if not item:
             return None
         lines = caption_lines(self.dataset, i) or [item[1]]
         lines = [c.strip() for c in lines if c.strip()]
-        return (item[0], lines) if lines else None
+        return (item[0], lines, i) if lines else None
 
 
 def _collate(items):
     good = [it for it in items if it]
     images = torch.stack([g[0] for g in good]) if good else torch.empty(0)
-    return images, [g[1] for g in good], len(items) - len(good)
+    return images, [g[1] for g in good], [g[2] if len(g) > 2 else -1 for g in good], len(items) - len(good)
 
 
 @torch.no_grad()
-def encode_images(dataset, dvae: DVAE, limit: int, workers: int, desc: str) -> tuple[torch.Tensor, list[list[str]]]:
-    """dVAE argmax codes (M, grid**2) int16 and the caption lines of each good item; bad items are skipped
-    and counted (one warning)."""
+def encode_images(
+    dataset, dvae: DVAE, limit: int, workers: int, desc: str, part: tuple[int, int] = (0, 1)
+) -> tuple[torch.Tensor, list[list[str]], list[int]]:
+    """dVAE argmax codes (M, grid**2) int16, the caption lines and the index (-1 for a stream) of each
+    good item of the first `limit` (0: all); bad items are skipped and counted (one warning).
+
+    part = (k, n): only the k-th of n parts of the items (map-style: every n-th index from k; a stream
+    splits its shards by torch.distributed rank itself, and `limit` is then per part)."""
     if not isinstance(dataset, torch.utils.data.IterableDataset):
-        if limit:
-            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-        dataset = _ItemsWithCaptions(dataset)
+        n_items = min(limit, len(dataset)) if limit else len(dataset)
+        dataset, limit = _ItemsWithCaptions(dataset, list(range(part[0], n_items, part[1]))), 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_collate)
-    codes, lines, counter = [], [], SkipCounter(desc)
-    for images, caps, skipped in loader:
+    codes, lines, index, counter = [], [], [], SkipCounter(desc)
+    for images, caps, idx, skipped in loader:
         if caps and isinstance(caps[0], str):  # a streamed source: one caption per item
             caps = [[c] for c in caps]
         counter.add(len(caps) + skipped, skipped)
         if caps:
             codes.append(dvae.encode(images).flatten(1).to(torch.int16))
             lines += caps
+            index += idx
         if limit and len(lines) >= limit:
             break
     counter.end_epoch()
-    if not lines:
-        raise ValueError(f"{desc}: no usable items (every image or caption was unreadable)")
-    return torch.cat(codes)[: limit or None], lines[: limit or None]
+    grid = dvae.cfg.grid**2
+    codes = torch.cat(codes) if codes else torch.empty(0, grid, dtype=torch.int16)
+    return codes[: limit or None], lines[: limit or None], index[: limit or None]
 
 
 @dataclass
@@ -329,11 +335,7 @@ class Trainer:
         if cfg.shard and (self.precision == "fp16" or cfg.resblock_scaling):
             raise ValueError("--shard does not combine with per-resblock gradient scaling (fp16) yet; use bf16")
         self.dvae = load_dvae(cfg.vae)
-        if not self.dist.main:  # rank 0 encodes the data and trains the tokenizer; the others load them
-            barrier(self.dist)
         self._prepare_data()
-        if self.dist.main:
-            barrier(self.dist)
         base = PRESETS[cfg.preset]
         self.mcfg = preset(
             cfg.preset,
@@ -408,8 +410,16 @@ class Trainer:
                 stream_heldout=cfg.val_items,
             )
             t0 = time.time()
-            codes, lines = encode_images(train_ds, self.dvae, cfg.max_items, cfg.workers, f"{cfg.data} (train)")
-            vcodes, vlines = encode_images(val_ds, self.dvae, cfg.val_items, cfg.workers, f"{cfg.data} (val)")
+            codes, lines = self._encode_shared(train_ds, f"{cfg.data} (train)")
+            if not self.dist.main:  # rank 0 builds the tokenizer and the caches; the others load them
+                barrier(self.dist)
+                return self._prepare_data()
+            vcodes, vlines, _ = encode_images(val_ds, self.dvae, cfg.val_items, cfg.workers, f"{cfg.data} (val)")
+            for name, c in (("training", codes), ("held-out", vcodes)):
+                if not len(c):
+                    raise ValueError(
+                        f"--data {cfg.data}: no usable {name} items (every image or caption was unreadable)"
+                    )
             base = PRESETS[cfg.preset]
             self.tok = CaptionTokenizer.train(
                 (c for cs in lines for c in cs),
@@ -429,11 +439,34 @@ class Trainer:
                 f"BPE vocabulary {self.tok.vocab_size}",
                 file=sys.stderr,
             )
+            barrier(self.dist)
         self.train_cache, self.val_cache = caches["train"], caches["val"]
         # Held-out captions for the sample grids (the first few held-out items, clean encodings).
         self.sample_text, _ = self.val_cache.batch(
             torch.arange(min(self.cfg.samples, len(self.val_cache))), torch.Generator(), dropout=False
         )
+
+    def _encode_shared(self, dataset, desc: str) -> tuple[torch.Tensor, list[list[str]]]:
+        """The training items encoded by every rank in parts (map-style: interleaved indices; a stream:
+        its shards split by rank), gathered on rank 0 in the order one process would have them."""
+        info, limit = self.dist, self.cfg.max_items
+        if not info.enabled:
+            codes, lines, _ = encode_images(dataset, self.dvae, limit, self.cfg.workers, desc)
+            return codes, lines
+        stream = isinstance(dataset, torch.utils.data.IterableDataset)
+        part_limit = -(-limit // info.world) if stream and limit else limit
+        mine = encode_images(dataset, self.dvae, part_limit, self.cfg.workers, desc, (info.rank, info.world))
+        parts = [None] * info.world if info.main else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if not info.main:
+            return torch.empty(0), []
+        items = [(i, c, ls) for codes, lines, index in parts for i, c, ls in zip(index, codes, lines, strict=True)]
+        if not stream:
+            items.sort(key=lambda t: t[0])
+        items = items[: limit or None]
+        grid = self.dvae.cfg.grid**2
+        codes = torch.stack([c for _, c, _ in items]) if items else torch.empty(0, grid, dtype=torch.int16)
+        return codes, [ls for _, _, ls in items]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of update `step`: a pure function of (seed, step)."""

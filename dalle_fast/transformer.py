@@ -84,6 +84,9 @@ PRESETS = {
     # Long sequences at moderate width: where the sparse masks pay off end to end.
     "long": TransformerConfig(text_vocab=16384, text_len=256, image_vocab=8192, image_size=32, n_layers=8,
                               d_model=256, n_heads=4, head_dim=64),
+    # The paper's layout at a width a few CPU processes can train (distributed tests and benchmarks).
+    "small": TransformerConfig(text_vocab=4096, text_len=64, image_vocab=1024, image_size=16, n_layers=8,
+                               d_model=512, n_heads=8, head_dim=64),
     # The CPU default for the built-in shapes data (8x8 image tokens from the tiny dVAE).
     "tiny": TransformerConfig(text_vocab=512, text_len=20, image_vocab=64, image_size=8, n_layers=6,
                               d_model=192, n_heads=6, head_dim=32),

@@ -164,3 +164,37 @@ def test_distributed_flags_are_checked(vae_run, tmp_path):
     # One process: --shard and --powersgd-rank have nothing to do and the run is a plain one.
     t = Trainer(DALLETrainConfig(vae=str(vae_run), out=str(tmp_path / "p"), preset="micro", powersgd_rank=4))
     assert t.powersgd is None and not t.dist.enabled
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_encoding_and_the_shards(vae_run, tmp_path):
+    """The one-off encoding pass is split across ranks and gathered on rank 0: a map-style source gives the
+    very cache one process builds; WebDataset shards are split by rank."""
+    _train(vae_run, tmp_path / "one", 1, 1)
+    _train(vae_run, tmp_path / "two", 1, 2)
+    a = torch.load(tmp_path / "one" / "cache_train.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "cache_train.pt", weights_only=True)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["text"], b["text"])
+    # Streams: 4 shards of 5 samples; 2 held out from the first shard; the rest split over 2 ranks.
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    for n in range(4):
+        with tarfile.open(tmp_path / f"s-{n}.tar", "w") as tar:
+            for i in range(5):
+                buf = io.BytesIO()
+                Image.new("RGB", (36, 36), (50 * n, 40 * i, 90)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", f"shard {n} item {i}".encode())):
+                    info = tarfile.TarInfo(f"{n}{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    spec = f"wds:{tmp_path}/s-{{0..3}}.tar"
+    args = ["dalle", "--vae", str(vae_run), "--out", str(tmp_path / "w"), "--steps", "1", "--ckpt-every", "1"]
+    args += ["--data", spec, *ARGS]
+    args[args.index("--val-items") + 1] = "2"
+    res = _run(args, 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cache = torch.load(tmp_path / "w" / "cache_train.pt", weights_only=True)
+    assert len(cache["codes"]) == 18  # every sample but the 2 held out, each read by exactly one rank
