@@ -6,7 +6,8 @@ reads torchrun's environment and joins the process group (gloo on CPU, NCCL on C
 draws the same global batch for a step (a function of seed and step) and keeps its own slice, so N
 processes compute what one process computes on the whole batch (up to the order of fp32 sums).
 
-- DDP by default. `--powersgd-rank R` registers PyTorch's PowerSGD hook (error feedback, warm start).
+- DDP by default. `--powersgd-rank R` registers PyTorch's PowerSGD hook (error feedback, warm start),
+  by default on an fp16 copy of the gradients (the paper communicated in fp16).
   As in the paper, embeddings and unembeddings are not compressed: they are left out of DDP and their
   gradients all-reduced uncompressed by `sync_uncompressed`; gains and biases are vectors, which
   PowerSGD never compresses.
@@ -86,8 +87,18 @@ def uncompressed_names(model: nn.Module) -> list[str]:
     return names
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, powersgd_rank: int = 0, start_iter: int = 2):
-    """(DDP-wrapped LossModule, params synced by sync_uncompressed, PowerSGD state or None)."""
+def wrap_ddp(
+    model: nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    powersgd_rank: int = 0,
+    start_iter: int = 2,
+    fp16_comm: bool = True,
+):
+    """(DDP-wrapped LossModule, params synced by sync_uncompressed, PowerSGD state or None).
+
+    fp16_comm: PowerSGD works on (and sends) an fp16 copy of the gradients, as the paper communicated in
+    fp16; the result is cast back to the gradients' dtype."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     wrapper = LossModule(model)
@@ -110,7 +121,12 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, powersgd_ra
             use_error_feedback=True,
             warm_start=True,
         )
-        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+        hook = powersgd.powerSGD_hook
+        if fp16_comm:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_wrapper
+
+            hook = fp16_compress_wrapper(hook)
+        ddp.register_comm_hook(state, hook)
     return ddp, held_out, state
 
 
@@ -171,16 +187,16 @@ def paper_compression_rate(rank: int, d_model: int) -> float:
     return 1.0 - 5.0 * rank / (8.0 * d_model)
 
 
-def bytes_per_step(model: nn.Module, state, held_out: list[nn.Parameter], element_size: int = 4) -> dict:
-    """Gradient bytes each rank sends into all-reduce per step: uncompressed, and as sent with PowerSGD
-    (its own count of compressed and uncompressed elements, averaged over the steps it has seen, plus the
-    parameters synced outside DDP)."""
+def bytes_per_step(model: nn.Module, state, held_out: list[nn.Parameter], fp16_comm: bool = True) -> dict:
+    """Gradient bytes each rank sends into all-reduce per step: uncompressed (fp32), and as sent with
+    PowerSGD (its own count of compressed and uncompressed elements, averaged over the steps it has seen,
+    at 2 bytes each with fp16 communication, plus the fp32 parameters synced outside DDP)."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out = {"uncompressed_bytes": total * element_size}
+    out = {"uncompressed_bytes": total * 4}
     if state is not None and state.iter > state.start_powerSGD_iter:
         after = state.compression_stats()[2]
         steps = state.iter - state.start_powerSGD_iter
         extra = sum(p.numel() for p in held_out)
-        out["sent_bytes"] = int((after / steps + extra) * element_size)
+        out["sent_bytes"] = int(after / steps * (2 if fp16_comm else 4) + extra * 4)
         out["reduction"] = 1.0 - out["sent_bytes"] / out["uncompressed_bytes"]
     return out

@@ -88,6 +88,9 @@ class DALLETrainConfig:
     powersgd_rank: int = field(
         default=0, metadata={"help": "under torchrun: PowerSGD gradient compression of this rank (DDP); 0: off"}
     )
+    powersgd_fp32: bool = field(
+        default=False, metadata={"help": "PowerSGD communicates in fp32 (default: fp16, as the paper did)"}
+    )
     dist_timeout: float = field(default=600.0, metadata={"help": "seconds a collective may wait for the other ranks"})
     resblock_scaling: bool = field(
         default=False,
@@ -363,7 +366,7 @@ class Trainer:
             self.forward_module = wrap_fsdp(self.model)
         elif self.dist.enabled:
             self.forward_module, self.uncompressed, self.powersgd = wrap_ddp(
-                self.model, self.dist, self.device, cfg.powersgd_rank
+                self.model, self.dist, self.device, cfg.powersgd_rank, fp16_comm=not cfg.powersgd_fp32
             )
         else:
             self.forward_module = LossModule(self.model)
@@ -718,7 +721,7 @@ class Trainer:
 
     def report_compression(self) -> dict:
         """Bytes per step with PowerSGD vs uncompressed, next to the paper's formula for this model."""
-        sent = bytes_per_step(self.model, self.powersgd, self.uncompressed)
+        sent = bytes_per_step(self.model, self.powersgd, self.uncompressed, fp16_comm=not self.cfg.powersgd_fp32)
         sent["paper_rate"] = paper_compression_rate(self.cfg.powersgd_rank, self.mcfg.d_model)
         line = f"PowerSGD rank {self.cfg.powersgd_rank}: the paper's compression rate 1 - 5r/(8 d_model) = "
         line += f"{sent['paper_rate']:.1%}; uncompressed {sent['uncompressed_bytes'] / 1e6:.2f} MB per step"
