@@ -114,12 +114,6 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
 # ---- data -------------------------------------------------------------------------------------------
 
 
-def make_datasets(spec: str, image_size: int, seed: int):
-    """(train, held-out) datasets for a --data spec. Kept for callers that import it from here: the
-    parser is `dalle_fast.data.open_datasets`."""
-    return open_datasets(spec, image_size, seed)
-
-
 class StepBatches(torch.utils.data.Sampler):
     """Batch indices as a pure function of (seed, step): resuming at step s replays exactly what an
     uninterrupted run would have drawn from step s on."""
