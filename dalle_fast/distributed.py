@@ -108,7 +108,12 @@ def wrap_ddp(
         DDP._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in names])
         params = dict(model.named_parameters())
         held_out = [params[n] for n in names]
-    ddp = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    bucket_mb = 25.0  # DDP's default
+    if powersgd_rank and device.type == "cpu":
+        # With gloo, PowerSGD's chained all-reduces of different buckets can interleave in a different order
+        # on each rank (a collective mismatch): one bucket for everything keeps them in step.
+        bucket_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
+    ddp = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
     state = None
     if powersgd_rank:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
