@@ -560,7 +560,12 @@ class Trainer:
                     v = distribute_tensor(v.to(e.device), e.device_mesh, e.placements)
                 e.copy_(v)
             if self.scaler is not None:
-                self.scaler.load_state_dict(state["scaler"])
+                saved = dict(state["scaler"])
+                if saved["replicas"] != self.dist.world:  # resumed on another number of processes: the
+                    # scales carry the factor M = replicas (the paper's), so they move with it
+                    saved["scales"] = saved["scales"] * (self.dist.world / saved["replicas"])
+                    saved["replicas"] = self.dist.world
+                self.scaler.load_state_dict(saved)
             torch.set_rng_state(state["torch_rng"])
             self.step = int(state["step"])
             self.seconds = float(state.get("seconds", 0.0))

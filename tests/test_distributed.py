@@ -73,6 +73,21 @@ def test_two_process_ddp_equals_one_process(vae_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_with_per_resblock_scaling(vae_run, tmp_path):
+    """Scales start at M x 2^13 and the nonfinite flags are agreed across ranks; the unscaled updates are
+    the single process's (the scales are powers of two, so scaling is exact)."""
+    _train(vae_run, tmp_path / "one", 3, 1, "--resblock-scaling")
+    _train(vae_run, tmp_path / "two", 3, 2, "--resblock-scaling")
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+    two = torch.load(tmp_path / "two" / "state.pt", weights_only=False)["scaler"]
+    one = torch.load(tmp_path / "one" / "state.pt", weights_only=False)["scaler"]
+    assert two["replicas"] == 2 and torch.allclose(two["scales"], 2 * one["scales"])
+    _train(vae_run, tmp_path / "two", 4, 1, "--resblock-scaling", "--resume")  # the scales follow M = 1
+    resumed = torch.load(tmp_path / "two" / "state.pt", weights_only=False)["scaler"]
+    assert resumed["replicas"] == 1 and (resumed["scales"] > one["scales"]).all()
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_loads_in_one_process(vae_run, tmp_path):
     _train(vae_run, tmp_path / "one", 3, 1)
     _train(vae_run, tmp_path / "fsdp", 3, 2, "--shard")
