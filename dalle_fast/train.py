@@ -398,6 +398,15 @@ def _stage_state(out: Path, steps: int) -> str:
     return "done" if meta.get("step", 0) >= min(steps, meta.get("train", {}).get("steps", steps)) else "partial"
 
 
+def _run_stage(label: str, cfg, train) -> None:
+    """Trains a stage (a config with .out and .steps) unless its run directory holds a finished run; a
+    partial one is resumed."""
+    state = _stage_state(Path(cfg.out), cfg.steps)
+    if state != "done":
+        print(f"{label} -> {cfg.out}", file=sys.stderr)
+        train(dataclasses.replace(cfg, resume=state == "partial"))
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Runs (or continues) every stage; returns where everything is."""
     from dalle_fast.clip import CLIPScorer, CLIPTrainConfig, load_clip, train_clip
@@ -413,26 +422,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         data="shapes", preset="tiny", out=str(run / "vae"), steps=cfg.vae_steps,
         time_limit=cfg.vae_minutes * 60, seed=cfg.seed, threads=cfg.threads,
     )  # fmt: skip
-    state = _stage_state(run / "vae", cfg.vae_steps)
-    if state != "done":
-        print(f"[1/4] dVAE -> {vae_cfg.out}", file=sys.stderr)
-        train_vae(dataclasses.replace(vae_cfg, resume=state == "partial"))
+    _run_stage("[1/4] dVAE", vae_cfg, train_vae)
     dalle_cfg = DALLETrainConfig(
         data="shapes", vae=vae_cfg.out, preset="tiny", out=str(run / "dalle"), steps=cfg.dalle_steps,
         max_items=cfg.items, time_limit=cfg.dalle_minutes * 60, seed=cfg.seed, threads=cfg.threads,
     )  # fmt: skip
-    state = _stage_state(run / "dalle", cfg.dalle_steps)
-    if state != "done":
-        print(f"[2/4] tokenizer and transformer -> {dalle_cfg.out}", file=sys.stderr)
-        train_dalle(dataclasses.replace(dalle_cfg, resume=state == "partial"))
+    _run_stage("[2/4] tokenizer and transformer", dalle_cfg, train_dalle)
     clip_cfg = CLIPTrainConfig(
         data="shapes", dalle=dalle_cfg.out, out=str(run / "clip"), steps=cfg.clip_steps, max_items=min(cfg.items, 8000),
         time_limit=cfg.clip_minutes * 60, seed=cfg.seed, threads=cfg.threads,
     )  # fmt: skip
-    state = _stage_state(run / "clip", cfg.clip_steps)
-    if state != "done":
-        print(f"[3/4] CLIP reranker -> {clip_cfg.out}", file=sys.stderr)
-        train_clip(dataclasses.replace(clip_cfg, resume=state == "partial"))
+    _run_stage("[3/4] CLIP reranker", clip_cfg, train_clip)
 
     print(f"[4/4] samples for held-out colour-shape pairs (best {cfg.per_caption} of {cfg.rerank})", file=sys.stderr)
     model, tok, dvae = load_transformer(dalle_cfg.out)
