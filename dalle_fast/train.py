@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_fast.checkpoint import atomic_write, save_run
 from dalle_fast.data import SkipCounter, collate_skip, open_datasets
 from dalle_fast.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, cosine_anneal, linear_ramp, psnr
 
@@ -161,22 +162,9 @@ def _train_batches(train_ds, cfg: VAETrainConfig, start: int, counter: SkipCount
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     out: Path, model, ema: dict, opt, step: int, cfg: VAETrainConfig, dcfg: DVAEConfig, seconds: float = 0.0
 ) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(
-        out / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p)
-    )
-    _atomic(out / "ema.safetensors", lambda p: save_file({k: v.contiguous() for k, v in ema.items()}, p))
     state = {
         "step": step,
         "seconds": seconds,  # training time so far: a --time-limit covers the whole run, resumes included
@@ -184,9 +172,8 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
     }
-    _atomic(out / "state.pt", lambda p: torch.save(state, p))
     meta = {"train": dataclasses.asdict(cfg), "dvae": dataclasses.asdict(dcfg), "step": step}
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    save_run(out, {"model": model.state_dict(), "ema": ema}, state, meta)
 
 
 def load_checkpoint(out: Path, model, ema: dict, opt) -> tuple[int, float]:
@@ -217,7 +204,7 @@ def save_recon_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) ->
     img = Image.fromarray(arr)
     if n and originals.shape[-1] < 128:
         img = img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST)
-    _atomic(path, lambda p: img.save(p, format="PNG"))
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
 @torch.no_grad()
