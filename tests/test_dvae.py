@@ -14,6 +14,7 @@ from dalle_fast.dvae import (
     cosine_anneal,
     linear_ramp,
     logit_laplace_nll,
+    logit_normal_nll,
     phi,
     phi_inv,
     psnr,
@@ -37,6 +38,29 @@ def test_logit_laplace_density_integrates_to_one(mu, ln_b):
     )
     total = torch.trapezoid(density * x * (1 - x), y).item()
     assert total == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("mu,sigma", [(0.0, 1.0), (1.5, 0.2), (-2.0, 0.05)])
+def test_logit_normal_density_integrates_to_one(mu, sigma):
+    y = torch.linspace(-30, 30, 400001, dtype=torch.float64)
+    x = torch.sigmoid(y)
+    density = torch.exp(-logit_normal_nll(x, torch.tensor(mu, dtype=torch.float64), sigma))
+    assert torch.trapezoid(density * x * (1 - x), y).item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("likelihood,maps", [("logit_laplace", 6), ("logit_normal", 3)])
+def test_likelihood_choice(likelihood, maps, monkeypatch):
+    # Without the gumbel noise, the relaxed codes at tau -> 0 are the argmax codes.
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", lambda lg, tau, hard, dim: (lg / tau).softmax(dim))
+    cfg = DVAEConfig(groups=2, blocks_per_group=1, hidden=4, codebook=8, image_size=8, likelihood=likelihood)
+    model = DVAE(cfg)
+    assert model.decoder.output.out_channels == maps
+    x = torch.rand(2, 3, 8, 8)
+    z = torch.nn.functional.one_hot(model.encode(x), 8).permute(0, 3, 1, 2).float()
+    mu, ln_b = model.decode_soft(z)
+    nll = logit_laplace_nll(phi(x), mu, ln_b) if maps == 6 else logit_normal_nll(phi(x), mu, cfg.sigma)
+    out = model(x, tau=1e-6, beta=0.0)
+    torch.testing.assert_close(out["nll"], nll.mean(), rtol=1e-4, atol=1e-4)
 
 
 def test_schedules_end_points():
@@ -87,6 +111,8 @@ def test_presets_and_metrics():
         (lambda: DVAEConfig(groups=0), "groups"),
         (lambda: DVAEConfig(image_size=100), "multiple"),
         (lambda: DVAEConfig(tau_end=2.0), "tau_end"),
+        (lambda: DVAEConfig(likelihood="gaussian"), "likelihood"),
+        (lambda: DVAEConfig(sigma=0.0), "sigma"),
         (lambda: DVAE(PRESETS["tiny"]).encode(torch.rand(1, 1, 64, 64)), "images"),
         (lambda: DVAE(PRESETS["tiny"]).decode(torch.zeros(1, 4, 4)), "LongTensor"),
         (lambda: DVAE(PRESETS["tiny"]).decode(torch.full((1, 4, 4), 9999)), "codes"),
