@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from dalle_fast.data import SHAPES, ShapesDataset
-from dalle_fast.evaluate import AttributeClassifier, caption_match, detected_pairs, main, scene_targets, write_report
+from dalle_fast.evaluate import (
+    AttributeClassifier,
+    _augment,
+    _blur,
+    caption_match,
+    detected_pairs,
+    main,
+    scene_targets,
+    write_report,
+)
 
 
 def test_targets_and_detection_round_trip():
@@ -61,8 +70,11 @@ def test_report(tmp_path):
     results = {"classifier_accuracy": 0.9, "N": [1, 2, 4]}
     for s in ("held-out pairs", "seen pairs"):
         results[s] = {"pairs": 0.5, "position": 0.3, "rerank_pairs": [0.5, 0.6, 0.7], "rerank_position": [0.3] * 3}
+        results[s].update(real=0.9, recon=0.55 if s == "seen pairs" else 0.45)
     md, png = write_report(results, tmp_path)
-    assert "| held-out pairs | colour + shape | 50.0% | 50.0% | 60.0% | 70.0% |" in md.read_text()
+    text = md.read_text()
+    assert "| held-out pairs | colour + shape | 50.0% | 50.0% | 60.0% | 70.0% |" in text
+    assert "| held-out pairs | 90.0% | 45.0% |" in text and "| seen pairs | 90.0% | 55.0% |" in text
     assert png.stat().st_size > 0
 
 
@@ -72,3 +84,19 @@ def test_cli_errors(tmp_path, capsys, args, message):
         main([a.format(tmp=tmp_path) for a in args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_blur_and_augment():
+    x = torch.rand(3, 3, 12, 12)
+    # A tiny sigma leaves the image as it is; a flat image stays flat; blurring lowers the variation.
+    torch.testing.assert_close(_blur(x, torch.full((3,), 1e-3)), x)
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    torch.testing.assert_close(_blur(flat, torch.tensor([0.5, 1.0])), flat)
+    soft = _blur(x, torch.ones(3))
+    assert soft.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()
+    # Each image gets its own sigma.
+    one = _blur(x[1:2], torch.ones(1))
+    torch.testing.assert_close(_blur(x, torch.tensor([1e-3, 1.0, 1e-3]))[1:2], one)
+    y = _augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(y, x)
+    torch.testing.assert_close(y, _augment(x, torch.Generator().manual_seed(0)))

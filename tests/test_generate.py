@@ -223,3 +223,16 @@ def test_cli_warns_about_a_long_caption(runs, tmp_path, capsys):
     assert main(["--run", str(runs / "dalle"), long, "-n", "1", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "caption 1 is longer than 24 tokens and was truncated" in err and "Traceback" not in err
+
+
+def test_evaluate_end_to_end(runs, tmp_path):
+    from dalle_fast.evaluate import EvaluateConfig, evaluate, write_report
+
+    res = evaluate(EvaluateConfig(run=str(runs / "dalle"), captions=2, draws=2, classifier_steps=2))
+    assert res["N"] == [1, 2] and 0 <= res["classifier_accuracy"] <= 1
+    for s in ("held-out pairs", "seen pairs"):
+        row = res[s]
+        assert all(0 <= row[k] <= 1 for k in ("pairs", "position", "real", "recon"))
+        assert row["position"] <= row["pairs"] and len(row["rerank_pairs"]) == 2  # the CLIP run is found
+    md, png = write_report(res, tmp_path)
+    assert "dVAE reconstructions" in md.read_text() and png.stat().st_size > 0

@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 from dalle_fast.data import ShapesDataset
 from dalle_fast.generate import filter_logits, sample_tokens
 from dalle_fast.train import PipelineConfig, VAETrainConfig, main, run_pipeline, train_vae
-from dalle_fast.train_dalle import DALLETrainConfig, TokenCache, Trainer, load_transformer, train_dalle
+from dalle_fast.train_dalle import (
+    DALLETrainConfig,
+    TokenCache,
+    Trainer,
+    cpu_has_native_bf16,
+    load_transformer,
+    train_dalle,
+)
 from dalle_fast.transformer import DALLE, preset
 
 
@@ -152,6 +159,10 @@ def test_main_job_smoke(tmp_path):
     assert where["reranker"] == str(run / "clip")
     for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json", "clip/config.json"):
         assert (run / f).exists(), f
+    # The transformer trains in bf16 on a CPU that multiplies bf16 in hardware, else in the trainer's auto.
+    native = not torch.cuda.is_available() and cpu_has_native_bf16()
+    precision = json.loads((run / "dalle" / "config.json").read_text())["train"]["precision"]
+    assert precision == ("bf16" if native else "auto") and isinstance(cpu_has_native_bf16(), bool)
     # A second call finds every stage done and only draws the samples again.
     before = (run / "dalle" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(cfg)
