@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle_fast.checkpoint import load_config, load_model, load_state, load_weights, save_run
-from dalle_fast.data import soften
 from dalle_fast.tokenizer import PAD, CaptionTokenizer
 
 
@@ -208,12 +207,6 @@ class CLIPTrainConfig:
     batch_size: int = field(default=128, metadata={"help": "image-caption pairs per update (the negatives)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (cosine decay after a short warm-up)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    soften: bool = field(
-        default=False,
-        metadata={
-            "help": "train on softened images (blur, faint noise: data.soften), closer to the decoded samples it ranks"
-        },
-    )
     ckpt_every: int = field(default=200, metadata={"help": "updates between checkpoints"})
     time_limit: float = field(
         default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds; 0: none"}
@@ -318,8 +311,6 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         index = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
         x, text = _batch(images, lines, tok, index, g)
-        if cfg.soften:
-            x = soften(x, g)
         t = min(1.0, max(0.0, (step - warmup) / max(1, cfg.steps - warmup)))
         lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t))
         for group in opt.param_groups:

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -104,32 +103,6 @@ class SkipCounter:
             )
         self.skipped = self.seen = 0
         return n
-
-
-# ---- augmentation ------------------------------------------------------------------------------
-
-
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image separable Gaussian blur (5 taps, edges replicated); sigma (B,) in pixels."""
-    B, C, H, W = x.shape
-    t = torch.arange(-2, 3, dtype=x.dtype)
-    w = torch.exp(-(t**2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
-    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, 5)
-    y = x.reshape(1, B * C, H, W)
-    y = F.conv2d(F.pad(y, (2, 2, 0, 0), mode="replicate"), w[:, None, None, :], groups=B * C)
-    y = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), w[:, None, :, None], groups=B * C)
-    return y.view(B, C, H, W)
-
-
-def soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Soft edges and faint noise, as a decoder draws them: three images in four blurred (sigma up to 1
-    px), every image with pixel noise of std up to 0.02; images (B, 3, H, W) in [0, 1]. For the models
-    that judge or rank decoded samples while training on real images: without it the fidelity judge,
-    trained on crisp renders, missed shapes in the dVAE's own reconstructions far more often (README)."""
-    sigma = torch.rand(len(x), generator=g)
-    x = torch.where((sigma > 0.25)[:, None, None, None], blur(x, sigma), x)
-    noise = torch.randn(x.shape, generator=g) * 0.02 * torch.rand(len(x), 1, 1, 1, generator=g)
-    return (x + noise).clamp(0, 1)
 
 
 # ---- the built-in dataset --------------------------------------------------------------------------

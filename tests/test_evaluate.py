@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from dalle_fast.data import SHAPES, ShapesDataset, blur, soften
+from dalle_fast.data import SHAPES, ShapesDataset
 from dalle_fast.evaluate import (
     AttributeClassifier,
+    _augment,
+    _blur,
     caption_match,
     detected_pairs,
     main,
@@ -84,17 +86,17 @@ def test_cli_errors(tmp_path, capsys, args, message):
     assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
-def test_blur_andsoften():
+def test_blur_and_augment():
     x = torch.rand(3, 3, 12, 12)
     # A tiny sigma leaves the image as it is; a flat image stays flat; blurring lowers the variation.
-    torch.testing.assert_close(blur(x, torch.full((3,), 1e-3)), x)
+    torch.testing.assert_close(_blur(x, torch.full((3,), 1e-3)), x)
     flat = torch.full((2, 3, 8, 8), 0.3)
-    torch.testing.assert_close(blur(flat, torch.tensor([0.5, 1.0])), flat)
-    soft = blur(x, torch.ones(3))
+    torch.testing.assert_close(_blur(flat, torch.tensor([0.5, 1.0])), flat)
+    soft = _blur(x, torch.ones(3))
     assert soft.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()
     # Each image gets its own sigma.
-    one = blur(x[1:2], torch.ones(1))
-    torch.testing.assert_close(blur(x, torch.tensor([1e-3, 1.0, 1e-3]))[1:2], one)
-    y = soften(x, torch.Generator().manual_seed(0))
+    one = _blur(x[1:2], torch.ones(1))
+    torch.testing.assert_close(_blur(x, torch.tensor([1e-3, 1.0, 1e-3]))[1:2], one)
+    y = _augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(y, x)
-    torch.testing.assert_close(y, soften(x, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(y, _augment(x, torch.Generator().manual_seed(0)))
