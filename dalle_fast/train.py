@@ -272,9 +272,7 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
     log_file = open(log_path, "w" if new_log else "a", newline="")
     log = csv.writer(log_file)
     if new_log:
-        log.writerow(
-            ["step", "loss", "nll", "kl", "mse", "tau", "beta", "lr", "psnr", "usage", "perplexity", "seconds"]
-        )
+        log.writerow(LOG_COLUMNS)
     try:
         from torch.utils.tensorboard import SummaryWriter
 
