@@ -8,6 +8,11 @@ from the transformer's run), both projected to a shared unit sphere; trained wit
 loss (cross-entropy over the batch's image-text similarities, in both directions) with a learned
 temperature.
 
+Random batches of the shapes data can mostly be told apart by colour. Where a dataset offers near misses
+(`hard_negative(i)`: for shapes, the same scene with one object's shape changed), half of each batch is
+the other half's near misses, and the held-out check also reports how often a caption scores its own
+image above the near miss (val_near_miss; chance is 50%), which is reranking in miniature.
+
 A run directory (dalle_fast.checkpoint) holds config.json, model.safetensors, state.pt, tokenizer.json
 and log.csv. `load_scorer` turns a run (or `open_clip:ARCH:WEIGHTS`, with the open_clip package and local
 weights) into a `Scorer`: score(images, captions) -> similarity per pair; `rerank` keeps the best.
@@ -205,6 +210,11 @@ class CLIPTrainConfig:
     val_items: int = field(default=512, metadata={"help": "held-out items for the retrieval accuracy"})
     steps: int = field(default=800, metadata={"help": "optimizer updates"})
     batch_size: int = field(default=128, metadata={"help": "image-caption pairs per update (the negatives)"})
+    hard_negatives: bool = field(
+        default=True,
+        metadata={"help": "where the data has near misses (shapes: the scene with one shape changed), half of "
+                  "each batch is the other half's near misses"},
+    )  # fmt: skip
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (cosine decay after a short warm-up)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     ckpt_every: int = field(default=200, metadata={"help": "updates between checkpoints"})
@@ -225,8 +235,9 @@ class CLIPTrainConfig:
             raise ValueError("need lr > 0 and weight_decay, time_limit, threads >= 0")
 
 
-def _read_items(dataset, limit: int) -> tuple[torch.Tensor, list[list[str]]]:
-    """uint8 images (M, 3, S, S) and every caption line of each readable item (at most `limit`)."""
+def _read_items(dataset, limit: int, hard_negatives: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
+    """uint8 images (M, 3, S, S) and every caption line of each readable item (at most `limit`). With
+    hard_negatives, item i's near miss (`dataset.hard_negative(i)`) follows it: images (2M, ...), pairs adjacent."""
     from dalle_fast.train_dalle import caption_lines
 
     images, lines = [], []
@@ -236,16 +247,30 @@ def _read_items(dataset, limit: int) -> tuple[torch.Tensor, list[list[str]]]:
             continue
         caps = [c.strip() for c in (caption_lines(dataset, i) or [item[1]]) if c.strip()]
         if caps:
-            images.append((item[0] * 255).round().to(torch.uint8))
-            lines.append(caps)
+            pairs = [(item[0], caps)] + ([dataset.hard_negative(i)] if hard_negatives else [])
+            for image, c in pairs:
+                images.append((image * 255).round().to(torch.uint8))
+                lines.append(c)
     if not images:
         raise ValueError("--data: no usable items (every image or caption was unreadable)")
     return torch.stack(images), lines
 
 
+def _batch_index(n: int, batch_size: int, pairs: bool, g: torch.Generator) -> torch.Tensor:
+    """Random rows of the training images; with pairs (item 2i's near miss is row 2i + 1), batch_size // 2
+    items and then their near misses, so both directions of the loss must tell each pair apart."""
+    if not pairs:
+        return torch.randint(0, n, (batch_size,), generator=g)
+    first = torch.randint(0, n // 2, (batch_size // 2,), generator=g) * 2
+    return torch.cat([first, first + 1])
+
+
 def _batch(images, lines, tok, index: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     caps = [lines[i][int(torch.randint(len(lines[i]), (1,), generator=g))] for i in index.tolist()]
     return images[index].float() / 255, tok.encode(caps)
+
+
+LOG_COLUMNS = ["step", "loss", "accuracy", "val_accuracy", "val_near_miss", "lr", "seconds"]
 
 
 def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
@@ -270,10 +295,14 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
     )  # fmt: skip
     train_ds, val_ds = open_datasets(cfg.data, image_size, cfg.seed)
     t0 = time.time()
-    images, lines = _read_items(train_ds, cfg.max_items)
-    val_images, val_lines = _read_items(val_ds, cfg.val_items)
+    pairs = cfg.hard_negatives and hasattr(train_ds, "hard_negative")
+    images, lines = _read_items(train_ds, cfg.max_items, hard_negatives=pairs)
+    near = hasattr(val_ds, "hard_negative")  # held-out near misses: the reranker's own task, measured
+    val_images, val_lines = _read_items(val_ds, cfg.val_items, hard_negatives=near)
     print(
-        f"read {len(images)} training and {len(val_images)} held-out items in {time.time() - t0:.0f} s", file=sys.stderr
+        f"read {len(images)} training and {len(val_images)} held-out images"
+        f"{' (each item with its near miss)' if pairs else ''} in {time.time() - t0:.0f} s",
+        file=sys.stderr,
     )
     val_text = tok.encode([c[0] for c in val_lines])
 
@@ -293,15 +322,24 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
     log_file = open(out / "log.csv", "a" if cfg.resume else "w", newline="")
     log = csv.writer(log_file)
     if not cfg.resume:
-        log.writerow(["step", "loss", "accuracy", "val_accuracy", "lr", "seconds"])
+        log.writerow(LOG_COLUMNS)
 
     @torch.no_grad()
-    def val_accuracy() -> float:
-        """Held-out retrieval: how often an image's own caption is the most similar of all held-out captions."""
+    def validate() -> dict[str, float]:
+        """val_accuracy: how often a held-out image's own caption is the most similar of all held-out captions
+        (near misses left out). val_near_miss, where the data has near misses: how often a caption scores its
+        own image above the near miss's (reranking in miniature; chance is 50%)."""
         model.eval()
-        sims = model.encode_image(val_images.float() / 255) @ model.encode_text(val_text).t()
+        img, txt = model.encode_image(val_images.float() / 255), model.encode_text(val_text)
         model.train()
-        return float((sims.argmax(1) == torch.arange(len(sims))).float().mean())
+        own = slice(0, None, 2 if near else 1)
+        sims = img[own] @ txt[own].t()
+        out = {"val_accuracy": float((sims.argmax(1) == torch.arange(len(sims))).float().mean())}
+        out["val_near_miss"] = float("nan")
+        if near:  # rows 2i and 2i + 1: an item and its near miss
+            hit = (img[0::2] * txt[0::2]).sum(-1) > (img[1::2] * txt[0::2]).sum(-1)
+            out["val_near_miss"] = float(hit.float().mean())
+        return out
 
     started = time.time() - seconds
     metrics: dict = {}
@@ -309,8 +347,7 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
     model.train()
     while step < cfg.steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        index = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-        x, text = _batch(images, lines, tok, index, g)
+        x, text = _batch(images, lines, tok, _batch_index(len(images), cfg.batch_size, pairs, g), g)
         t = min(1.0, max(0.0, (step - warmup) / max(1, cfg.steps - warmup)))
         lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t))
         for group in opt.param_groups:
@@ -324,14 +361,15 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
         done = step == cfg.steps or step == stop_at or (cfg.time_limit and seconds > cfg.time_limit)
         if step % cfg.ckpt_every == 0 or done:
             metrics = {"step": step, "loss": float(parts["loss"].detach()), "accuracy": float(parts["accuracy"])}
-            metrics.update(val_accuracy=val_accuracy(), lr=lr, seconds=seconds)
-            log.writerow([metrics[k] for k in ("step", "loss", "accuracy", "val_accuracy", "lr", "seconds")])
+            metrics.update(validate(), lr=lr, seconds=seconds)
+            log.writerow([metrics[k] for k in LOG_COLUMNS])
             log_file.flush()
             state = {"step": step, "seconds": seconds, "optimizer": opt.state_dict()}
             meta_out = {"clip": dataclasses.asdict(ccfg), "train": dataclasses.asdict(cfg), "step": step}
             save_run(out, {"model": model.state_dict()}, state, meta_out)
             print(
-                f"CLIP step {step}: loss {metrics['loss']:.3f} held-out retrieval {metrics['val_accuracy']:.1%}",
+                f"CLIP step {step}: loss {metrics['loss']:.3f} held-out retrieval {metrics['val_accuracy']:.1%}"
+                + (f", near misses told apart {metrics['val_near_miss']:.1%}" if near else ""),
                 file=sys.stderr,
             )
         if done:

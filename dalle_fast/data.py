@@ -128,6 +128,38 @@ RELATIONS = {  # relation -> (dx, dy) of the first object relative to the second
 INVERSE = {"above": "below", "below": "above", "left": "right", "right": "left"}
 
 
+def scene_captions(sc: dict) -> list[str]:
+    """Every paraphrase of a ShapesDataset scene's caption."""
+    name = [f"a {o['size']} {o['color']} {o['shape']}" for o in sc["objects"]]
+    if sc["relation"] is None:
+        return [name[0], f"{name[0]} on a grey background", f"there is {name[0]}"]
+    rel = sc["relation"]
+    out = [f"{name[0]} {p} {name[1]}" for p in RELATIONS[rel][1]]
+    out += [f"{name[1]} {p} {name[0]}" for p in RELATIONS[INVERSE[rel]][1]]
+    return out
+
+
+def draw_scene(sc: dict, image_size: int) -> Image.Image:
+    """A ShapesDataset scene as an image_size x image_size RGB image."""
+    s = image_size * 4  # draw large, then downsample: anti-aliased edges
+    img = Image.new("RGB", (s, s), (200, 200, 200))
+    draw = ImageDraw.Draw(img)
+    for o in sc["objects"]:
+        r = SIZES[o["size"]] * s / 2
+        cx, cy = o["center"][0] * s, o["center"][1] * s
+        fill = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "triangle":
+            pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+            draw.polygon(pts, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Deterministic procedural captions dataset: one or two shapes with colour, shape, size, position.
 
@@ -182,36 +214,24 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def captions(self, index: int) -> list[str]:
         """Every paraphrase of item `index`'s caption."""
-        sc = self.scene(index)
-        name = [f"a {o['size']} {o['color']} {o['shape']}" for o in sc["objects"]]
-        if sc["relation"] is None:
-            return [name[0], f"{name[0]} on a grey background", f"there is {name[0]}"]
-        rel = sc["relation"]
-        out = [f"{name[0]} {p} {name[1]}" for p in RELATIONS[rel][1]]
-        out += [f"{name[1]} {p} {name[0]}" for p in RELATIONS[INVERSE[rel]][1]]
-        return out
+        return scene_captions(self.scene(index))
 
     def render(self, index: int) -> Image.Image:
-        sc = self.scene(index)
-        s = self.image_size * 4  # draw large, then downsample: anti-aliased edges
-        img = Image.new("RGB", (s, s), (200, 200, 200))
-        draw = ImageDraw.Draw(img)
-        for o in sc["objects"]:
-            r = SIZES[o["size"]] * s / 2
-            cx, cy = o["center"][0] * s, o["center"][1] * s
-            fill = COLORS[o["color"]]
-            if o["shape"] == "circle":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            elif o["shape"] == "square":
-                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            elif o["shape"] == "triangle":
-                pts = [
-                    (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-                ]
-                draw.polygon(pts, fill=fill)
-            else:
-                draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        return img.resize((self.image_size, self.image_size), Image.Resampling.LANCZOS)
+        return draw_scene(self.scene(index), self.image_size)
+
+    def hard_negative(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        """A near miss of item `index` for contrastive training: the same scene with one object's shape changed
+        (to a colour-shape pair this split draws), as (image (3, S, S) in [0, 1], every paraphrase of its
+        caption). Colour alone tells most captions apart; these pairs teach a reranker to look at shape."""
+        sc = copy.deepcopy(self.scene(index))
+        rng = self._rng(index, salt=-1)
+        obj = rng.choice(sc["objects"])
+        allowed = [
+            s for s in SHAPES
+            if s != obj["shape"] and (self.split == "heldout" or (obj["color"], s) not in HELD_OUT)
+        ]  # fmt: skip
+        obj["shape"] = rng.choice(allowed)
+        return preprocess(draw_scene(sc, self.image_size), self.image_size), scene_captions(sc)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         image = preprocess(self.render(index), self.image_size)

@@ -102,8 +102,9 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+        if f.type in ("bool", bool):  # a switch; one that defaults to on also gets --no-field-name
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            ap.add_argument(flag, action=action, default=f.default, help=f.metadata.get("help"))
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             ap.add_argument(

@@ -7,7 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_fast.clip import CLIP, CLIPConfig, CLIPTrainConfig, load_clip, load_scorer, rerank, train_clip
+from dalle_fast.clip import (
+    CLIP,
+    CLIPConfig,
+    CLIPTrainConfig,
+    _batch_index,
+    _read_items,
+    load_clip,
+    load_scorer,
+    rerank,
+    train_clip,
+)
 from dalle_fast.data import ShapesDataset
 from dalle_fast.tokenizer import PAD, CaptionTokenizer
 
@@ -41,6 +51,19 @@ def test_rerank_keeps_the_highest():
         rerank(scores, 5)
 
 
+def test_near_misses_sit_beside_their_items_in_every_batch():
+    ds = ShapesDataset("train", 6, 32, seed=4)
+    images, lines = _read_items(ds, 6, hard_negatives=True)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
+    for i in range(6):
+        assert lines[2 * i] == ds.captions(i) and lines[2 * i + 1] == ds.hard_negative(i)[1]
+        assert torch.equal(images[2 * i + 1], (ds.hard_negative(i)[0] * 255).round().to(torch.uint8))
+    index = _batch_index(12, 8, True, torch.Generator().manual_seed(0))
+    assert len(index) == 8 and (index[:4] % 2 == 0).all() and torch.equal(index[4:], index[:4] + 1)
+    plain = _batch_index(12, 7, False, torch.Generator().manual_seed(0))
+    assert len(plain) == 7 and plain.max() < 12
+
+
 def test_training_learns_and_resumes(dalle_run, tmp_path):
     cfg = CLIPTrainConfig(
         dalle=str(dalle_run), out=str(tmp_path / "c"), width=32, embed_dim=32, max_items=256, val_items=32,
@@ -53,6 +76,9 @@ def test_training_learns_and_resumes(dalle_run, tmp_path):
     assert (first["step"], last["step"]) == (20, 40)
     # 32 held-out captions: chance is 1/32; a few dozen updates must beat it clearly.
     assert last["val_accuracy"] > 3 / 32, last
+    assert 0 <= last["val_near_miss"] <= 1  # shapes has near misses: measured (chance is 1/2)
+    header = (tmp_path / "c" / "log.csv").read_text().splitlines()[0].split(",")
+    assert "val_near_miss" in header
     model, tok = load_clip(tmp_path / "c")
     scorer = load_scorer(str(tmp_path / "c"))
     ds = ShapesDataset("val", 4, 32)
@@ -68,6 +94,10 @@ def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
             "--val-items", "8", "--steps", "2", "--batch-size", "8", "--ckpt-every", "2"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "model.safetensors").exists() and (tmp_path / "c" / "tokenizer.json").exists()
+    on = json.loads((tmp_path / "c" / "config.json").read_text())["train"]["hard_negatives"]
+    assert main([*args, "--out", str(tmp_path / "n"), "--no-hard-negatives"]) == 0  # a switch that is on by default
+    off = json.loads((tmp_path / "n" / "config.json").read_text())["train"]["hard_negatives"]
+    assert (on, off) == (True, False)
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "d"), "--batch-size", "1"])
     with pytest.raises(SystemExit):

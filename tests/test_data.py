@@ -12,6 +12,7 @@ from PIL import Image
 
 from dalle_fast.data import (
     HELD_OUT,
+    SHAPES,
     CocoDataset,
     FolderDataset,
     ShapesDataset,
@@ -65,6 +66,22 @@ def test_shapes_caption_matches_picture():
     sc = ds.scene(i)
     assert sc["objects"][0]["center"][1] < sc["objects"][1]["center"][1]  # "above" is higher on screen
     assert "above" in ds.captions(i)[0]
+
+
+def test_shapes_hard_negative_changes_exactly_one_shape():
+    for split in ("train", "heldout"):
+        ds = ShapesDataset(split, 60, 32, seed=2)
+        for i in range(60):
+            image, caps = ds.hard_negative(i)
+            again, caps_again = ds.hard_negative(i)
+            assert torch.equal(image, again) and caps == caps_again  # a function of the item
+            assert image.shape == (3, 32, 32) and not torch.equal(image, ds[i][0])
+            words = list(zip(ds.captions(i)[0].split(), caps[0].split(), strict=True))
+            changed = [(a, b) for a, b in words if a != b]
+            assert len(changed) == 1 and {a for a, _ in changed} | {b for _, b in changed} <= set(SHAPES)
+            if split == "train":  # never a held-out pair, even as a negative
+                pairs = {(c, s) for c, s in zip(caps[0].split(), caps[0].split()[1:], strict=False) if s in SHAPES}
+                assert not pairs & set(HELD_OUT)
 
 
 def test_preprocess_crops_square_near_centre():
