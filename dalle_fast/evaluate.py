@@ -164,6 +164,7 @@ class EvaluateConfig:
     captions: int = field(default=32, metadata={"help": "captions per set (held-out pairs, seen pairs)"})
     draws: int = field(default=32, metadata={"help": "samples per caption (the largest N of the curve)"})
     top_k: int = field(default=0, metadata={"help": "top-k of the sampling; 0: all"})
+    guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance scale of the sampling; 1: none"})
     classifier_steps: int = field(default=1200, metadata={"help": "updates of the attribute classifier"})
     out: str = field(default="", metadata={"help": "output folder; empty: RUN/eval"})
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
@@ -175,6 +176,8 @@ class EvaluateConfig:
         for name in ("captions", "draws", "classifier_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.guidance >= 1:
+            raise ValueError(f"guidance must be >= 1 (1: none), got {self.guidance}")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -193,7 +196,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     print("training the attribute classifier", file=sys.stderr)
     judge = train_classifier(dvae.cfg.image_size, steps=cfg.classifier_steps, seed=cfg.seed)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= cfg.draws]
-    results: dict = {"classifier_accuracy": judge["accuracy"], "N": ns}
+    results: dict = {"classifier_accuracy": judge["accuracy"], "N": ns, "top_k": cfg.top_k, "guidance": cfg.guidance}
     g = torch.Generator().manual_seed(cfg.seed)
     for name, split in (("held-out pairs", "heldout"), ("seen pairs", "val")):
         # The ceiling: real images of the split, and the dVAE's reconstructions of them (no sampler can
@@ -211,7 +214,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         scenes = [ds.scene(i) for i in range(cfg.captions)]
         print(f"sampling {cfg.draws} images for each of {cfg.captions} captions of {name}", file=sys.stderr)
         out = generate(model, tok.encode(captions), dvae, draws=cfg.draws, batch_size=cfg.batch_size, generator=g,
-                       top_k=cfg.top_k)  # fmt: skip
+                       top_k=cfg.top_k, guidance=cfg.guidance)  # fmt: skip
         images = out["images"].flatten(0, 1)
         match = caption_match(judge["model"], images, [s for s in scenes for _ in range(cfg.draws)])
         row = {k: float(v.float().mean()) for k, v in match.items()}  # a plain sample
@@ -245,7 +248,7 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
         "|---|---:|---:|",
         *(f"| {s} | {results[s]['real']:.1%} | {results[s]['recon']:.1%} |" for s in sets),
         "",
-        "Samples:",
+        f"Samples (top-k {results.get('top_k', 0) or 'off'}, guidance {results.get('guidance', 1.0):g}):",
         "",
         "| captions | check | no reranking | " + " | ".join(f"rerank N={n}" for n in ns) + " |",
         "|---|---|---:|" + "---:|" * len(ns),

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.checkpoint import atomic_write
+from dalle_fast.checkpoint import atomic_write, load_config
 from dalle_fast.kv_cache import decode_step, prefill
+from dalle_fast.tokenizer import PAD
 from dalle_fast.transformer import DALLE
 
 
@@ -45,16 +46,23 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    guidance: float = 1.0,
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
     cache: bool = True,
 ) -> torch.Tensor:
     """Image tokens (B, image_size**2) for text (B, text_len). prime: (B, P) first image tokens to keep.
-    cache=False: recompute the whole sequence per token (the reference path)."""
+    cache=False: recompute the whole sequence per token (the reference path).
+
+    guidance > 1 (classifier-free guidance; for a model trained with caption dropout): each token's logits
+    become u + guidance * (c - u), c given the caption and u given the empty one (a second sequence per
+    sample, decoded alongside), which pushes samples toward what the caption adds."""
     cfg = model.cfg
     n = cfg.image_size**2
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if guidance < 1:
+        raise ValueError(f"guidance must be >= 1 (1: none), got {guidance}")
     image = torch.zeros(text.shape[0], n, dtype=torch.long, device=text.device)
     start = 0
     if prime is not None:
@@ -64,16 +72,23 @@ def sample_tokens(
     model.check_tokens(text, image)
     if start == n:
         return image
+    B, guided = text.shape[0], guidance != 1
+    seq_text = torch.cat([text, torch.full_like(text, PAD)]) if guided else text  # rows B..2B-1: the empty caption
+    seq_image = image.repeat(2, 1) if guided else image
     if cache:
-        kv, logits = prefill(model, text, image, start)
+        kv, logits = prefill(model, seq_text, seq_image, start)
     for j in range(start, n):
         if not cache:
-            logits = model.image_logits(model.hidden(text, image)[:, cfg.text_len - 1 + j])  # (B, image_vocab)
+            logits = model.image_logits(model.hidden(seq_text, seq_image)[:, cfg.text_len - 1 + j])  # (B', vocab)
         elif j > start:
-            logits = decode_step(model, kv, image[:, j - 1])
+            logits = decode_step(model, kv, seq_image[:, j - 1])
+        if guided:
+            cond, uncond = logits.float().chunk(2)
+            logits = uncond + guidance * (cond - uncond)
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-        image[:, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return image
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        seq_image[:, j] = token.repeat(2) if guided else token
+    return seq_image[:B]
 
 
 def save_captioned_grid(
@@ -122,6 +137,10 @@ class GenerateConfig:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the image tokens"})
     top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens; 0: all"})
     top_p: float = field(default=1.0, metadata={"help": "sample among the likeliest tokens holding this mass"})
+    guidance: float = field(
+        default=1.0,
+        metadata={"help": "classifier-free guidance scale (a run trained with --caption-dropout); 1: none"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the sampling (same seed, same images)"})
     prime: str = field(default="", metadata={"help": "image to complete: its top --prime-rows token rows are kept"})
     prime_rows: int = field(default=0, metadata={"help": "token rows of --prime kept; 0: half the grid"})
@@ -142,6 +161,8 @@ class GenerateConfig:
             raise ValueError("--rerank and --prime-rows must be >= 0")
         if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1")
+        if not self.guidance >= 1:
+            raise ValueError(f"--guidance must be >= 1 (1: none), got {self.guidance}")
         if self.prime_rows and not self.prime:
             raise ValueError("--prime-rows needs --prime IMAGE")
 
@@ -262,6 +283,12 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available")
     model.to(device)
+    if cfg.guidance != 1 and not load_config(cfg.run).get("train", {}).get("caption_dropout", 0):
+        print(
+            f"warning: {cfg.run} was trained without --caption-dropout, so it never saw the empty caption that "
+            "--guidance compares against; expect worse samples, not better",
+            file=sys.stderr,
+        )
     text = check_captions(captions, tok)
     captions = [c.strip() for c in captions]
     prime = original = None
@@ -283,7 +310,7 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
     result = generate(
         model, text, dvae, draws=cfg.rerank or cfg.images, keep=cfg.images, scorer=scorer, captions=captions,
         prime=prime, batch_size=cfg.batch_size, generator=torch.Generator(device).manual_seed(cfg.seed),
-        cache=not cfg.no_cache, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        cache=not cfg.no_cache, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, guidance=cfg.guidance,
     )  # fmt: skip
     out = Path(cfg.out or Path(cfg.run) / "generated")
     images = result["images"]  # (C, keep, 3, H, W)

@@ -45,7 +45,7 @@ from dalle_fast.distributed import (
 )
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.generate import sample_tokens, save_captioned_grid
-from dalle_fast.tokenizer import CaptionTokenizer
+from dalle_fast.tokenizer import PAD, CaptionTokenizer
 from dalle_fast.transformer import ATTENTION_MODES, DALLE, PRESETS, TransformerConfig, preset
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -71,6 +71,11 @@ class DALLETrainConfig:
     vocab_size: int = field(default=0, metadata={"help": "BPE vocabulary size; 0: the preset's text_vocab"})
     bpe_dropout: float = field(default=0.1, metadata={"help": "BPE dropout on training captions (the paper: 0.1)"})
     bpe_variants: int = field(default=4, metadata={"help": "pre-drawn BPE-dropout encodings per caption"})
+    # Not in the paper: a share of captions replaced by the empty caption teaches the model p(image) beside
+    # p(image | caption), which sampling with --guidance > 1 (classifier-free guidance) needs.
+    caption_dropout: float = field(
+        default=0.0, metadata={"help": "fraction of training captions replaced by the empty caption (for --guidance)"}
+    )
     max_items: int = field(default=0, metadata={"help": "encode at most this many training items; 0: all"})
     val_items: int = field(default=512, metadata={"help": "held-out items for the validation loss"})
     attention: str = field(default="sparse", metadata={"help": "sparse (the paper's masks) | causal | dense (SDPA)"})
@@ -138,8 +143,8 @@ class DALLETrainConfig:
             raise ValueError(f"vocab_size must be 0 or >= 257, got {self.vocab_size}")
         if not (self.lr > 0 and 0 <= self.lr_end <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= lr_end <= lr, got {self.lr}, {self.lr_end}")
-        if not 0 <= self.bpe_dropout < 1 or not 0 <= self.ema < 1:
-            raise ValueError("bpe_dropout and ema must be in [0, 1)")
+        if not 0 <= self.bpe_dropout < 1 or not 0 <= self.ema < 1 or not 0 <= self.caption_dropout < 1:
+            raise ValueError("bpe_dropout, caption_dropout and ema must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.time_limit < 0:
             raise ValueError("weight_decay, grad_clip and time_limit must be >= 0")
 
@@ -484,6 +489,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         index = torch.randint(0, len(self.train_cache), (self.cfg.batch_size,), generator=g)
         text, image = self.train_cache.batch(index, g, dropout=self.cfg.bpe_dropout > 0)
+        if self.cfg.caption_dropout > 0:  # the empty caption: every text position padding
+            text = text.masked_fill((torch.rand(len(text), generator=g) < self.cfg.caption_dropout)[:, None], PAD)
         if self.dist.enabled:  # every rank draws the global batch and keeps its own slice
             text, image = (t.chunk(self.dist.world)[self.dist.rank] for t in (text, image))
         return text.to(self.device), image.to(self.device)

@@ -83,6 +83,20 @@ def test_token_cache(vae_run, tmp_path):
     assert TokenCache.load(tmp_path / "c" / "cache_train.pt", {"other": "key"}) is None
 
 
+def test_caption_dropout_empties_whole_captions(vae_run, tmp_path):
+    from dalle_fast.tokenizer import PAD
+
+    plain = Trainer(_cfg(vae_run, tmp_path / "c", batch_size=256))
+    dropped = Trainer(_cfg(vae_run, tmp_path / "c", batch_size=256, caption_dropout=0.25))
+    a, b = plain.batch(1)[0], dropped.batch(1)[0]
+    empty = (b == PAD).all(1)
+    assert not (a == PAD).all(1).any()  # no caption is empty by itself
+    assert 0.15 < empty.float().mean() < 0.35  # about a quarter of them (256 draws)
+    assert torch.equal(a[~empty], b[~empty])  # the others are untouched
+    with pytest.raises(ValueError, match="caption_dropout"):
+        _cfg(vae_run, tmp_path / "x", caption_dropout=1.0)
+
+
 def test_samples_and_filters(vae_run, tmp_path):
     train_dalle(_cfg(vae_run, tmp_path / "s", steps=3))
     model, tok, dvae = load_transformer(tmp_path / "s")
