@@ -1,5 +1,5 @@
-"""Sampling throughput: the key/value cache vs recomputing the whole sequence per token. Writes
-benchmarks/RESULTS_generate.md.
+"""Sampling throughput: the key/value cache vs recomputing the whole sequence per token, and the decode
+op (`sparse_attention_decode`) against the attention it replaces. Writes benchmarks/RESULTS_generate.md.
 
     python -m benchmarks.bench_generate                  # CPU, 1 thread, the tiny preset
     python -m benchmarks.bench_generate --batches 1 16 64 --iters 3
@@ -8,6 +8,11 @@ One run = sample_tokens for a batch of random captions: every image token of eve
 cache's prefill (one forward pass over the prompt). Random weights: the work per token does not depend on
 what the model learned. The two paths take turns run by run and the best of --iters is kept, so both see
 the same machine noise. Image tokens/s = batch * image_size**2 / seconds.
+
+The decode table times one attention call per image position (every position of the grid in turn, as
+sampling does) for each mask kind: the op, the same attention in plain PyTorch over the gathered keys
+(index_select, matmul, softmax: what the cache did before the op), and SDPA on the one query row with the
+mask row as a boolean mask over the whole cache (the dense peer).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 import torch
 
 from dalle_fast.generate import sample_tokens
+from dalle_fast.masks import MASK_KINDS, allowed_keys
+from dalle_fast.ops import sparse_attention_decode
 from dalle_fast.transformer import DALLE, preset
 
 HERE = Path(__file__).parent
@@ -37,12 +44,60 @@ def time_runs(model: DALLE, text: torch.Tensor, iters: int) -> dict[bool, float]
     return best
 
 
+def gathered_attention(q, k, v, idx, scale):
+    """The decode row in plain PyTorch over the allowed keys only (gather, then dense math in fp32)."""
+    keys, vals = k.index_select(2, idx).float(), v.index_select(2, idx).float()
+    w = ((keys @ q.float().unsqueeze(-1)).squeeze(-1) * scale).softmax(-1)
+    return (w.unsqueeze(-2) @ vals).squeeze(-2).to(q.dtype)
+
+
+def time_decode(kind: str, text_len: int, image_size: int, batch_heads: tuple[int, int], head_dim: int, iters: int):
+    """Microseconds per decode call (mean over every image position, best of `iters` sweeps) for the op,
+    the gathered PyTorch path and masked SDPA."""
+    B, H = batch_heads
+    n = text_len + image_size**2
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, n, head_dim, generator=g) for _ in range(2))
+    q = torch.randn(B, H, head_dim, generator=g)
+    scale = head_dim**-0.5
+    positions = range(text_len, n)
+    index = {i: torch.tensor(allowed_keys(kind, text_len, image_size, 11, i)) for i in positions}
+    masks = {}
+    for i, idx in index.items():
+        m = torch.zeros(n, dtype=torch.bool)
+        m[idx] = True
+        masks[i] = m
+    paths = {
+        "dalle_fast decode": lambda i: sparse_attention_decode(q, k, v, kind, text_len, image_size, i),
+        "gathered PyTorch": lambda i: gathered_attention(q, k, v, index[i], scale),
+        "SDPA, mask row": lambda i: torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=masks[i]
+        ),
+    }
+    best = dict.fromkeys(paths, float("inf"))
+    for it in range(iters + 1):  # the first sweep warms up
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            for i in positions:
+                fn(i)
+            if it:
+                best[name] = min(best[name], (time.perf_counter() - t0) / len(positions) * 1e6)
+    return best
+
+
+DECODE_SHAPES = [  # (label, text_len, image_size, (batch, heads), head_dim)
+    ("tiny: 20 + 8x8, 32 images x 6 heads of 32", 20, 8, (32, 6), 32),
+    ("paper's sequence: 256 + 32x32, 8 images x 8 heads of 64", 256, 32, (8, 8), 64),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--iters", type=int, default=2, help="timed runs per path (best kept)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decode-iters", type=int, default=3, help="timed sweeps of the decode table (best kept)")
     ap.add_argument("--out", default=str(HERE / "RESULTS_generate.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,7 +143,22 @@ def main(argv: list[str] | None = None) -> int:
         "tensor, precomputed the position embeddings and folded the scale into the query measured no faster "
         "(2.14 vs 2.02 ms per step, best of 8) and was not kept.",
         "",
+        "## The decode op",
+        "",
+        "One attention call per image position, averaged over every position of the grid (microseconds, "
+        f"best of {args.decode_iters} sweeps, fp32, {args.threads} thread(s)):",
+        "",
+        "| shape | kind | dalle_fast decode | gathered PyTorch | SDPA, mask row | vs gathered | vs SDPA |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    for label, T, W, bh, hd in DECODE_SHAPES:
+        for kind in MASK_KINDS:
+            us = time_decode(kind, T, W, bh, hd, args.decode_iters)
+            op, gathered, sdpa = us["dalle_fast decode"], us["gathered PyTorch"], us["SDPA, mask row"]
+            print(f"decode {label} {kind}: {op:.1f} us, gathered {gathered:.1f} us, SDPA {sdpa:.1f} us")
+            ratios = f"{gathered / op:.2f}x | {sdpa / op:.2f}x"
+            lines.append(f"| {label} | {kind} | {op:.1f} | {gathered:.1f} | {sdpa:.1f} | {ratios} |")
+    lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0

@@ -53,6 +53,27 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& q) {
   TORCH_CHECK(lse.device() == q.device(), "dalle_fast: lse must be on ", q.device(), ", got ", lse.device());
 }
 
+// Decode (one query per row against a cache): q [batch, heads, head_dim]; k, v [batch, heads, seq_len,
+// head_dim] with seq_len == text_len + image_size^2; position (the query's kernel-order index) in [0, seq_len).
+inline void check_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m,
+                         int64_t position) {
+  TORCH_CHECK(q.dim() == 3, "dalle_fast: q must be 3-D [batch, heads, head_dim] (one query per row), got shape ",
+              q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(2),
+              "dalle_fast: k must be 4-D [batch, heads, seq_len, head_dim] = [", q.size(0), ", ", q.size(1),
+              ", seq_len, ", q.size(2), "], got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "dalle_fast: v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "dalle_fast: q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "dalle_fast: q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(k.size(2) == m.seq_len(), "dalle_fast: k.shape[2] (seq_len) must equal text_len + image_size**2 = ",
+              m.text_len, " + ", m.image_size, "**2 = ", m.seq_len(), ", got ", k.size(2));
+  TORCH_CHECK(position >= 0 && position < m.seq_len(), "dalle_fast: position must be in [0, ", m.seq_len(),
+              "), got ", position);
+}
+
 // ---- per-resblock gradient scaling ----
 
 inline void check_scales(const at::Tensor& scales, const at::Device& device) {

@@ -38,6 +38,13 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, str kind, "
       "int text_len, int image_size, int kernel_size, float scale) -> (Tensor, Tensor, Tensor)");
+  // One query row per (batch, head) against a key/value cache, for sampling: q [batch, heads, head_dim] is
+  // the query at kernel-order index `position` (transposed image states for "column"); k, v [batch, heads,
+  // seq_len, head_dim]. Reads only the keys the mask gives that row; equals row `position` of
+  // sparse_attention_fwd. Returns out [batch, heads, head_dim] in q's dtype.
+  m.def(
+      "sparse_attention_decode(Tensor q, Tensor k, Tensor v, str kind, int text_len, int image_size, "
+      "int kernel_size, float scale, int position) -> Tensor");
   // Per-resblock gradient scaling (dalle_fast/amp.py). scales: fp32 [blocks]; found_inf: bool [blocks].
   // Gradient entering a resblock branch: grad * scales[block].
   m.def("grad_scale(Tensor grad, Tensor scales, int block) -> Tensor");

@@ -12,7 +12,13 @@ except ImportError as e:  # pragma: no cover - only hit on a broken install
     ) from e
 
 from dalle_fast.masks import MASK_KINDS, BlockLayout, attention_mask, block_layout, layer_kinds, save_mask_png
-from dalle_fast.ops import block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
+from dalle_fast.ops import (
+    block_sparse_attention,
+    sparse_attention,
+    sparse_attention_decode,
+    sparse_attention_reference,
+    to_column_order,
+)
 
 __all__ = [
     "MASK_KINDS",
@@ -23,6 +29,7 @@ __all__ = [
     "layer_kinds",
     "save_mask_png",
     "sparse_attention",
+    "sparse_attention_decode",
     "sparse_attention_reference",
     "to_column_order",
 ]

@@ -94,6 +94,32 @@ def attention_mask(
     return causal & (~image_pair | image_ok)
 
 
+@functools.lru_cache(maxsize=1024)
+def allowed_keys(kind: str, text_len: int, image_size: int, kernel_size: int, position: int) -> tuple[int, ...]:
+    """The keys (ascending, kernel order) the query at kernel-order index `position` may attend to: one
+    row of attention_mask(..., transposed=kind == "column"), in O(seq_len) from the same rules, never the
+    N x N mask. Kernel order is raster order, except transposed image states for "column", where the
+    keys are a contiguous run."""
+    check_mask_args(kind, text_len, image_size, kernel_size)
+    T, W = text_len, image_size
+    if not isinstance(position, int) or not 0 <= position < T + W * W:
+        raise ValueError(f"position must be an int in [0, {T + W * W}), got {position!r}")
+    if position < T:
+        return tuple(range(position + 1))
+    p = position - T
+    if kind == "causal":
+        image = range(p + 1)
+    elif kind == "row":
+        image = range(max(0, p - W), p + 1)
+    elif kind == "column":
+        image = range(p - p % W, p + 1)
+    else:
+        s = kernel_size // 2
+        offsets = {dr * W + dc for dr in range(s + 1) for dc in range(-s, s + 1)}
+        image = sorted(p - off for off in offsets if 0 <= off <= p)
+    return (*range(T), *(T + q for q in image))
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Which key blocks each query block visits (CSR), and whether a visited block needs masking.

@@ -4,6 +4,7 @@ The ops (schemas in csrc/registration.cpp) work on "kernel order": raster order 
 conv, TRANSPOSED image states for column. `sparse_attention` takes raster order for every kind and
 does the transposition for column itself; `block_sparse_attention` is the lower-level entry point for
 callers (the model) that keep their image states transposed and want to skip the round trip.
+`sparse_attention_decode` is one query row against a key/value cache (sampling), in kernel order.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dalle_fast import _C  # noqa: F401  (loads the library: registers torch.ops.dalle_fast)
-from dalle_fast.masks import attention_mask, check_mask_args
+from dalle_fast.masks import allowed_keys, attention_mask, check_mask_args
 
 # Head dims and dtypes each backend's kernels take.
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -147,6 +148,94 @@ def sparse_attention_reference(
     return (p @ v.to(dt)).to(q.dtype)
 
 
+def _check_decode_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int, kernel_size: int,
+    position: int,
+) -> None:  # fmt: skip
+    """ValueError naming the argument for anything the decode kernels cannot take."""
+    check_mask_args(kind, text_len, image_size, kernel_size)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [batch, heads, head_dim] (one query per row), got shape {tuple(q.shape)}")
+    n = text_len + image_size * image_size
+    want = (q.shape[0], q.shape[1], n, q.shape[2])
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape [batch, heads, seq_len, head_dim] = {want}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if not isinstance(position, int) or not 0 <= position < n:
+        raise ValueError(f"position must be an int in [0, seq_len = {n}), got {position!r}")
+    if q.dtype not in _CPU_DTYPES:
+        raise ValueError(f"q.dtype must be one of {_CPU_DTYPES}, got {q.dtype}")
+    if not 1 <= q.shape[2] <= _CPU_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[2]) must be in [1, {_CPU_MAX_HEAD_DIM}], got {q.shape[2]}")
+    if q.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"q must be on a CPU or CUDA device, got {q.device}")
+
+
+def sparse_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    image_size: int,
+    position: int,
+    kernel_size: int = 11,
+    scale: float | None = None,
+    *,
+    reference: bool = False,
+) -> torch.Tensor:
+    """Attention of one query per (batch, head) against a key/value cache, in kernel order.
+
+    q: [batch, heads, head_dim], the query at kernel-order index `position` (for "column", transposed image
+    states: image token (r, c) sits at text_len + c * image_size + r). k, v: [batch, heads, seq_len,
+    head_dim], the cache in the same order; only the keys the mask gives row `position` are read, so
+    entries after it may hold anything. Equals row `position` of block_sparse_attention on the full
+    sequence. fp32 arithmetic; the result has q's dtype. reference=True: dense PyTorch instead.
+    """
+    if reference:
+        return sparse_attention_decode_reference(q, k, v, kind, text_len, image_size, position, kernel_size, scale)
+    _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dalle_fast::sparse_attention_decode", "CUDA"
+    ):
+        raise RuntimeError(
+            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
+            "reinstall with a toolkit present, or use reference=True"
+        )
+    return torch.ops.dalle_fast.sparse_attention_decode(
+        q, k, v, kind, text_len, image_size, kernel_size, scale, position
+    )
+
+
+def sparse_attention_decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    image_size: int,
+    position: int,
+    kernel_size: int = 11,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """sparse_attention_decode in plain PyTorch (fp32): the row of the dense transposed mask, softmax, sum.
+    O(seq_len^2) for the mask; for tests and debugging."""
+    check_mask_args(kind, text_len, image_size, kernel_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=kind == "column")[position].to(q.device)
+    s = (k.float() @ q.float().unsqueeze(-1)).squeeze(-1) * scale  # (B, H, N)
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p.unsqueeze(-2) @ v.float()).squeeze(-2).to(q.dtype)
+
+
 # ---- fake (meta) kernels and autograd for the custom ops -------------------------------------------
 
 
@@ -177,3 +266,36 @@ def _fwd_backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("dalle_fast::sparse_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.register_fake("dalle_fast::sparse_attention_decode")
+def _decode_fake(q, k, v, kind, text_len, image_size, kernel_size, scale, position):
+    _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
+    return q.new_empty(q.shape)
+
+
+def _decode_setup_context(ctx, inputs, output):
+    q, k, v, kind, text_len, image_size, kernel_size, scale, position = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = (kind, text_len, image_size, kernel_size, scale, position)
+
+
+def _decode_backward(ctx, grad_out):
+    """Gradients of one decode row, in fp32 over the row's allowed keys only (an index, no N x N mask);
+    every other cache entry gets zero."""
+    q, k, v = ctx.saved_tensors
+    kind, text_len, image_size, kernel_size, scale, position = ctx.args
+    idx = torch.tensor(allowed_keys(kind, text_len, image_size, kernel_size, position), device=q.device)
+    kk, vv, qf, g = k.index_select(2, idx).float(), v.index_select(2, idx).float(), q.float(), grad_out.float()
+    p = ((kk @ qf.unsqueeze(-1)).squeeze(-1) * scale).softmax(-1)  # (B, H, L)
+    dp = (vv @ g.unsqueeze(-1)).squeeze(-1)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    dq = (ds.unsqueeze(-2) @ kk).squeeze(-2)
+    dk = k.new_zeros(k.shape, dtype=torch.float32).index_copy(2, idx, ds.unsqueeze(-1) * qf.unsqueeze(-2))
+    dv = v.new_zeros(v.shape, dtype=torch.float32).index_copy(2, idx, p.unsqueeze(-1) * g.unsqueeze(-2))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dalle_fast::sparse_attention_decode", _decode_backward, setup_context=_decode_setup_context
+)

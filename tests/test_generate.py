@@ -1,12 +1,12 @@
-"""Sampling: the key/value cache against the full forward pass for every mask kind, the key index sets
-against the dense masks, determinism, priming, and the generate CLI's errors."""
+"""Sampling: the key/value cache against the full forward pass for every mask kind, determinism, priming,
+and the generate CLI's errors. (The decode op itself: tests/test_decode.py.)"""
 
 import pytest
 import torch
 
 from dalle_fast.generate import sample_tokens
-from dalle_fast.kv_cache import cached_image_logits, decode_step, key_index, prefill
-from dalle_fast.masks import MASK_KINDS, attention_mask
+from dalle_fast.kv_cache import cached_image_logits, decode_step, kernel_position, prefill
+from dalle_fast.masks import MASK_KINDS
 from dalle_fast.tokenizer import PAD
 from dalle_fast.transformer import DALLE, Layer, TransformerConfig
 
@@ -35,12 +35,14 @@ def tokens(cfg: TransformerConfig, batch: int = 3, seed: int = 0):
     return text, image
 
 
-@pytest.mark.parametrize("kind", MASK_KINDS)
-def test_key_index_is_the_mask(kind):
-    T, W, ks = 5, 4, 3
-    mask = attention_mask(kind, T, W, ks)
-    for p, idx in enumerate(key_index(kind, T, W, ks)):
-        assert torch.equal(idx, mask[T + p].nonzero().squeeze(1)), p
+def test_kernel_position_is_the_column_transposition():
+    from dalle_fast.masks import transpose_image_index
+
+    T, W = 5, 4
+    perm = transpose_image_index(T, W)
+    for t in range(T + W * W):
+        assert kernel_position("column", T, W, t) == int(perm[t])
+        assert kernel_position("row", T, W, t) == kernel_position("conv", T, W, t) == t
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
@@ -65,11 +67,11 @@ def test_cache_logits_equal_the_forward_per_mode(attention):
 
 
 def test_a_wrong_mask_in_the_cache_is_caught():
-    """Swapping one kind's key sets for another's must break the equality the tests above check."""
+    """Decoding a layer under another kind's keys must break the equality the tests above check."""
     model = model_of(["row", "conv"])
     text, image = tokens(model.cfg)
     cache, _ = prefill(model, text, image, 0)
-    cache.index["conv"] = key_index("causal", 5, 4, 3)
+    model.layers[1].kind = "causal"  # the decode step reads the layer's kind; the cache was built as conv
     got = torch.stack([decode_step(model, cache, image[:, j]) for j in range(15)], 1)
     assert (got - model(text, image)[1][:, 1:]).abs().max() > 1e-3
 

@@ -1,6 +1,7 @@
-// CPU host glue for dalle_fast::sparse_attention_fwd / _bwd: checks, fp32 staging, kernel call.
-// fp32 inputs are used in place (made contiguous); bf16 and fp16 are staged to fp32, so all math and
-// accumulation happen in fp32 and only the results are rounded back.
+// CPU host glue for dalle_fast::sparse_attention_fwd / _bwd / _decode: checks, fp32 staging, kernel call.
+// fp32 inputs are used in place (made contiguous); for fwd and bwd, bf16 and fp16 are staged to fp32, so
+// all math and accumulation happen in fp32 and only the results are rounded back. Decode reads its cache
+// in its own dtype (and computes in fp32): staging would copy the whole cache for every token.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,8 +18,9 @@ void check_cpu(const at::Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "dalle_fast: CPU kernels take float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "dalle_fast: head_dim (q.shape[3]) must be in [1, 256] on CPU, got ",
-              q.size(3));
+  const int64_t d = q.size(q.dim() - 1);
+  TORCH_CHECK(d >= 1 && d <= 256, "dalle_fast: head_dim (q.shape[", q.dim() - 1, "]) must be in [1, 256] on CPU, got ",
+              d);
 }
 
 cpu::AttentionShape shape_of(const at::Tensor& q, double scale, const MaskSpec& m) {
@@ -65,11 +67,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
+at::Tensor sparse_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      c10::string_view kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
+                                      double scale, int64_t position) {
+  const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_decode(q, k, v, m, position);
+  check_cpu(q);
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto dt = q.scalar_type();
+  const auto dtype = dt == at::kFloat ? cpu::DType::kFloat : dt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16;
+  if (q.numel() > 0) {
+    const cpu::DecodeShape s{q.size(0) * q.size(1), k.size(2), q.size(2), position, static_cast<float>(scale), m};
+    cpu::attention_decode(s, dtype, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
   m.impl("sparse_attention_bwd", &sparse_attention_bwd_cpu);
+  m.impl("sparse_attention_decode", &sparse_attention_decode_cpu);
 }
 
 }  // namespace dalle_fast

@@ -53,4 +53,30 @@ cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, c
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const float* lse, const float* delta,
                                void* dq, void* dk, void* dv, cudaStream_t stream);
 
+// ---- decode: one query row per (batch, head) against a key/value cache ----
+
+// Key intervals one decode call may visit (the conv mask of kernel_size k has at most k / 2 + 2).
+constexpr int kMaxDecodeIntervals = 64;
+
+// q, out [batch_heads, head_dim]; k, v [batch_heads, seq_len, head_dim], contiguous, of dtype `dtype`
+// (fp32 allowed here: a cache may be fp32). The host fills the query's key intervals (key_intervals()).
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  int64_t batch_heads;
+  int32_t seq_len;
+  int32_t head_dim;  // 1 .. 256
+  float scale;
+  int32_t dtype;  // 0 fp32, 1 fp16, 2 bf16
+  int32_t num_intervals;
+  int32_t lo[kMaxDecodeIntervals];
+  int32_t hi[kMaxDecodeIntervals];
+};
+
+// One thread block per (batch, head); its warps split the keys, each keeps an online softmax, and the
+// block merges them in a fixed order (deterministic, no atomics).
+cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream);
+
 }  // namespace dalle_fast::cuda

@@ -1,5 +1,5 @@
-// CUDA host glue for dalle_fast::sparse_attention_fwd / _bwd: argument checks, the device copy of the
-// block layout (cached per mask and device), torch's current stream, and the launch error check.
+// CUDA host glue for dalle_fast::sparse_attention_fwd / _bwd / _decode: argument checks, the device copy
+// of the block layout (cached per mask and device), torch's current stream, and the launch error check.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -143,11 +143,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
+at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                       c10::string_view kind, int64_t text_len, int64_t image_size,
+                                       int64_t kernel_size, double scale, int64_t position) {
+  const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_decode(q_in, k_in, v_in, m, position);
+  TORCH_CHECK(q_in.device().is_cuda(), "dalle_fast: expected CUDA tensors, got ", q_in.device());
+  const auto dt = q_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "dalle_fast: the CUDA decode kernel takes float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(q_in.size(2) >= 1 && q_in.size(2) <= 256,
+              "dalle_fast: head_dim (q.shape[2]) must be in [1, 256] for decode, got ", q_in.size(2));
+  TORCH_CHECK(k_in.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", k_in.size(2));
+  cuda::DecodeParams p{};
+  KeyInterval iv[cuda::kMaxDecodeIntervals];
+  TORCH_CHECK(max_key_intervals(m) <= cuda::kMaxDecodeIntervals, "dalle_fast: kernel_size ", kernel_size,
+              " is too large for the CUDA decode kernel (at most ", 2 * (cuda::kMaxDecodeIntervals - 2) + 1, ")");
+  p.num_intervals = static_cast<int32_t>(key_intervals(m, position, iv));
+  for (int32_t t = 0; t < p.num_intervals; ++t) {
+    p.lo[t] = static_cast<int32_t>(iv[t].lo);
+    p.hi[t] = static_cast<int32_t>(iv[t].hi);
+  }
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return out;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.batch_heads = q.size(0) * q.size(1);
+  p.seq_len = static_cast<int32_t>(k.size(2));
+  p.head_dim = static_cast<int32_t>(q.size(2));
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2;
+  const cudaError_t err = cuda::attention_decode(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA decode launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dalle_fast, CUDA, m) {
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cuda);
   m.impl("sparse_attention_bwd", &sparse_attention_bwd_cuda);
+  m.impl("sparse_attention_decode", &sparse_attention_decode_cuda);
 }
 
 }  // namespace dalle_fast
