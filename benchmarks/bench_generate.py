@@ -32,13 +32,20 @@ from dalle_fast.transformer import DALLE, preset
 HERE = Path(__file__).parent
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_runs(model: DALLE, text: torch.Tensor, iters: int) -> dict[bool, float]:
     """Best seconds of `iters` runs for each path (cache on, cache off), taking turns."""
     best = {True: float("inf"), False: float("inf")}
     for it in range(iters + 1):  # the first round warms up
         for cache in (True, False):
+            _sync(text.device)
             t0 = time.perf_counter()
-            sample_tokens(model, text, cache=cache, generator=torch.Generator().manual_seed(0))
+            sample_tokens(model, text, cache=cache, generator=torch.Generator(text.device).manual_seed(0))
+            _sync(text.device)
             if it:
                 best[cache] = min(best[cache], time.perf_counter() - t0)
     return best
@@ -51,20 +58,23 @@ def gathered_attention(q, k, v, idx, scale):
     return (w.unsqueeze(-2) @ vals).squeeze(-2).to(q.dtype)
 
 
-def time_decode(kind: str, text_len: int, image_size: int, batch_heads: tuple[int, int], head_dim: int, iters: int):
+def time_decode(
+    kind: str, text_len: int, image_size: int, batch_heads: tuple[int, int], head_dim: int, iters: int,
+    device: torch.device, dtype: torch.dtype,
+) -> dict[str, float]:  # fmt: skip
     """Microseconds per decode call (mean over every image position, best of `iters` sweeps) for the op,
     the gathered PyTorch path and masked SDPA."""
     B, H = batch_heads
     n = text_len + image_size**2
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(B, H, n, head_dim, generator=g) for _ in range(2))
-    q = torch.randn(B, H, head_dim, generator=g)
+    k, v = (torch.randn(B, H, n, head_dim, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(B, H, head_dim, generator=g).to(device, dtype)
     scale = head_dim**-0.5
     positions = range(text_len, n)
-    index = {i: torch.tensor(allowed_keys(kind, text_len, image_size, 11, i)) for i in positions}
+    index = {i: torch.tensor(allowed_keys(kind, text_len, image_size, 11, i), device=device) for i in positions}
     masks = {}
     for i, idx in index.items():
-        m = torch.zeros(n, dtype=torch.bool)
+        m = torch.zeros(n, dtype=torch.bool, device=device)
         m[idx] = True
         masks[i] = m
     paths = {
@@ -77,9 +87,11 @@ def time_decode(kind: str, text_len: int, image_size: int, batch_heads: tuple[in
     best = dict.fromkeys(paths, float("inf"))
     for it in range(iters + 1):  # the first sweep warms up
         for name, fn in paths.items():
+            _sync(device)
             t0 = time.perf_counter()
             for i in positions:
                 fn(i)
+            _sync(device)
             if it:
                 best[name] = min(best[name], (time.perf_counter() - t0) / len(positions) * 1e6)
     return best
@@ -97,27 +109,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--iters", type=int, default=2, help="timed runs per path (best kept)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (decode table: fp32 on the CPU, bf16 on CUDA)")
     ap.add_argument("--decode-iters", type=int, default=3, help="timed sweeps of the decode table (best kept)")
     ap.add_argument("--out", default=str(HERE / "RESULTS_generate.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     cfg = preset(args.preset)
-    model = DALLE(cfg).eval()
+    model = DALLE(cfg).eval().to(device)
     n = cfg.image_size**2
     rows = []
     for batch in args.batches:
         text = torch.randint(0, cfg.text_vocab, (batch, cfg.text_len), generator=torch.Generator().manual_seed(1))
+        text = text.to(device)
         best = time_runs(model, text, args.iters)
         rates = {c: batch * n / s for c, s in best.items()}
         rows.append((batch, best, rates))
         print(f"batch {batch}: cache {rates[True]:.0f} tok/s, recompute {rates[False]:.0f} tok/s, "
               f"{rates[True] / rates[False]:.1f}x")  # fmt: skip
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()}, CPU, {args.threads} thread(s)"
+    )
+    decode_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lines = [
         "# Sampling throughput: KV cache vs full recompute per token",
         "",
         f"`python -m benchmarks.bench_generate --preset {args.preset} --batches {' '.join(map(str, args.batches))} "
-        f"--iters {args.iters} --threads {args.threads}` on {platform.machine()}, CPU, {args.threads} thread(s), "
+        f"--iters {args.iters} --threads {args.threads} --device {args.device}` on {where}, "
         f"torch {torch.__version__}. Preset `{args.preset}`: {cfg.text_len} text + {cfg.image_size}x{cfg.image_size} "
         f"image tokens, {cfg.n_layers} layers, d_model {cfg.d_model}, {model.num_params() / 1e6:.1f}M parameters, "
         f"random weights. One run samples every image token of the batch (the cache's prefill included); "
@@ -146,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         "## The decode op",
         "",
         "One attention call per image position, averaged over every position of the grid (microseconds, "
-        f"best of {args.decode_iters} sweeps, fp32, {args.threads} thread(s)):",
+        f"best of {args.decode_iters} sweeps, {str(decode_dtype).removeprefix('torch.')}, on {where}):",
         "",
         "| shape | kind | dalle_fast decode | gathered PyTorch | SDPA, mask row | vs gathered | vs SDPA |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for label, T, W, bh, hd in DECODE_SHAPES:
         for kind in MASK_KINDS:
-            us = time_decode(kind, T, W, bh, hd, args.decode_iters)
+            us = time_decode(kind, T, W, bh, hd, args.decode_iters, device, decode_dtype)
             op, gathered, sdpa = us["dalle_fast decode"], us["gathered PyTorch"], us["SDPA, mask row"]
             print(f"decode {label} {kind}: {op:.1f} us, gathered {gathered:.1f} us, SDPA {sdpa:.1f} us")
             ratios = f"{gathered / op:.2f}x | {sdpa / op:.2f}x"

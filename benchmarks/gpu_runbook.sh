@@ -53,6 +53,8 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
       step "benchmarks $dt"
       run $PY -m benchmarks.run --device cuda --dtype "$dt" --batch 8 --heads 16 --out "$RES/${gpu}_${dt}.md"
     done
+    step "benchmarks: sampling (KV cache, decode op)"
+    run $PY -m benchmarks.bench_generate --device cuda --batches 1 32 --out "$RES/${gpu}_generate.md"
     step "benchmarks: per-resblock gradient scaling"
     run $PY -m benchmarks.bench_amp --device cuda --out "$RES/${gpu}_amp.md"
   fi

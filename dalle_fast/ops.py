@@ -59,6 +59,15 @@ def _check_inputs(
         raise ValueError(f"q must be on a CPU or CUDA device, got {q.device}")
 
 
+def _require_cuda_kernels(q: torch.Tensor, op: str) -> None:
+    """RuntimeError for a CUDA tensor when the extension was built without CUDA kernels."""
+    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA"):
+        raise RuntimeError(
+            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
+            "reinstall with a toolkit present, or use reference=True"
+        )
+
+
 def to_column_order(x: torch.Tensor, text_len: int, image_size: int) -> torch.Tensor:
     """Swaps rows and columns of the image part of x [..., seq_len, dim]; text untouched.
 
@@ -82,13 +91,7 @@ def block_sparse_attention(
     states are already transposed (see to_column_order). Differentiable."""
     _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dalle_fast::sparse_attention_fwd", "CUDA"
-    ):
-        raise RuntimeError(
-            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
-            "reinstall with a toolkit present, or use reference=True"
-        )
+    _require_cuda_kernels(q, "sparse_attention_fwd")
     out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, image_size, kernel_size, scale)
     return out
 
@@ -203,13 +206,7 @@ def sparse_attention_decode(
         return sparse_attention_decode_reference(q, k, v, kind, text_len, image_size, position, kernel_size, scale)
     _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dalle_fast::sparse_attention_decode", "CUDA"
-    ):
-        raise RuntimeError(
-            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
-            "reinstall with a toolkit present, or use reference=True"
-        )
+    _require_cuda_kernels(q, "sparse_attention_decode")
     return torch.ops.dalle_fast.sparse_attention_decode(
         q, k, v, kind, text_len, image_size, kernel_size, scale, position
     )

@@ -1,5 +1,5 @@
 """A small case of every CUDA kernel (attention forward, dK/dV, dQ for every kind, dtype and head dim;
-the gradient-scaling kernels), for
+the decode kernel; the gradient-scaling kernels), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run."""
 
@@ -18,6 +18,14 @@ def main():
                 q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                 out.backward(torch.randn_like(out))
+    # Decode: one query row against a cache, every kind, fp32/fp16/bf16, head dims on and off 32.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for d in (16, 64, 100):
+            k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=dtype) for _ in range(2))
+            q = torch.randn(2, 3, d, device="cuda", dtype=dtype)
+            for kind in dalle_fast.MASK_KINDS:
+                for position in (0, T - 1, T, T + 40, n - 1):
+                    dalle_fast.sparse_attention_decode(q, k, v, kind, T, W, position, 5)
     # Per-resblock gradient scaling: boundary ops, multi-tensor unscale + check, scale update, AdamW.
     from torch import nn
 
