@@ -101,19 +101,28 @@ def test_opcheck(kind, device):
         torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_decode.default, args)
 
 
-def test_head_dims_and_scale():
-    for head_dim in (1, 16, 24, 64, 128, 256):
-        q, k, v = make_cache(9, 6, head_dim=head_dim, batch=1, heads=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_dims_scale_and_kernel_sizes(device):
+    for head_dim in (1, 16, 24, 64, 100, 128, 256):
+        q, k, v = make_cache(9, 6, head_dim=head_dim, batch=1, heads=2, device=device)
         for i in (4, 9 + 20):
             got = sparse_attention_decode(q[:, :, i], k, v, "conv", 9, 6, i, 5, scale=0.3)
             want = sparse_attention_decode_reference(q[:, :, i], k, v, "conv", 9, 6, i, 5, scale=0.3)
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=2e-5, rtol=2e-4)
+    # A conv kernel wider than the grid (every row of the image's past in reach) and a huge one.
+    q, k, v = make_cache(3, 12, batch=1, heads=2, device=device)
+    for ks in (25, 125):
+        for i in (3 + 70, 3 + 143):
+            got = sparse_attention_decode(q[:, :, i], k, v, "conv", 3, 12, i, ks)
+            want = sparse_attention_decode_reference(q[:, :, i], k, v, "conv", 3, 12, i, ks)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=2e-5, rtol=2e-4)
 
 
-def test_non_contiguous_cache_and_empty_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_cache_and_empty_batch(device):
     T, W = 6, 4
-    k, v = (torch.randn(2, T + W * W, 3, 16).transpose(1, 2) for _ in range(2))  # [B, H, N, D] views
-    q = torch.randn(2, 16, 3).transpose(1, 2)
+    k, v = (torch.randn(2, T + W * W, 3, 16, device=device).transpose(1, 2) for _ in range(2))  # [B, H, N, D] views
+    q = torch.randn(2, 16, 3, device=device).transpose(1, 2)
     assert not k.is_contiguous() and not q.is_contiguous()
     for kind in MASK_KINDS:
         torch.testing.assert_close(
@@ -122,7 +131,7 @@ def test_non_contiguous_cache_and_empty_batch():
             atol=2e-5,
             rtol=1e-4,
         )
-    e = torch.randn(0, 3, T + W * W, 16)
+    e = torch.randn(0, 3, T + W * W, 16, device=device)
     assert sparse_attention_decode(e[:, :, 0], e, e, "row", T, W, 3).shape == (0, 3, 16)
 
 

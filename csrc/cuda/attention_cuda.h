@@ -58,8 +58,11 @@ cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, c
 // Key intervals one decode call may visit (the conv mask of kernel_size k has at most k / 2 + 2).
 constexpr int kMaxDecodeIntervals = 64;
 
-// q, out [batch_heads, head_dim]; k, v [batch_heads, seq_len, head_dim], contiguous, of dtype `dtype`
-// (fp32 allowed here: a cache may be fp32). The host fills the query's key intervals (key_intervals()).
+// Decode takes fp32 too (a cache may be fp32), hence an enum of its own.
+enum class DecodeDType : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// q, out [batch_heads, head_dim]; k, v [batch_heads, seq_len, head_dim], contiguous, of dtype `dtype`.
+// The host fills the query's key intervals (key_intervals()).
 struct DecodeParams {
   const void* q;
   const void* k;
@@ -69,7 +72,7 @@ struct DecodeParams {
   int32_t seq_len;
   int32_t head_dim;  // 1 .. 256
   float scale;
-  int32_t dtype;  // 0 fp32, 1 fp16, 2 bf16
+  DecodeDType dtype;
   int32_t num_intervals;
   int32_t lo[kMaxDecodeIntervals];
   int32_t hi[kMaxDecodeIntervals];

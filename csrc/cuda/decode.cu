@@ -41,8 +41,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   }
   float m = -INFINITY, l = 0.f;
   for (int t = 0; t < p.num_intervals; ++t) {
-    for (int j = p.lo[t] + warp; j < p.hi[t]; j += kDecodeWarps) {
-      const T* kj = K + static_cast<int64_t>(j) * D;
+    for (int64_t j = p.lo[t] + warp; j < p.hi[t]; j += kDecodeWarps) {
+      const T* kj = K + j * D;
       float s = 0.f;
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
@@ -52,10 +52,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
       const float m_new = fmaxf(m, s);
-      const float corr = expf(m - m_new);  // 0 while m is -inf
+      const float corr = m == -INFINITY ? 0.f : expf(m - m_new);  // no key yet: nothing to rescale
       const float w = expf(s - m_new);
       l = l * corr + w;
-      const T* vj = V + static_cast<int64_t>(j) * D;
+      const T* vj = V + j * D;
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
         const int d = lane + 32 * e;
@@ -80,12 +80,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   // Merge the warps in order: rescale each to the common maximum (a warp with no keys has m = -inf, l = 0).
   float mx = -INFINITY;
   for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, s_m[w]);
-  float total = 0.f;
-  for (int w = 0; w < kDecodeWarps; ++w) total += s_l[w] * expf(s_m[w] - mx);
+  float weight[kDecodeWarps], total = 0.f;
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    weight[w] = s_m[w] == -INFINITY ? 0.f : expf(s_m[w] - mx);
+    total += s_l[w] * weight[w];
+  }
   T* O = static_cast<T*>(p.out) + bh * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
-    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * expf(s_m[w] - mx);
+    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
     store_f(O + d, o / total);
   }
 }
@@ -99,13 +102,13 @@ cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(p.batch_heads)), block(kDecodeWarps * 32);
   switch (p.dtype) {
-    case 0:
+    case DecodeDType::kFloat:
       decode_kernel<float><<<grid, block, 0, stream>>>(p);
       break;
-    case 1:
+    case DecodeDType::kHalf:
       decode_kernel<__half><<<grid, block, 0, stream>>>(p);
       break;
-    case 2:
+    case DecodeDType::kBFloat16:
       decode_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p);
       break;
     default:

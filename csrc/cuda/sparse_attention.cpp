@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "attention_cuda.h"
@@ -155,11 +156,14 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   TORCH_CHECK(q_in.size(2) >= 1 && q_in.size(2) <= 256,
               "dalle_fast: head_dim (q.shape[2]) must be in [1, 256] for decode, got ", q_in.size(2));
   TORCH_CHECK(k_in.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", k_in.size(2));
+  TORCH_CHECK(q_in.size(0) * q_in.size(1) <= INT32_MAX, "dalle_fast: batch * heads too large for the CUDA decode "
+              "kernel (one thread block each, at most 2^31 - 1), got ", q_in.size(0) * q_in.size(1));
   cuda::DecodeParams p{};
-  KeyInterval iv[cuda::kMaxDecodeIntervals];
-  TORCH_CHECK(max_key_intervals(m) <= cuda::kMaxDecodeIntervals, "dalle_fast: kernel_size ", kernel_size,
-              " is too large for the CUDA decode kernel (at most ", 2 * (cuda::kMaxDecodeIntervals - 2) + 1, ")");
-  p.num_intervals = static_cast<int32_t>(key_intervals(m, position, iv));
+  std::vector<KeyInterval> iv(max_key_intervals(m));
+  const int64_t n_iv = key_intervals(m, position, iv.data());
+  TORCH_CHECK(n_iv <= cuda::kMaxDecodeIntervals, "dalle_fast: this conv row has ", n_iv, " key intervals; the CUDA "
+              "decode kernel takes at most ", cuda::kMaxDecodeIntervals, " (use a smaller kernel_size)");
+  p.num_intervals = static_cast<int32_t>(n_iv);
   for (int32_t t = 0; t < p.num_intervals; ++t) {
     p.lo[t] = static_cast<int32_t>(iv[t].lo);
     p.hi[t] = static_cast<int32_t>(iv[t].hi);
@@ -176,7 +180,9 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   p.seq_len = static_cast<int32_t>(k.size(2));
   p.head_dim = static_cast<int32_t>(q.size(2));
   p.scale = static_cast<float>(scale);
-  p.dtype = dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2;
+  p.dtype = dt == at::kFloat   ? cuda::DecodeDType::kFloat
+            : dt == at::kHalf  ? cuda::DecodeDType::kHalf
+                               : cuda::DecodeDType::kBFloat16;
   const cudaError_t err = cuda::attention_decode(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA decode launch failed: ", cudaGetErrorString(err));
   return out;
