@@ -67,6 +67,9 @@ class DALLETrainConfig:
     vae: str = field(default="runs/vae", metadata={"help": "the stage-1 run directory (its EMA weights encode)"})
     preset: str = field(default="tiny", metadata={"help": f"transformer size: {' | '.join(PRESETS)}"})
     out: str = field(default="runs/dalle", metadata={"help": "run directory (checkpoints, logs, samples)"})
+    d_model: int = field(
+        default=0, metadata={"help": "residual-stream width (heads: d_model / the preset's head_dim); 0: the preset's"}
+    )
     text_len: int = field(default=0, metadata={"help": "text positions; 0: the preset's"})
     vocab_size: int = field(default=0, metadata={"help": "BPE vocabulary size; 0: the preset's text_vocab"})
     bpe_dropout: float = field(default=0.1, metadata={"help": "BPE dropout on training captions (the paper: 0.1)"})
@@ -126,6 +129,11 @@ class DALLETrainConfig:
             raise ValueError("--shard and --powersgd-rank exclude each other (PowerSGD is a DDP communication hook)")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
+        head_dim = PRESETS[self.preset].head_dim
+        if self.d_model < 0 or self.d_model % head_dim:
+            raise ValueError(
+                f"d_model must be 0 or a positive multiple of the preset's head_dim ({head_dim}), got {self.d_model}"
+            )
         for name in (
             "powersgd_rank",
             "text_len",
@@ -362,6 +370,7 @@ class Trainer:
             attention=cfg.attention,
             checkpoint=cfg.checkpoint,
             kernel_size=min(base.kernel_size, 2 * self.dvae.cfg.grid - 1),
+            **({"d_model": cfg.d_model, "n_heads": cfg.d_model // base.head_dim} if cfg.d_model else {}),
         )
         torch.manual_seed(cfg.seed)
         self.model = DALLE(self.mcfg).to(self.device)

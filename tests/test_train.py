@@ -10,6 +10,7 @@ import tarfile
 import warnings
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -125,3 +126,21 @@ def test_cli_bad_data_spec(tmp_path, capsys, flags, match):
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path / "x"), *flags])
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_grid_sets_the_groups(tmp_path):
+    """--grid 16 on the tiny preset: one halving fewer (2 groups), a 16x16 grid of codes, and the run's
+    config records it so stage 2 and sampling rebuild the same model."""
+    out = tmp_path / "g16"
+    assert VAETrainConfig(grid=16).dvae_config().grid == 16
+    assert VAETrainConfig(grid=8).dvae_config() == VAETrainConfig().dvae_config()
+    train_vae(_cfg(out, grid=16, steps=2, ckpt_every=2))
+    saved = json.loads((out / "config.json").read_text())["dvae"]
+    assert saved["groups"] == 2
+    from dalle_fast.train_dalle import load_dvae
+
+    codes = load_dvae(out).encode(torch.rand(1, 3, 32, 32))
+    assert codes.shape[-2:] == (16, 16)
+    for bad in (12, 64, -8):
+        with pytest.raises(ValueError, match="grid"):
+            VAETrainConfig(grid=bad)

@@ -2,6 +2,7 @@
 the whole main job (every stage, micro-sized)."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -188,6 +189,29 @@ def test_model_from_a_run_matches_the_trained_config(vae_run, tmp_path):
     model, _, _ = load_transformer(tmp_path / "m")
     assert isinstance(model, DALLE)
     assert model.cfg.image_size == 8 and model.cfg.d_model == preset("micro").d_model
+    train_dalle(_cfg(vae_run, tmp_path / "w", steps=1, d_model=64))  # micro's head_dim 16: 4 heads
+    model, _, _ = load_transformer(tmp_path / "w")
+    assert (model.cfg.d_model, model.cfg.n_heads, model.cfg.head_dim) == (64, 4, 16)
+    with pytest.raises(ValueError, match="d_model"):
+        _cfg(vae_run, tmp_path / "x", d_model=40)
+
+
+def test_main_job_grid_width_and_batch(tmp_path):
+    """--grid, --width and --dalle-batch reach the stages: a 16x16 dVAE, a narrower transformer on its
+    256 image tokens, and samples drawn from them."""
+    cfg = PipelineConfig(
+        root=str(tmp_path), name="g16", vae_steps=1, dalle_steps=1, clip_steps=1, items=16, captions=1, rerank=2,
+        per_caption=1, grid=16, width=64, dalle_batch=4,
+    )  # fmt: skip
+    run_pipeline(cfg)
+    run = tmp_path / "g16"
+    assert json.loads((run / "vae" / "config.json").read_text())["dvae"]["groups"] == 2
+    assert json.loads((run / "dalle" / "config.json").read_text())["train"]["batch_size"] == 4
+    model, _, _ = load_transformer(run / "dalle")
+    assert (model.cfg.image_size, model.cfg.d_model, model.cfg.n_heads) == (16, 64, 2)
+    assert (run / "samples.png").exists()
+    with pytest.raises(ValueError, match="grid"):
+        run_pipeline(dataclasses.replace(cfg, name="bad", grid=12))
 
 
 def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path):
