@@ -76,7 +76,7 @@ def time_decode(
     for i, idx in index.items():
         m = torch.zeros(n, dtype=torch.bool, device=device)
         m[idx] = True
-        masks[i] = m
+        masks[i] = m.unsqueeze(0)  # (1 query, n keys)
     paths = {
         "dalle_fast decode": lambda i: sparse_attention_decode(q, k, v, kind, text_len, image_size, i),
         "gathered PyTorch": lambda i: gathered_attention(q, k, v, index[i], scale),
@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "With one image the cached step is bound by latency, not arithmetic: each layer's four matrix-vector "
-        "products read all of its weights (about 15-20 us each at the tiny preset), and the step's other ~150 "
-        "small ops (norms, GELU, the gather, softmax) cost a few microseconds each (a profile of one decode "
-        "step: about 2 ms, under half of it in the linear layers). The recompute path pays the same fixed "
-        f"costs once per token but does up to {cfg.seq_len}x the arithmetic, so the gap grows with the batch "
-        "(reranking samples many images per caption). A change that folded the key and value caches into one "
-        "tensor, precomputed the position embeddings and folded the scale into the query measured no faster "
-        "(2.14 vs 2.02 ms per step, best of 8) and was not kept.",
+        "products read all of its weights (about 15-20 us each at the tiny preset), and the step's other small "
+        "ops (norms, GELU, the decode op, embeddings) cost microseconds each (one decode step: about 2 ms, under "
+        "half of it in the linear layers). The recompute path pays the same fixed costs once per token but does "
+        f"up to {cfg.seq_len}x the arithmetic, so the gap grows with the batch (reranking samples many images per "
+        "caption). A change that folded the key and value caches into one tensor, precomputed the position "
+        "embeddings and folded the scale into the query measured no faster (2.14 vs 2.02 ms per step, best of 8) "
+        "and was not kept.",
         "",
         "## The decode op",
         "",

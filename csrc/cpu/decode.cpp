@@ -15,6 +15,19 @@
 namespace dalle_fast::cpu {
 namespace {
 
+// q . k over D elements in 8 independent lanes, so the loop vectorises without reassociation flags.
+template <typename T>
+inline float dot_lanes(const float* q, const T* k, int64_t D) {
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += q[d + l] * static_cast<float>(k[d + l]);
+  float sum = 0.f;
+  for (; d < D; ++d) sum += q[d] * static_cast<float>(k[d]);
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
+
 template <typename T>
 void decode(const DecodeShape& s, const T* q, const T* k, const T* v, T* out) {
   const int64_t N = s.seq_len, D = s.head_dim;
@@ -35,9 +48,7 @@ void decode(const DecodeShape& s, const T* q, const T* k, const T* v, T* out) {
       int64_t x = 0;
       for (int64_t t = 0; t < n_iv; ++t) {
         for (int64_t j = iv[t].lo; j < iv[t].hi; ++j, ++x) {
-          const T* kj = K + j * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<float>(kj[d]);
+          const float dot = dot_lanes(qf.data(), K + j * D, D);
           scores[x] = dot;
           mx = std::max(mx, dot);
         }
