@@ -177,7 +177,10 @@ def test_distributed_flags_are_checked(vae_run, tmp_path):
     with pytest.raises(ValueError, match="powersgd_rank"):
         DALLETrainConfig(powersgd_rank=-1)
     # One process: --shard and --powersgd-rank have nothing to do and the run is a plain one.
-    t = Trainer(DALLETrainConfig(vae=str(vae_run), out=str(tmp_path / "p"), preset="micro", powersgd_rank=4))
+    cfg = DALLETrainConfig(
+        vae=str(vae_run), out=str(tmp_path / "p"), preset="micro", powersgd_rank=4, max_items=16, val_items=4
+    )
+    t = Trainer(cfg)  # 16 items: encoding the whole built-in set (100,000 images) would take minutes
     assert t.powersgd is None and not t.dist.enabled
 
 
