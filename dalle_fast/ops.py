@@ -21,23 +21,30 @@ _CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
 
 
+def _check_tensors(q, k, v, q_dims: int, q_layout: str, kv_layout: str, kv_shape) -> None:
+    """ValueError naming the argument unless q, k, v are tensors, q has q_dims dimensions (`q_layout`
+    names them), and k and v have the shape kv_shape(q) (`kv_layout` describes it), q's dtype and device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != q_dims:
+        raise ValueError(f"q must be {q_dims}-D {q_layout}, got shape {tuple(q.shape)}")
+    want = kv_shape(q)
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have {kv_layout} {want}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
 def _check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int, kernel_size: int
 ) -> None:
     """ValueError naming the argument for anything the kernels cannot take."""
     check_mask_args(kind, text_len, image_size, kernel_size)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [batch, heads, seq_len, head_dim], got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    _check_tensors(q, k, v, 4, "[batch, heads, seq_len, head_dim]", "the shape of q", lambda q: tuple(q.shape))
     n = text_len + image_size * image_size
     if q.shape[2] != n:
         raise ValueError(
@@ -157,20 +164,11 @@ def _check_decode_inputs(
 ) -> None:  # fmt: skip
     """ValueError naming the argument for anything the decode kernels cannot take."""
     check_mask_args(kind, text_len, image_size, kernel_size)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [batch, heads, head_dim] (one query per row), got shape {tuple(q.shape)}")
     n = text_len + image_size * image_size
-    want = (q.shape[0], q.shape[1], n, q.shape[2])
-    for name, t in (("k", k), ("v", v)):
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape [batch, heads, seq_len, head_dim] = {want}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    _check_tensors(
+        q, k, v, 3, "[batch, heads, head_dim] (one query per row)", "shape [batch, heads, seq_len, head_dim] =",
+        lambda q: (q.shape[0], q.shape[1], n, q.shape[2]),
+    )  # fmt: skip
     if not isinstance(position, int) or not 0 <= position < n:
         raise ValueError(f"position must be an int in [0, seq_len = {n}), got {position!r}")
     if q.dtype not in _CPU_DTYPES:
