@@ -72,7 +72,9 @@ class CaptionTokenizer:
     def encode(self, captions: str | Sequence[str], dropout: bool = False) -> torch.Tensor:
         """LongTensor [len(captions), text_len] (or [text_len] for one string), PAD in unused slots.
 
-        dropout=True applies BPE dropout (for training the transformer)."""
+        dropout=True applies BPE dropout (for training the transformer). Dropout splits words into more
+        tokens; a caption whose dropout encoding would not fit text_len keeps its clean encoding, so it
+        never loses its end (the second object of a caption, say) to regularisation."""
         single = isinstance(captions, str)
         batch = [captions] if single else list(captions)
         for c in batch:
@@ -83,6 +85,10 @@ class CaptionTokenizer:
             encs = self._tok.encode_batch(batch)
         finally:
             self._set_dropout(False)
+        if dropout:
+            long = [i for i, e in enumerate(encs) if len(e.ids) > self.text_len]
+            for i, e in zip(long, self._tok.encode_batch([batch[i] for i in long]), strict=True):
+                encs[i] = e
         out = torch.full((len(batch), self.text_len), PAD, dtype=torch.long)
         for i, e in enumerate(encs):
             ids = e.ids
