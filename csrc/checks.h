@@ -22,18 +22,29 @@ inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64
   return m;
 }
 
-// q, k, v: [batch, heads, seq_len, head_dim], same dtype and device, seq_len == text_len + image_size^2.
-inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m) {
-  TORCH_CHECK(q.dim() == 4, "dalle_fast: q must be 4-D [batch, heads, seq_len, head_dim], got shape ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "dalle_fast: k must have the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "dalle_fast: v must have the shape of q ", q.sizes(), ", got ", v.sizes());
+// k and v share q's dtype and device.
+inline void check_dtype_device(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "dalle_fast: q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "dalle_fast: q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(q.size(2) == m.seq_len(), "dalle_fast: q.shape[2] (seq_len) must equal text_len + image_size**2 = ",
-              m.text_len, " + ", m.image_size, "**2 = ", m.seq_len(), ", got ", q.size(2));
+}
+
+// t.shape[2] (seq_len) == text_len + image_size^2.
+inline void check_seq_len(const at::Tensor& t, const char* name, const MaskSpec& m) {
+  TORCH_CHECK(t.size(2) == m.seq_len(), "dalle_fast: ", name,
+              ".shape[2] (seq_len) must equal text_len + image_size**2 = ", m.text_len, " + ", m.image_size,
+              "**2 = ", m.seq_len(), ", got ", t.size(2));
+}
+
+// q, k, v: [batch, heads, seq_len, head_dim], same dtype and device, seq_len == text_len + image_size^2.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m) {
+  TORCH_CHECK(q.dim() == 4, "dalle_fast: q must be 4-D [batch, heads, seq_len, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "dalle_fast: k must have the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "dalle_fast: v must have the shape of q ", q.sizes(), ", got ", v.sizes());
+  check_dtype_device(q, k, v);
+  check_seq_len(q, "q", m);
 }
 
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
@@ -63,13 +74,8 @@ inline void check_decode(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "dalle_fast: k must be 4-D [batch, heads, seq_len, head_dim] = [", q.size(0), ", ", q.size(1),
               ", seq_len, ", q.size(2), "], got shape ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "dalle_fast: v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "dalle_fast: q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
-              "dalle_fast: q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(k.size(2) == m.seq_len(), "dalle_fast: k.shape[2] (seq_len) must equal text_len + image_size**2 = ",
-              m.text_len, " + ", m.image_size, "**2 = ", m.seq_len(), ", got ", k.size(2));
+  check_dtype_device(q, k, v);
+  check_seq_len(k, "k", m);
   TORCH_CHECK(position >= 0 && position < m.seq_len(), "dalle_fast: position must be in [0, ", m.seq_len(),
               "), got ", position);
 }
