@@ -87,7 +87,9 @@ def adamw_step_reference(
         p32 = p.float() * decay[b]
         m32 = m.float() * beta1 + g32 * (1.0 - beta1)
         v32 = v.float() * beta2 + (g32 * g32) * (1.0 - beta2)
-        denom = v32.sqrt() / bias_correction2_sqrt[b] + eps
+        # torch's fp32 sqrt is not correctly rounded on every CPU (AVX-512 builds differ by an ulp); the
+        # kernels' is, and so is fp64 sqrt rounded to fp32.
+        denom = v32.double().sqrt().float() / bias_correction2_sqrt[b] + eps
         p32 = p32 - step_size[b] * (m32 / denom)
         p.copy_(p32.to(p.dtype))
         m.copy_(m32.to(m.dtype))

@@ -126,13 +126,14 @@ def test_scale_update_bit_exact_over_a_random_run():
 
 def test_adamw_step_bit_exact_and_skips_blocks():
     torch.manual_seed(0)
-    shapes = [(17,), (300, 7), (64,), (5, 5)]
-    dts = [torch.float32, torch.bfloat16, torch.float32, torch.float16]
+    # 70001 elements: enough that an fp32 sqrt which is not correctly rounded shows up.
+    shapes = [(17,), (300, 7), (64,), (5, 5), (70001,)]
+    dts = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32]
     params = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
     grads = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
     ms = [torch.randn(s).abs() * 0.1 for s in shapes]
     vs = [torch.randn(s).abs() * 0.01 for s in shapes]
-    blocks = [0, 1, 1, 2]
+    blocks = [0, 1, 1, 2, 2]
     found = torch.tensor([False, True, False])
     step_size = torch.tensor([1e-3, 2e-3, 3e-4])
     bc2 = torch.tensor([0.3, 0.5, 0.9])

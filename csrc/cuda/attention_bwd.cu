@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   const int N = p.seq_len, k0 = kb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBlock * L::ldt;
   T* sQ = sV + kBlock * L::ldt;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   const int N = p.seq_len, q0 = qb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBlock * L::ldt;
   T* sK = sdO + kBlock * L::ldt;
@@ -197,11 +197,11 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const float* 
   if (err == cudaSuccess) err = prepare_launch(k2, smem);
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
-  k1<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, g, lse, delta, static_cast<T*>(dk),
-                                                                 static_cast<T*>(dv));
+  const unsigned grid = static_cast<unsigned>(blocks);
+  DALLE_FAST_LAUNCH(k1, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  k2<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, g, lse, delta, static_cast<T*>(dq));
+  DALLE_FAST_LAUNCH(k2, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dq));
   return cudaGetLastError();
 }
 

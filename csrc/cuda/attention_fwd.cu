@@ -21,7 +21,8 @@ struct FwdSmem {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T* __restrict__ out, float* __restrict__ lse) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(AttentionParams p, T* __restrict__ out, float* __restrict__ lse) {
   using L = FwdSmem<D>;
   const int nb = p.layout.num_blocks;
   const int qb = blockIdx.x % nb;
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, T*
   const int N = p.seq_len, q0 = qb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlock * L::ldt;
   T* sV = sK + kBlock * L::ldt;
@@ -135,7 +136,8 @@ cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t
   const int64_t blocks = p.batch_heads * p.layout.num_blocks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<T*>(out), lse);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  DALLE_FAST_LAUNCH(kernel, grid, kThreads, smem, stream)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "attention_cuda.h"
+#include "launch.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
@@ -103,13 +104,13 @@ cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch_heads)), block(kDecodeWarps * 32);
   switch (p.dtype) {
     case DecodeDType::kFloat:
-      decode_kernel<float><<<grid, block, 0, stream>>>(p);
+      DALLE_FAST_LAUNCH(decode_kernel<float>, grid, block, 0, stream)(p);
       break;
     case DecodeDType::kHalf:
-      decode_kernel<__half><<<grid, block, 0, stream>>>(p);
+      DALLE_FAST_LAUNCH(decode_kernel<__half>, grid, block, 0, stream)(p);
       break;
     case DecodeDType::kBFloat16:
-      decode_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p);
+      DALLE_FAST_LAUNCH(decode_kernel<__nv_bfloat16>, grid, block, 0, stream)(p);
       break;
     default:
       return cudaErrorInvalidValue;

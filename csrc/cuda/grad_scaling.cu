@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "grad_scaling.h"
+#include "launch.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
@@ -122,15 +123,15 @@ int elementwise_blocks(int64_t n) {
 cudaError_t grad_scale(const void* in, void* out, int64_t n, FloatKind kind, const float* scales, int64_t block,
                        cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  grad_scale_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(in, out, n, static_cast<int32_t>(kind), scales,
-                                                                    block);
+  DALLE_FAST_LAUNCH(grad_scale_kernel, elementwise_blocks(n), kThreads, 0, stream)(
+      in, out, n, static_cast<int32_t>(kind), scales, block);
   return cudaGetLastError();
 }
 
 cudaError_t grad_unscale_filter(const void* in, void* out, int64_t n, FloatKind kind, const float* scales,
                                 int64_t block, bool* found_inf, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  grad_unscale_filter_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(
+  DALLE_FAST_LAUNCH(grad_unscale_filter_kernel, elementwise_blocks(n), kThreads, 0, stream)(
       in, out, n, static_cast<int32_t>(kind), scales, block, found_inf);
   return cudaGetLastError();
 }
@@ -139,16 +140,17 @@ cudaError_t multi_unscale_check(const TensorEntry* entries, const ChunkRef* chun
                                 const float* scales, bool* found_inf, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  multi_unscale_check_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, scales,
-                                                                                         found_inf);
+  const unsigned grid = static_cast<unsigned>(num_chunks);
+  DALLE_FAST_LAUNCH(multi_unscale_check_kernel, grid, kThreads, 0, stream)(entries, chunks, scales, found_inf);
   return cudaGetLastError();
 }
 
 cudaError_t scale_update(float* scales, int32_t* cooldown, const bool* found_inf, int64_t n, float growth,
                          float backoff, int32_t window, float min_scale, float max_scale, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  scale_update_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      scales, cooldown, found_inf, n, growth, backoff, window, min_scale, max_scale);
+  const unsigned grid = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+  DALLE_FAST_LAUNCH(scale_update_kernel, grid, kThreads, 0, stream)(scales, cooldown, found_inf, n, growth, backoff,
+                                                                    window, min_scale, max_scale);
   return cudaGetLastError();
 }
 
@@ -157,8 +159,9 @@ cudaError_t adamw_step(const TensorEntry* entries, const ChunkRef* chunks, int64
                        AdamWConstants c, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   if (num_chunks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  adamw_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(entries, chunks, found_inf, step_size,
-                                                                          bias_correction2_sqrt, decay, c);
+  const unsigned grid = static_cast<unsigned>(num_chunks);
+  DALLE_FAST_LAUNCH(adamw_kernel, grid, kThreads, 0, stream)(entries, chunks, found_inf, step_size,
+                                                             bias_correction2_sqrt, decay, c);
   return cudaGetLastError();
 }
 

@@ -13,6 +13,7 @@
 
 #include "../layout.h"
 #include "attention_cuda.h"
+#include "launch.cuh"
 
 namespace dalle_fast::cuda {
 

@@ -1,0 +1,14 @@
+// Kernel launch and dynamic shared memory, as macros so the host emulator in csrc/tests/cuda_emulator/
+// (which compiles these .cu files with g++ and defines both first) can run the kernels without a GPU.
+//
+//   DALLE_FAST_LAUNCH(kernel, grid, block, smem_bytes, stream)(args...);
+//   DALLE_FAST_DYNAMIC_SMEM(smem);  // unsigned char smem[], 128-byte aligned
+#pragma once
+
+#ifndef DALLE_FAST_LAUNCH
+#define DALLE_FAST_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
+#ifndef DALLE_FAST_DYNAMIC_SMEM
+#define DALLE_FAST_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif

@@ -1,0 +1,242 @@
+// The emulator's scheduler: fibers, barriers, shared memory and launch checks (see cuda_emu.h).
+#include "cuda_emu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+uint3 threadIdx;
+uint3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+namespace cuda_emu {
+namespace {
+
+enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Thread {
+  ucontext_t ctx;
+  State state = State::kReady;
+  int or_pred = 0;
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kGuard = 0xA5;
+
+struct Block {
+  std::vector<Thread> threads;
+  std::vector<int> order;          // the order threads run in between barriers
+  std::vector<uint64_t> exchange;  // 32 slots per warp
+  std::vector<const void*> pointers;  // 32 x 4 per warp
+  unsigned char* smem = nullptr;
+  int current = -1;
+  int or_result = 0;
+  ucontext_t scheduler;
+  bool failed = false;
+};
+
+Block* g_block = nullptr;
+const std::function<void()>* g_body = nullptr;
+std::string g_error;
+cudaError_t g_last = cudaSuccess;
+int g_schedule = 0;        // 0 ascending, 1 descending, n >= 2: shuffled with seed n
+size_t g_smem_optin = 166912;  // the smallest opt-in limit of the targeted archs (sm_80: 163 KiB)
+std::map<const void*, int> g_func_smem;
+
+void thread_main() {
+  (*g_body)();
+  g_block->threads[g_block->current].state = State::kDone;
+  swapcontext(&g_block->threads[g_block->current].ctx, &g_block->scheduler);
+}
+
+void yield(State s) {
+  Thread& t = g_block->threads[g_block->current];
+  t.state = s;
+  swapcontext(&t.ctx, &g_block->scheduler);
+}
+
+// Resumes thread i until it reaches a barrier or ends.
+void resume(int i) {
+  Block& b = *g_block;
+  b.current = i;
+  threadIdx = uint3{static_cast<unsigned>(i) % blockDim.x, static_cast<unsigned>(i) / blockDim.x % blockDim.y,
+                    static_cast<unsigned>(i) / (blockDim.x * blockDim.y)};
+  swapcontext(&b.scheduler, &b.threads[i].ctx);
+}
+
+// Runs one block to completion; returns false (with g_error set) on a fault.
+bool run_block(Block& b, const std::vector<char*>& stacks) {
+  const int n = static_cast<int>(b.threads.size());
+  for (int i = 0; i < n; ++i) {
+    Thread& t = b.threads[i];
+    t.state = State::kReady;
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = stacks[i];
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = nullptr;
+    makecontext(&t.ctx, thread_main, 0);
+  }
+  const int warps = (n + 31) / 32;
+  for (;;) {
+    for (int i : b.order)
+      if (b.threads[i].state == State::kReady) {
+        resume(i);
+        if (b.failed) return false;
+      }
+    // Every thread is at a barrier or done. Release whole warps first, then the block.
+    bool released = false;
+    int done = 0, at_block = 0;
+    for (int w = 0; w < warps; ++w) {
+      int lanes = 0, waiting = 0, w_done = 0;
+      for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) {
+        ++lanes;
+        waiting += b.threads[i].state == State::kAtWarpBarrier;
+        w_done += b.threads[i].state == State::kDone;
+      }
+      if (waiting == lanes) {
+        for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) b.threads[i].state = State::kReady;
+        released = true;
+      } else if (waiting > 0) {
+        g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
+                  std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
+                  std::to_string(lanes - waiting - w_done) + " lanes wait elsewhere and " + std::to_string(w_done) +
+                  " have exited";
+        return false;
+      }
+      done += w_done;
+    }
+    if (released) continue;
+    for (const Thread& t : b.threads) at_block += t.state == State::kAtBlockBarrier;
+    if (done == n) return true;
+    if (at_block + done == n && done > 0) {
+      g_error = "barrier divergence: " + std::to_string(at_block) + " threads wait at __syncthreads but " +
+                std::to_string(done) + " have exited";
+      return false;
+    }
+    int any = 0;
+    for (const Thread& t : b.threads) any |= t.or_pred;
+    b.or_result = any;
+    for (Thread& t : b.threads) {
+      t.state = State::kReady;
+      t.or_pred = 0;
+    }
+  }
+}
+
+}  // namespace
+
+void block_barrier() { yield(State::kAtBlockBarrier); }
+
+int block_barrier_or(int pred) {
+  g_block->threads[g_block->current].or_pred = pred != 0;
+  yield(State::kAtBlockBarrier);
+  return g_block->or_result;
+}
+
+void warp_barrier(unsigned mask) {
+  if (mask != 0xffffffffu) fail("__syncwarp: only full-warp masks are emulated");
+  yield(State::kAtWarpBarrier);
+}
+
+uint64_t* warp_exchange() { return g_block->exchange.data() + 32 * (g_block->current / 32); }
+const void** warp_pointers() { return g_block->pointers.data() + 128 * (g_block->current / 32); }
+unsigned char* dynamic_smem() { return g_block->smem; }
+
+void fail(const char* what) {
+  g_error = what;
+  g_block->failed = true;
+  swapcontext(&g_block->threads[g_block->current].ctx, &g_block->scheduler);
+  std::abort();  // never resumed
+}
+
+cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
+  auto finish = [](cudaError_t err, const std::string& msg) {
+    g_last = err;
+    if (err != cudaSuccess) g_error = msg;
+    return err;
+  };
+  const size_t threads = size_t(cfg.block.x) * cfg.block.y * cfg.block.z;
+  if (threads == 0 || threads > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0)
+    return finish(cudaErrorInvalidConfiguration, "invalid launch configuration");
+  const auto attr = g_func_smem.find(cfg.kernel);
+  const size_t allowed = attr == g_func_smem.end() ? 48 * 1024 : static_cast<size_t>(attr->second);
+  if (cfg.dynamic_smem > allowed)
+    return finish(cudaErrorInvalidValue, "dynamic shared memory " + std::to_string(cfg.dynamic_smem) +
+                                             " bytes > the kernel's limit " + std::to_string(allowed) +
+                                             " (cudaFuncSetAttribute raises it)");
+  if (allowed > g_smem_optin)
+    return finish(cudaErrorInvalidValue, "cudaFuncSetAttribute asked for " + std::to_string(allowed) +
+                                             " bytes of shared memory; the device allows " +
+                                             std::to_string(g_smem_optin));
+
+  Block b;
+  b.threads.resize(threads);
+  b.exchange.assign(32 * ((threads + 31) / 32), 0);
+  b.pointers.assign(128 * ((threads + 31) / 32), nullptr);
+  for (size_t i = 0; i < threads; ++i) b.order.push_back(static_cast<int>(i));
+  if (g_schedule == 1) std::reverse(b.order.begin(), b.order.end());
+  std::mt19937 rng(static_cast<unsigned>(g_schedule));
+  std::vector<char*> stacks(threads);
+  for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
+  std::vector<unsigned char> smem_buf(cfg.dynamic_smem + 2 * kGuardBytes + 128);
+  unsigned char* base = smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(smem_buf.data()) % 128) % 128;
+  b.smem = base + kGuardBytes;
+
+  Block* prev_block = g_block;
+  const std::function<void()>* prev_body = g_body;
+  g_block = &b;
+  g_body = &body;
+  blockDim = cfg.block;
+  gridDim = cfg.grid;
+  std::string err;
+  for (unsigned z = 0; z < cfg.grid.z && err.empty(); ++z)
+    for (unsigned y = 0; y < cfg.grid.y && err.empty(); ++y)
+      for (unsigned x = 0; x < cfg.grid.x && err.empty(); ++x) {
+        blockIdx = uint3{x, y, z};
+        if (g_schedule >= 2) std::shuffle(b.order.begin(), b.order.end(), rng);
+        std::memset(base, kGuard, kGuardBytes);
+        std::memset(b.smem, 0xFF, cfg.dynamic_smem);  // NaN in fp32, fp16 and bf16
+        std::memset(b.smem + cfg.dynamic_smem, kGuard, kGuardBytes);
+        const std::string where = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                  std::to_string(z) + "): ";
+        if (!run_block(b, stacks)) {
+          err = where + g_error;
+          break;
+        }
+        for (size_t i = 0; i < kGuardBytes; ++i)
+          if (base[i] != kGuard || b.smem[cfg.dynamic_smem + i] != kGuard) {
+            err = where + "a write outside the block's " + std::to_string(cfg.dynamic_smem) +
+                  " bytes of dynamic shared memory";
+            break;
+          }
+      }
+  for (auto* s : stacks) std::free(s);
+  g_block = prev_block;
+  g_body = prev_body;
+  return finish(err.empty() ? cudaSuccess : cudaErrorLaunchFailure, err);
+}
+
+cudaError_t take_last_error() {
+  const cudaError_t e = g_last;
+  g_last = cudaSuccess;
+  return e;
+}
+
+void set_func_max_dynamic_smem(const void* kernel, int bytes) { g_func_smem[kernel] = bytes; }
+
+}  // namespace cuda_emu
+
+extern "C" cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(); }
+
+// Knobs and the last failure's message, for the Python tests (ctypes).
+extern "C" void emu_set_schedule(int schedule) { cuda_emu::g_schedule = schedule; }
+extern "C" void emu_set_smem_optin(long long bytes) { cuda_emu::g_smem_optin = static_cast<size_t>(bytes); }
+extern "C" const char* emu_last_error() { return cuda_emu::g_error.c_str(); }

@@ -1,0 +1,417 @@
+"""The CUDA kernels of csrc/cuda/, run on the CPU under the host emulator in csrc/tests/cuda_emulator/.
+
+The .cu files are compiled unchanged with g++ against that emulator of the CUDA execution model (a fiber
+per CUDA thread, real barriers, warp collectives, per-block shared memory) and called through the same
+launchers the torch glue calls. So on a machine without a GPU these tests execute the kernels' own index
+arithmetic, masking, online softmax, tile loads and stores, and multi-tensor bookkeeping, and compare the
+results with the fp32 references (attention) or bit for bit with the references (gradient scaling).
+They also run every kernel under three thread orders and require identical bits (a race, or any order
+dependence, changes them), poison shared memory before each block, fence inputs and outputs with guard
+values, and hold the kernels to sm_80's shared-memory limit.
+
+They do not replace the GPU runbook (benchmarks/gpu_runbook.sh): timing, the hardware's tensor-core
+fragment layouts and rounding, and compute-sanitizer need a real GPU. Skipped when g++ or the CUDA
+headers (cuda_fp16.h, from a toolkit or torch's nvidia-* wheels) are missing.
+"""
+
+import ctypes
+import os
+import shutil
+import site
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle_fast import MASK_KINDS, amp, sparse_attention_reference
+from dalle_fast.masks import attention_mask
+from dalle_fast.ops import sparse_attention_decode
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "csrc" / "tests" / "cuda_emulator"
+KERNELS = ["attention_fwd.cu", "attention_bwd.cu", "decode.cu", "grad_scaling.cu"]
+KIND_ID = {"causal": 0, "row": 1, "column": 2, "conv": 3}
+ATTN_DTYPE_ID = {torch.float16: 0, torch.bfloat16: 1}
+FLOAT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FloatKind and DecodeDType
+SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 7}
+SM80_SMEM_OPTIN = 166912  # bytes of shared memory per block an A100 (sm_80) allows
+GUARD = 64  # elements of guard before and after every buffer handed to a kernel
+
+
+def _cuda_include():
+    """A folder with cuda_fp16.h and the runtime headers it includes, or None."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parents[1] / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for sp in site.getsitepackages():
+        candidates += sorted(Path(sp).glob("nvidia/*/include"))
+    need = ("cuda_fp16.h", "cuda_bf16.h", "driver_types.h", "cuda_runtime_api.h", "vector_types.h")
+    return next((c for c in candidates if all((c / n).exists() for n in need)), None)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    include, cxx = _cuda_include(), shutil.which("g++")
+    if include is None or cxx is None:
+        pytest.skip("the CUDA emulator needs g++ and the CUDA headers (cuda_fp16.h)")
+    lib = tmp_path_factory.mktemp("cuda_emulator") / "libdalle_fast_cuda_emu.so"
+    cmd = [
+        cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+        # Bind the library's calls to its own cudaGetLastError, not the real runtime torch has loaded.
+        "-Wl,-Bsymbolic",
+        f"-I{EMU / 'include'}", f"-I{include}", "-include", str(EMU / "cuda_emu.h"),
+        "-x", "c++", *[str(ROOT / "csrc" / "cuda" / k) for k in KERNELS], str(EMU / "selftest.cu"),
+        "-x", "none", str(ROOT / "csrc" / "layout.cpp"), str(EMU / "cuda_emu.cpp"), str(EMU / "emu_api.cpp"),
+        "-o", str(lib),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, "building the emulated kernels failed:\n" + res.stderr[-6000:]
+    return Emulator(ctypes.CDLL(str(lib)))
+
+
+class Emulator:
+    """ctypes wrappers of emu_api.cpp; every call checks the launch and returns torch tensors."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.emu_last_error.restype = ctypes.c_char_p
+        lib.emu_forward_smem_bytes.restype = ctypes.c_size_t
+        lib.emu_backward_smem_bytes.restype = ctypes.c_size_t
+        self.schedule("ascending")
+        lib.emu_set_smem_optin(ctypes.c_longlong(SM80_SMEM_OPTIN))
+
+    def schedule(self, name):
+        self.lib.emu_set_schedule(SCHEDULES[name])
+
+    def check(self, rc, what):
+        assert rc == 0, f"{what}: cudaError {rc}: {self.lib.emu_last_error().decode()}"
+
+    def forward(self, q, k, v, kind, text_len, image_size, kernel_size, scale):
+        b, h, n, d = q.shape
+        out, lse = _output(q.shape, q.dtype), _output((b, h, n), torch.float32)
+        rc = self.lib.emu_attention_forward(
+            KIND_ID[kind], _i64(text_len), _i64(image_size), _i64(kernel_size), ATTN_DTYPE_ID[q.dtype], _i64(b * h),
+            d, ctypes.c_float(scale), *_ptrs(_input(q), _input(k), _input(v), out, lse),
+        )  # fmt: skip
+        self.check(rc, "forward")
+        return _unguard(out), _unguard(lse)
+
+    def backward(self, grad_out, q, k, v, out, lse, kind, text_len, image_size, kernel_size, scale):
+        b, h, n, d = q.shape
+        # As the glue: delta = rowsum(dO * O) in fp32.
+        delta = (grad_out.float() * out.float()).sum(-1)
+        dq, dk, dv = (_output(q.shape, q.dtype) for _ in range(3))
+        rc = self.lib.emu_attention_backward(
+            KIND_ID[kind], _i64(text_len), _i64(image_size), _i64(kernel_size), ATTN_DTYPE_ID[q.dtype], _i64(b * h),
+            d, ctypes.c_float(scale),
+            *_ptrs(_input(q), _input(k), _input(v), _input(grad_out), _input(lse), _input(delta), dq, dk, dv),
+        )  # fmt: skip
+        self.check(rc, "backward")
+        return _unguard(dq), _unguard(dk), _unguard(dv)
+
+    def decode(self, q, k, v, kind, text_len, image_size, position, kernel_size, scale):
+        b, h, n, d = k.shape
+        out = _output(q.shape, q.dtype)
+        rc = self.lib.emu_attention_decode(
+            KIND_ID[kind], _i64(text_len), _i64(image_size), _i64(kernel_size), _i64(position), FLOAT_KIND[q.dtype],
+            _i64(b * h), n, d, ctypes.c_float(scale), *_ptrs(_input(q), _input(k), _input(v), out),
+        )  # fmt: skip
+        self.check(rc, "decode")
+        return _unguard(out)
+
+
+def _i64(x):
+    return ctypes.c_int64(x)
+
+
+def _ptrs(*tensors):
+    """Pointer arguments; each holds its tensor, so a temporary (a guarded copy) lives through the call."""
+    ptrs = []
+    for t in tensors:
+        ptr = ctypes.c_void_p(t.data_ptr())
+        ptr.tensor = t
+        ptrs.append(ptr)
+    return ptrs
+
+
+# Buffers handed to a kernel sit inside a larger one: inputs between NaN guards (a read outside the
+# tensor poisons the result), outputs between sentinel guards (a write outside it is caught).
+_SENTINEL = -12345.0
+
+
+def _guarded(t, fill):
+    buf = torch.full((GUARD + t.numel() + GUARD,), fill, dtype=t.dtype)
+    view = buf[GUARD : GUARD + t.numel()].view(t.shape)
+    view.copy_(t)
+    view._guard_buf = buf
+    return view
+
+
+def _input(t):
+    return _guarded(t.detach().contiguous(), float("nan"))
+
+
+def _output(shape, dtype):
+    return _guarded(torch.full(shape, float("nan"), dtype=dtype), _SENTINEL)
+
+
+def _unguard(view):
+    buf = view._guard_buf
+    assert (buf[:GUARD] == _SENTINEL).all() and (buf[-GUARD:] == _SENTINEL).all(), "a write outside the output"
+    return view.clone()
+
+
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _same_bits(a, b):
+    """Bit for bit equal, except that NaNs need only be NaN in both (their payloads may differ)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(_bits(a)[~nan], _bits(b)[~nan])
+
+
+# ---- the emulator catches what it claims to catch ------------------------------------------------------
+
+
+def _selftest(emu, which):
+    out = torch.zeros(64)
+    rc = emu.lib.emu_selftest(which, ctypes.c_void_p(out.data_ptr()))
+    return rc, emu.lib.emu_last_error().decode(), out
+
+
+def test_emulator_reports_faults(emu):
+    assert "barrier divergence" in _selftest(emu, 1)[1]
+    assert "warp divergence" in _selftest(emu, 2)[1]
+    assert "outside the block's 256 bytes of dynamic shared memory" in _selftest(emu, 3)[1]
+    rc, _, out = _selftest(emu, 4)
+    assert rc == 0 and out.isnan().all()  # unwritten shared memory reads as NaN
+
+
+def test_emulator_exposes_races_through_thread_order(emu):
+    results = []
+    for name in SCHEDULES:
+        emu.schedule(name)
+        rc, msg, out = _selftest(emu, 0)
+        assert rc == 0, msg
+        results.append(out)
+    emu.schedule("ascending")
+    assert not torch.equal(_bits(results[0]), _bits(results[1]))
+
+
+def test_emulator_collectives(emu):
+    rc, msg, out = _selftest(emu, 5)
+    assert rc == 0, msg
+    lane_sums = [sum(range(32 * (i // 32), 32 * (i // 32) + 32)) + 1000.0 for i in range(64)]
+    assert out.tolist() == lane_sums
+
+
+def test_emulator_enforces_shared_memory_limits(emu):
+    emu.lib.emu_set_smem_optin(ctypes.c_longlong(64 * 1024))
+    try:
+        q = torch.randn(1, 1, 30, 128, dtype=torch.float16)
+        with pytest.raises(AssertionError, match="cudaFuncSetAttribute asked for"):
+            emu.forward(q, q, q, "row", 5, 5, 11, 0.1)
+    finally:
+        emu.lib.emu_set_smem_optin(ctypes.c_longlong(SM80_SMEM_OPTIN))
+
+
+# ---- sparse attention: forward and backward ---------------------------------------------------------------
+
+
+def _reference_and_plain(q, k, v, grad, kind, T, W, kernel_size, scale):
+    """(fp32 reference, plain low-precision PyTorch) values and gradients, in kernel order."""
+    results = []
+    for upcast in (True, False):
+        xs = [(t.float() if upcast else t).detach().requires_grad_() for t in (q, k, v)]
+        out = sparse_attention_reference(
+            *xs, kind, T, W, kernel_size, scale, upcast=upcast, transposed=kind == "column"
+        )
+        results.append((out, *torch.autograd.grad(out, xs, grad.float() if upcast else grad)))
+    return results
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = T + W * W
+    q, k, v, grad = (torch.randn(batch, heads, n, head_dim, generator=g).to(dtype) for _ in range(4))
+    scale = head_dim**-0.5
+    out, lse = emu.forward(q, k, v, kind, T, W, kernel_size, scale)
+    dq, dk, dv = emu.backward(grad, q, k, v, out, lse, kind, T, W, kernel_size, scale)
+    (ref, *ref_grads), (plain, *plain_grads) = _reference_and_plain(q, k, v, grad, kind, T, W, kernel_size, scale)
+    for name, a, b, p in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, *ref_grads), (plain, *plain_grads),
+                             strict=True):  # fmt: skip
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert _max_err(a, b) <= 2 * _max_err(p, b) + 1e-5, f"{name}: kernel {_max_err(a, b)} vs plain {_max_err(p, b)}"
+    # lse against the CPU kernel's, computed in fp32 from the same (rounded) inputs.
+    _, lse_cpu = torch.ops.dalle_fast.sparse_attention_fwd(q.float(), k.float(), v.float(), kind, T, W, kernel_size,
+                                                           scale)  # fmt: skip
+    torch.testing.assert_close(lse, lse_cpu, atol=2e-3, rtol=1e-3)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_attention_matches_reference(emu, kind, dtype, head_dim):
+    # 37 + 7 x 7 = 86 tokens: a full and a partial 64-row block, text ending mid-block.
+    check_attention(emu, kind, 37, 7, dtype, head_dim)
+
+
+@pytest.mark.parametrize("T,W", [(0, 5), (1, 9), (64, 8), (130, 12)])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_attention_odd_and_sparse_shapes(emu, kind, T, W):
+    # 130 + 144 = 274 tokens: 5 blocks, where the row, column and conv layouts skip blocks.
+    check_attention(emu, kind, T, W, torch.bfloat16, 64, kernel_size=5 if W == 12 else 11, seed=T)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_attention_is_race_free_and_deterministic(emu, kind):
+    """Bitwise the same results under three thread orders (and so across runs on a GPU, as no atomics are used)."""
+    results = []
+    for name in SCHEDULES:
+        emu.schedule(name)
+        results.append(check_attention(emu, kind, 20, 9, torch.float16, 32, kernel_size=7, batch=2, heads=1))
+    emu.schedule("ascending")
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(_bits(a), _bits(b))
+
+
+def test_shared_memory_fits_sm80(emu):
+    for d in (32, 64, 128):
+        assert emu.lib.emu_forward_smem_bytes(d) <= SM80_SMEM_OPTIN
+        assert emu.lib.emu_backward_smem_bytes(d) <= SM80_SMEM_OPTIN
+
+
+# ---- decode ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_decode_matches_cpu_kernel(emu, kind, dtype):
+    T, W, ks = 6, 9, 7
+    n = T + W * W
+    g = torch.Generator().manual_seed(3)
+    for head_dim in (1, 33, 64, 256):
+        k, v = (torch.randn(2, 3, n, head_dim, generator=g).to(dtype) for _ in range(2))
+        for position in (0, T - 1, T, T + W, n // 2 + 1, n - 1):
+            q = torch.randn(2, 3, head_dim, generator=g).to(dtype)
+            scale = head_dim**-0.5
+            want = sparse_attention_decode(q, k, v, kind, T, W, position, ks, scale)
+            # Keys the row may not see are never read: NaN there changes nothing.
+            allowed = attention_mask(kind, T, W, ks, transposed=kind == "column")[position]
+            k_hidden, v_hidden = k.clone(), v.clone()
+            k_hidden[:, :, ~allowed] = float("nan")
+            v_hidden[:, :, ~allowed] = float("nan")
+            got = emu.decode(q, k_hidden, v_hidden, kind, T, W, position, ks, scale)
+            tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+# ---- per-resblock gradient scaling: bit-exact against the references ----------------------------------
+
+
+def _poison(t):
+    t = t.clone()
+    t.view(-1)[3] = float("inf")
+    t.view(-1)[7] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_grad_scale_and_unscale_filter_bit_exact(emu, dtype):
+    scales = torch.tensor([3.0, 1.5 * 2**10, 0.37])
+    for poisoned in (False, True):
+        g = (torch.randn(4097) * 1000).to(dtype)
+        if poisoned:
+            g = _poison(g)
+        out = _output(g.shape, dtype)
+        emu.check(emu.lib.emu_grad_scale(*_ptrs(_input(g), out), _i64(g.numel()), FLOAT_KIND[dtype],
+                                         *_ptrs(_input(scales)), _i64(1)), "grad_scale")  # fmt: skip
+        want = amp.grad_scale_reference(g, scales, 1)
+        assert _same_bits(_unguard(out), want)  # NaN in, NaN out
+        found, found_ref = torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)
+        out = _output(g.shape, dtype)
+        emu.check(emu.lib.emu_grad_unscale_filter(*_ptrs(_input(g), out), _i64(g.numel()), FLOAT_KIND[dtype],
+                                                  *_ptrs(_input(scales)), _i64(1), *_ptrs(found)),
+                  "grad_unscale_filter")  # fmt: skip
+        want = amp.grad_unscale_filter_reference(g, scales, 1, found_ref)
+        assert torch.equal(_bits(_unguard(out)), _bits(want))
+        assert found.tolist() == [False, poisoned, False] == found_ref.tolist()
+
+
+def _table(tensors_per_entry):
+    """(ptrs, kinds) arrays of a multi-tensor launch: [n][buffers]."""
+    flat = [t for entry in tensors_per_entry for t in entry]
+    ptrs = (ctypes.c_void_p * len(flat))(*[t.data_ptr() for t in flat])
+    kinds = (ctypes.c_int32 * len(flat))(*[FLOAT_KIND[t.dtype] for t in flat])
+    return ptrs, kinds
+
+
+def test_multi_unscale_check_bit_exact(emu):
+    torch.manual_seed(0)
+    sizes = [(5, torch.float32), (70000, torch.bfloat16), (33, torch.float16), (1000, torch.float32), (0, torch.float16)]
+    grads = [(torch.randn(n) * 1e4).to(dt) for n, dt in sizes]
+    grads[3] = _poison(grads[3])
+    blocks = [0, 1, 1, 2, 3]
+    scales = torch.tensor([2.0**13, 3.0 * 2**9, 2.0**7, 1.0])
+    ref = [g.clone() for g in grads]
+    found, found_ref = torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    ptrs, kinds = _table([[g] for g in grads])
+    numels = (ctypes.c_int64 * len(grads))(*[g.numel() for g in grads])
+    emu.check(emu.lib.emu_multi_unscale_check(len(grads), ptrs, kinds, numels, (ctypes.c_int32 * 5)(*blocks),
+                                              *_ptrs(scales, found)), "multi_unscale_check")  # fmt: skip
+    amp.multi_unscale_check_reference(ref, blocks, scales, found_ref)
+    for a, b in zip(grads, ref, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    assert found.tolist() == [False, False, True, False] == found_ref.tolist()
+
+
+def test_scale_update_bit_exact_over_a_random_run(emu):
+    g = torch.Generator().manual_seed(1)
+    n, replicas = 300, 3  # 300 blocks: two thread blocks of 256, the second partly idle
+    scales = torch.full((n,), replicas * 2.0**13)
+    cooldown = torch.zeros(n, dtype=torch.int32)
+    ref_scales, ref_cooldown = scales.clone(), cooldown.clone()
+    lo, hi = replicas * 2.0**7, replicas * 2.0**24
+    for _ in range(300):
+        found = torch.rand(n, generator=g) < 0.05
+        emu.check(emu.lib.emu_scale_update(*_ptrs(scales, cooldown, found), _i64(n), ctypes.c_float(amp.GROWTH),
+                                           ctypes.c_float(amp.BACKOFF), amp.WINDOW, ctypes.c_float(lo),
+                                           ctypes.c_float(hi)), "scale_update")  # fmt: skip
+        amp.scale_update_reference(ref_scales, ref_cooldown, found, lo, hi)
+        assert torch.equal(_bits(scales), _bits(ref_scales)) and torch.equal(cooldown, ref_cooldown)
+
+
+def test_adamw_step_bit_exact_and_skips_blocks(emu):
+    torch.manual_seed(0)
+    shapes = [(17,), (300, 7), (64,), (5, 5), (70001,)]
+    dts = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    params = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
+    grads = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
+    ms = [torch.randn(s).abs() * 0.1 for s in shapes]
+    vs = [torch.randn(s).abs() * 0.01 for s in shapes]
+    blocks = [0, 1, 1, 2, 0]
+    found = torch.tensor([False, True, False])
+    step_size, bc2, decay = torch.tensor([1e-3, 2e-3, 3e-4]), torch.tensor([0.3, 0.5, 0.9]), torch.tensor([0.9999, 0.99, 1])
+    ref = [[t.clone() for t in group] for group in (params, grads, ms, vs)]
+    before = [t.clone() for t in params]
+    ptrs, kinds = _table(list(zip(params, grads, ms, vs, strict=True)))
+    numels = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
+    emu.check(emu.lib.emu_adamw_step(len(params), ptrs, kinds, numels, (ctypes.c_int32 * len(blocks))(*blocks),
+                                     *_ptrs(found, step_size, bc2, decay), ctypes.c_double(0.9), ctypes.c_double(0.96),
+                                     ctypes.c_double(1e-8)), "adamw_step")  # fmt: skip
+    amp.adamw_step_reference(*ref, blocks, found, step_size, bc2, decay, 0.9, 0.96, 1e-8)
+    for a, b in zip(params + ms + vs, ref[0] + ref[2] + ref[3], strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    # Block 1 overflowed: its parameters are untouched; the others moved.
+    assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
+    assert all(not torch.equal(params[i], before[i]) for i in (0, 3, 4))
