@@ -33,7 +33,7 @@ constexpr unsigned char kGuard = 0xA5;
 
 struct Block {
   std::vector<Thread> threads;
-  std::vector<int> order;          // the order threads run in between barriers
+  std::vector<int> warp_order, lane_order;  // the order warps, and lanes within a warp, run in
   std::vector<uint64_t> exchange;  // 32 slots per warp
   std::vector<const void*> pointers;  // 32 x 4 per warp
   unsigned char* smem = nullptr;
@@ -73,50 +73,55 @@ void resume(int i) {
 }
 
 // Runs one block to completion; returns false (with g_error set) on a fault.
+//
+// Warps run one at a time, in b.warp_order: a warp's lanes run (in b.lane_order) until each reaches a
+// barrier; a warp collective that every lane reached is released at once, so the warp runs on until it
+// reaches __syncthreads or ends before the next warp starts. A missing __syncthreads between writes of
+// one warp and reads of another therefore shows: the reader runs before, or long after, the writer.
 bool run_block(Block& b, const std::vector<char*>& stacks) {
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
     t.state = State::kReady;
+    t.or_pred = 0;
     getcontext(&t.ctx);
     t.ctx.uc_stack.ss_sp = stacks[i];
     t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, thread_main, 0);
   }
-  const int warps = (n + 31) / 32;
   for (;;) {
-    for (int i : b.order)
-      if (b.threads[i].state == State::kReady) {
-        resume(i);
-        if (b.failed) return false;
+    for (int w : b.warp_order) {
+      const int lanes = std::min(n, 32 * w + 32) - 32 * w;
+      for (;;) {
+        for (int l : b.lane_order)
+          if (l < lanes && b.threads[32 * w + l].state == State::kReady) {
+            resume(32 * w + l);
+            if (b.failed) return false;
+          }
+        int waiting = 0, done = 0;
+        for (int l = 0; l < lanes; ++l) {
+          waiting += b.threads[32 * w + l].state == State::kAtWarpBarrier;
+          done += b.threads[32 * w + l].state == State::kDone;
+        }
+        if (waiting == 0) break;  // the warp is at __syncthreads or has ended
+        if (waiting < lanes) {
+          g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
+                    std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
+                    std::to_string(lanes - waiting - done) + " lanes wait elsewhere and " + std::to_string(done) +
+                    " have exited";
+          return false;
+        }
+        for (int l = 0; l < lanes; ++l) b.threads[32 * w + l].state = State::kReady;
       }
-    // Every thread is at a barrier or done. Release whole warps first, then the block.
-    bool released = false;
-    int done = 0, at_block = 0;
-    for (int w = 0; w < warps; ++w) {
-      int lanes = 0, waiting = 0, w_done = 0;
-      for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) {
-        ++lanes;
-        waiting += b.threads[i].state == State::kAtWarpBarrier;
-        w_done += b.threads[i].state == State::kDone;
-      }
-      if (waiting == lanes) {
-        for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) b.threads[i].state = State::kReady;
-        released = true;
-      } else if (waiting > 0) {
-        g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
-                  std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
-                  std::to_string(lanes - waiting - w_done) + " lanes wait elsewhere and " + std::to_string(w_done) +
-                  " have exited";
-        return false;
-      }
-      done += w_done;
     }
-    if (released) continue;
-    for (const Thread& t : b.threads) at_block += t.state == State::kAtBlockBarrier;
+    int done = 0, at_block = 0;
+    for (const Thread& t : b.threads) {
+      done += t.state == State::kDone;
+      at_block += t.state == State::kAtBlockBarrier;
+    }
     if (done == n) return true;
-    if (at_block + done == n && done > 0) {
+    if (done > 0) {
       g_error = "barrier divergence: " + std::to_string(at_block) + " threads wait at __syncthreads but " +
                 std::to_string(done) + " have exited";
       return false;
@@ -181,8 +186,12 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
   b.threads.resize(threads);
   b.exchange.assign(32 * ((threads + 31) / 32), 0);
   b.pointers.assign(128 * ((threads + 31) / 32), nullptr);
-  for (size_t i = 0; i < threads; ++i) b.order.push_back(static_cast<int>(i));
-  if (g_schedule == 1) std::reverse(b.order.begin(), b.order.end());
+  for (int w = 0; w < static_cast<int>((threads + 31) / 32); ++w) b.warp_order.push_back(w);
+  for (int l = 0; l < 32; ++l) b.lane_order.push_back(l);
+  if (g_schedule == 1) {
+    std::reverse(b.warp_order.begin(), b.warp_order.end());
+    std::reverse(b.lane_order.begin(), b.lane_order.end());
+  }
   std::mt19937 rng(static_cast<unsigned>(g_schedule));
   std::vector<char*> stacks(threads);
   for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
@@ -201,7 +210,10 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
     for (unsigned y = 0; y < cfg.grid.y && err.empty(); ++y)
       for (unsigned x = 0; x < cfg.grid.x && err.empty(); ++x) {
         blockIdx = uint3{x, y, z};
-        if (g_schedule >= 2) std::shuffle(b.order.begin(), b.order.end(), rng);
+        if (g_schedule >= 2) {
+          std::shuffle(b.warp_order.begin(), b.warp_order.end(), rng);
+          std::shuffle(b.lane_order.begin(), b.lane_order.end(), rng);
+        }
         std::memset(base, kGuard, kGuardBytes);
         std::memset(b.smem, 0xFF, cfg.dynamic_smem);  // NaN in fp32, fp16 and bf16
         std::memset(b.smem + cfg.dynamic_smem, kGuard, kGuardBytes);
