@@ -5,7 +5,7 @@ per CUDA thread, real barriers, warp collectives, per-block shared memory) and c
 launchers the torch glue calls. So on a machine without a GPU these tests execute the kernels' own index
 arithmetic, masking, online softmax, tile loads and stores, and multi-tensor bookkeeping, and compare the
 results with the fp32 references (attention) or bit for bit with the references (gradient scaling).
-They also run every kernel under three thread orders and require identical bits (a race, or any order
+They also run kernels under four thread schedules and require identical bits (a race, or any order
 dependence, changes them), poison shared memory before each block, fence inputs and outputs with guard
 values, and hold the kernels to sm_80's shared-memory limit.
 
@@ -34,7 +34,7 @@ KERNELS = ["attention_fwd.cu", "attention_bwd.cu", "decode.cu", "grad_scaling.cu
 KIND_ID = {"causal": 0, "row": 1, "column": 2, "conv": 3}
 ATTN_DTYPE_ID = {torch.float16: 0, torch.bfloat16: 1}
 FLOAT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FloatKind and DecodeDType
-SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 7}
+SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 7, "shuffled again": 8}
 SM80_SMEM_OPTIN = 166912  # bytes of shared memory per block an A100 (sm_80) allows
 GUARD = 64  # elements of guard before and after every buffer handed to a kernel
 
@@ -274,7 +274,7 @@ def test_attention_odd_and_sparse_shapes(emu, kind, T, W):
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_attention_is_race_free_and_deterministic(emu, kind):
-    """Bitwise the same results under three thread orders (and so across runs on a GPU, as no atomics are used)."""
+    """Bitwise the same results under four thread schedules (and so across runs on a GPU, as no atomics are used)."""
     results = []
     for name in SCHEDULES:
         emu.schedule(name)

@@ -72,13 +72,40 @@ void resume(int i) {
   swapcontext(&b.scheduler, &b.threads[i].ctx);
 }
 
-// Runs one block to completion; returns false (with g_error set) on a fault.
-//
-// Warps run one at a time, in b.warp_order: a warp's lanes run (in b.lane_order) until each reaches a
-// barrier; a warp collective that every lane reached is released at once, so the warp runs on until it
-// reaches __syncthreads or ends before the next warp starts. A missing __syncthreads between writes of
-// one warp and reads of another therefore shows: the reader runs before, or long after, the writer.
-bool run_block(Block& b, const std::vector<char*>& stacks) {
+// Runs warp w's ready lanes (in b.lane_order) until each reaches a barrier or ends. Returns true when
+// the warp can go on: all its lanes reached a warp collective, which is released. False when it waits
+// at __syncthreads or has ended, or on a fault (b.failed or divergence; g_error set).
+bool step_warp(Block& b, int w, bool* fault) {
+  const int n = static_cast<int>(b.threads.size());
+  const int lanes = std::min(n, 32 * w + 32) - 32 * w;
+  for (int l : b.lane_order)
+    if (l < lanes && b.threads[32 * w + l].state == State::kReady) {
+      resume(32 * w + l);
+      if (b.failed) return !(*fault = true);
+    }
+  int waiting = 0, done = 0;
+  for (int l = 0; l < lanes; ++l) {
+    waiting += b.threads[32 * w + l].state == State::kAtWarpBarrier;
+    done += b.threads[32 * w + l].state == State::kDone;
+  }
+  if (waiting == 0) return false;
+  if (waiting < lanes) {
+    g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
+              std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
+              std::to_string(lanes - waiting - done) + " lanes wait elsewhere and " + std::to_string(done) +
+              " have exited";
+    return !(*fault = true);
+  }
+  for (int l = 0; l < lanes; ++l) b.threads[32 * w + l].state = State::kReady;
+  return true;
+}
+
+// Runs one block to completion; returns false (with g_error set) on a fault. Between two __syncthreads:
+//   serial (schedules 0 and 1): warps run one at a time, in b.warp_order, each up to the barrier, so a
+//     missing __syncthreads between one warp's writes and another's reads shows;
+//   interleaved (shuffled schedules): a random warp runs up to its next warp collective, then another,
+//     so a warp's shared memory can change under it between two of its collectives if a race allows.
+bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
@@ -90,31 +117,22 @@ bool run_block(Block& b, const std::vector<char*>& stacks) {
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, thread_main, 0);
   }
+  bool fault = false;
   for (;;) {
-    for (int w : b.warp_order) {
-      const int lanes = std::min(n, 32 * w + 32) - 32 * w;
-      for (;;) {
-        for (int l : b.lane_order)
-          if (l < lanes && b.threads[32 * w + l].state == State::kReady) {
-            resume(32 * w + l);
-            if (b.failed) return false;
-          }
-        int waiting = 0, done = 0;
-        for (int l = 0; l < lanes; ++l) {
-          waiting += b.threads[32 * w + l].state == State::kAtWarpBarrier;
-          done += b.threads[32 * w + l].state == State::kDone;
+    if (rng == nullptr) {
+      for (int w : b.warp_order) {
+        while (step_warp(b, w, &fault)) {
         }
-        if (waiting == 0) break;  // the warp is at __syncthreads or has ended
-        if (waiting < lanes) {
-          g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
-                    std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
-                    std::to_string(lanes - waiting - done) + " lanes wait elsewhere and " + std::to_string(done) +
-                    " have exited";
-          return false;
-        }
-        for (int l = 0; l < lanes; ++l) b.threads[32 * w + l].state = State::kReady;
+        if (fault) break;
+      }
+    } else {
+      std::vector<int> active = b.warp_order;
+      while (!active.empty() && !fault) {
+        const size_t k = (*rng)() % active.size();
+        if (!step_warp(b, active[k], &fault)) active.erase(active.begin() + static_cast<std::ptrdiff_t>(k));
       }
     }
+    if (fault) return false;
     int done = 0, at_block = 0;
     for (const Thread& t : b.threads) {
       done += t.state == State::kDone;
@@ -219,7 +237,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
         std::memset(b.smem + cfg.dynamic_smem, kGuard, kGuardBytes);
         const std::string where = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
                                   std::to_string(z) + "): ";
-        if (!run_block(b, stacks)) {
+        if (!run_block(b, stacks, g_schedule >= 2 ? &rng : nullptr)) {
           err = where + g_error;
           break;
         }

@@ -7,9 +7,10 @@
 //   - __syncthreads, __syncwarp, shuffles and the warp-collective wmma calls are real barriers: the
 //     scheduler resumes a thread only when every thread the barrier names has arrived, and reports
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
-//   - warps run one at a time, each up to its next __syncthreads (its lanes one after another between
-//     warp collectives), in a chosen order: ascending, descending or a seeded shuffle of warps and
-//     lanes. A kernel whose result depends on that order has a race, such as a missing __syncthreads;
+//   - threads run one after another in a chosen schedule: warps one at a time, each up to its next
+//     __syncthreads, in ascending or descending order; or (seeded shuffles) a random warp up to its next
+//     warp collective, then another. A kernel whose result depends on the schedule has a race, such as
+//     a missing __syncthreads;
 //   - dynamic shared memory is filled with NaN bytes before each block (reads of unwritten shared memory
 //     poison the result) and fenced by guard bytes checked after it; a launch asking for more than 48 KiB
 //     needs cudaFuncSetAttribute first, and no launch may exceed the emulated device's opt-in limit.
