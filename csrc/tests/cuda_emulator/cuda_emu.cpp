@@ -103,8 +103,9 @@ bool step_warp(Block& b, int w, bool* fault) {
 // Runs one block to completion; returns false (with g_error set) on a fault. Between two __syncthreads:
 //   serial (schedules 0 and 1): warps run one at a time, in b.warp_order, each up to the barrier, so a
 //     missing __syncthreads between one warp's writes and another's reads shows;
-//   interleaved (shuffled schedules): a random warp runs up to its next warp collective, then another,
-//     so a warp's shared memory can change under it between two of its collectives if a race allows.
+//   interleaved (shuffled schedules): a random warp runs for a random burst of warp collectives (one,
+//     sixteen, or up to the barrier), then another, so a warp's shared memory can change under it
+//     between two of its collectives if a race allows.
 bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
@@ -129,7 +130,14 @@ bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
       std::vector<int> active = b.warp_order;
       while (!active.empty() && !fault) {
         const size_t k = (*rng)() % active.size();
-        if (!step_warp(b, active[k], &fault)) active.erase(active.begin() + static_cast<std::ptrdiff_t>(k));
+        // A burst of one warp collective, of sixteen, or up to the barrier: fine interleaving and
+        // warps that run far ahead of the others both occur.
+        const uint32_t r = (*rng)() % 4;
+        int burst = r == 0 ? 1 << 30 : r == 1 ? 16 : 1;
+        bool runnable = true;
+        while (burst-- > 0 && (runnable = step_warp(b, active[k], &fault))) {
+        }
+        if (!runnable) active.erase(active.begin() + static_cast<std::ptrdiff_t>(k));
       }
     }
     if (fault) return false;

@@ -8,8 +8,8 @@
 //     scheduler resumes a thread only when every thread the barrier names has arrived, and reports
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
 //   - threads run one after another in a chosen schedule: warps one at a time, each up to its next
-//     __syncthreads, in ascending or descending order; or (seeded shuffles) a random warp up to its next
-//     warp collective, then another. A kernel whose result depends on the schedule has a race, such as
+//     __syncthreads, in ascending or descending order; or (seeded shuffles) a random warp for a random
+//     number of warp collectives, then another. A kernel whose result depends on the schedule has a race, such as
 //     a missing __syncthreads;
 //   - dynamic shared memory is filled with NaN bytes before each block (reads of unwritten shared memory
 //     poison the result) and fenced by guard bytes checked after it; a launch asking for more than 48 KiB
