@@ -1,6 +1,9 @@
 // CUDA forward: one thread block per (batch * head, 64-row query block), visiting only the key blocks
-// of the layout. Flash-style online softmax; Q K^T and P V on tensor cores (wmma, fp32 accumulation);
-// partial blocks masked element-wise by index arithmetic; the log-sum-exp saved for the backward.
+// of the layout. Each of the 4 warps owns 16 query rows and keeps everything of them in registers, as in
+// FlashAttention-2: its Q fragments, the 16 x 64 scores S = Q K^T of the current key block (mma.sync
+// m16n8k16, fp32), the running row max and sum, and the 16 x D output accumulator. P = exp(S - max)
+// goes from the S accumulators straight into the A fragments of P V. Partial blocks are masked
+// element-wise by index arithmetic; the log-sum-exp is saved for the backward.
 #include <cmath>
 
 #include "tile.cuh"
@@ -10,13 +13,10 @@ namespace {
 
 template <int D>
 struct FwdSmem {
-  static constexpr int ldt = D + kPadT;                              // Q, K, V rows (T)
-  static constexpr int ldp = kBlock + kPadT;                         // P rows (T)
-  static constexpr int lds = (D > kBlock ? D : kBlock) + kPadF;      // S, then P V (fp32)
-  static constexpr int ldo = D + kPadF;                              // running output (fp32)
+  static constexpr int ld = D + kPadT;  // Q, K, V rows (T): 16 bytes of padding keep ldmatrix conflict-free
   template <typename T>
   static constexpr size_t bytes() {
-    return sizeof(T) * (3 * kBlock * ldt + kBlock * ldp) + sizeof(float) * (kBlock * lds + kBlock * ldo + 3 * kBlock);
+    return sizeof(T) * 3 * kBlock * ld;
   }
 };
 
@@ -24,106 +24,114 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(AttentionParams p, T* __restrict__ out, float* __restrict__ lse) {
   using L = FwdSmem<D>;
+  constexpr int KS = D / 16;       // k-steps of Q K^T
+  constexpr int NT = kBlock / 8;   // 8-key tiles of S
+  constexpr int DT = D / 8;        // 8-column tiles of O
   const int nb = p.layout.num_blocks;
   const int qb = blockIdx.x % nb;
   const int64_t bh = blockIdx.x / nb;
   const int N = p.seq_len, q0 = qb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
 
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBlock * L::ldt;
-  T* sV = sK + kBlock * L::ldt;
-  T* sP = sV + kBlock * L::ldt;
-  float* sS = reinterpret_cast<float*>(sP + kBlock * L::ldp);
-  float* sO = sS + kBlock * L::lds;
-  float* sM = sO + kBlock * L::ldo;
-  float* sL = sM + kBlock;
-  float* sAlpha = sL + kBlock;
+  T* sK = sQ + kBlock * L::ld;
+  T* sV = sK + kBlock * L::ld;
 
   const T* Q = static_cast<const T*>(p.q) + bh * N * D;
   const T* K = static_cast<const T*>(p.k) + bh * N * D;
   const T* V = static_cast<const T*>(p.v) + bh * N * D;
+  load_tile<T, D>(sQ, L::ld, Q, q0, N);
+  __syncthreads();
 
-  load_tile<T, D>(sQ, L::ldt, Q, q0, N);
-  for (int idx = threadIdx.x; idx < kBlock * L::ldo; idx += kThreads) sO[idx] = 0.f;
-  for (int r = threadIdx.x; r < kBlock; r += kThreads) {
-    sM[r] = -INFINITY;
-    sL[r] = 0.f;
-  }
+  // The warp's Q rows as A fragments, loaded once.
+  uint32_t qa[KS][4];
+  for (int ks = 0; ks < KS; ++ks) ptx::ldmatrix_x4(qa[ks], a_row(sQ, L::ld, warp * 16, ks * 16, lane));
 
-  // Softmax work split: two lanes per row (kBlock = 64 columns).
-  const int my_row = warp * 16 + lane / 2;
-  const int half = lane & 1;
+  // Rows g and g + 8 of the warp: scores in log2 units (scale * log2 e), running max m and this
+  // thread's share of the running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
+  const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+  const int row0 = q0 + warp * 16 + g;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DT][4];
+  for (int dt = 0; dt < DT; ++dt)
+    for (int i = 0; i < 4; ++i) o[dt][i] = 0.f;
 
   for (int e = p.layout.q_ptr[qb]; e < p.layout.q_ptr[qb + 1]; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    __syncthreads();  // previous iteration done with sK / sV
-    load_tile<T, D>(sK, L::ldt, K, k0, N);
-    load_tile<T, D>(sV, L::ldt, V, k0, N);
+    __syncthreads();  // every warp is done with the previous sK / sV
+    load_tile<T, D>(sK, L::ld, K, k0, N);
+    load_tile<T, D>(sV, L::ld, V, k0, N);
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows.
-    rows_times<T, D, kBlock, false>(sS + warp * 16 * L::lds, L::lds, sQ + warp * 16 * L::ldt, L::ldt, sK, L::ldt);
-    __syncwarp();
+    // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are.
+    float s[NT][4];
+    for (int nt = 0; nt < NT; ++nt)
+      for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
+    for (int ks = 0; ks < KS; ++ks)
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t kb[4];
+        ptx::ldmatrix_x4(kb, b_rows(sK, L::ld, nt * 8, ks * 16, lane));
+        mma_pair<T>(s[nt], s[nt + 1], qa[ks], kb);
+      }
 
-    // Online softmax over this block for the warp's rows. The two lanes of a row take alternate
-    // columns (c = 2 * cc + half), which halves shared-memory bank conflicts against split halves.
-    {
-      const int i = q0 + my_row;
-      float* srow = sS + my_row * L::lds;
-      float mx = -INFINITY;
-      for (int cc = 0; cc < kBlock / 2; ++cc) {
-        const int c = 2 * cc + half;
-        float x = srow[c] * p.scale;
-        if (!full && !visible(p.mask, i, k0 + c, N)) x = -INFINITY;
-        srow[c] = x;
-        mx = fmaxf(mx, x);
+    // Mask, scale, new row max.
+    float mx[2] = {m[0], m[1]};
+    for (int nt = 0; nt < NT; ++nt)
+      for (int i = 0; i < 4; ++i) {
+        float x = s[nt][i] * scale_log2;
+        if (!full && !visible(p.mask, row0 + 8 * (i / 2), k0 + nt * 8 + 2 * t + i % 2, N)) x = -INFINITY;
+        s[nt][i] = x;
+        mx[i / 2] = fmaxf(mx[i / 2], x);
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      const float m_old = sM[my_row];
-      const float m_new = fmaxf(m_old, mx);
-      float sum = 0.f;
-      T* prow = sP + my_row * L::ldp;
-      for (int cc = 0; cc < kBlock / 2; ++cc) {
-        const int c = 2 * cc + half;
-        const float pe = m_new == -INFINITY ? 0.f : __expf(srow[c] - m_new);
-        prow[c] = Elem<T>::from_float(pe);
-        sum += pe;
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      const float alpha = m_new == -INFINITY ? 1.f : __expf(m_old - m_new);
-      __syncwarp();
-      if (half == 0) {
-        sM[my_row] = m_new;
-        sL[my_row] = sL[my_row] * alpha + sum;
-        sAlpha[my_row] = alpha;
-      }
+    float alpha[2], base[2];
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
+      base[h] = mx[h] == -INFINITY ? 0.f : mx[h];
+      alpha[h] = exp2f(m[h] - base[h]);
+      m[h] = mx[h];
+      l[h] *= alpha[h];
     }
-    __syncwarp();
+    for (int dt = 0; dt < DT; ++dt)
+      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i / 2];
 
-    // P V for the warp's rows, staged in its rows of sS (S is no longer needed there).
-    rows_times<T, kBlock, D, true>(sS + warp * 16 * L::lds, L::lds, sP + warp * 16 * L::ldp, L::ldp, sV, L::ldt);
-    __syncwarp();
-
-    // O = alpha * O + P V.
-    for (int idx = lane; idx < 16 * D; idx += 32) {
-      const int r = warp * 16 + idx / D, c = idx % D;
-      sO[r * L::ldo + c] = sO[r * L::ldo + c] * sAlpha[r] + sS[r * L::lds + c];
+    // P = exp2(S - m), summed into l, packed into the A fragments of P V (16 keys per k-step: tiles
+    // 2 kk and 2 kk + 1 of S are exactly the A layout), then O += P V with B(k = key, n = d) = V[key][d],
+    // which ldmatrix .trans reads from the rows of sV.
+    for (int kk = 0; kk < kBlock / 16; ++kk) {
+      uint32_t pa[4];
+      for (int half = 0; half < 2; ++half) {
+        float* st = s[2 * kk + half];
+        for (int i = 0; i < 4; ++i) {
+          st[i] = exp2f(st[i] - base[i / 2]);
+          l[i / 2] += st[i];
+        }
+        pa[2 * half] = pack2<T>(st[0], st[1]);
+        pa[2 * half + 1] = pack2<T>(st[2], st[3]);
+      }
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, bt_rows(sV, L::ld, kk * 16, dt * 8, lane));
+        mma_pair<T>(o[dt], o[dt + 1], pa, vb);
+      }
     }
   }
-  __syncwarp();
 
-  // out = O / l, lse = m + log(l) for the warp's rows.
+  // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2.
   T* O = out + bh * N * D;
-  for (int idx = lane; idx < 16 * D; idx += 32) {
-    const int r = warp * 16 + idx / D, c = idx % D;
-    if (q0 + r < N) O[static_cast<int64_t>(q0 + r) * D + c] = Elem<T>::from_float(sO[r * L::ldo + c] / sL[r]);
-  }
-  if (lane < 16) {
-    const int r = warp * 16 + lane;
-    if (q0 + r < N) lse[bh * N + q0 + r] = sM[r] + logf(sL[r]);
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    const int r = row0 + 8 * h;
+    if (r >= N) continue;
+    const float inv = 1.f / l[h];
+    for (int dt = 0; dt < DT; ++dt)
+      store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    if (t == 0) lse[bh * N + r] = (m[h] + log2f(l[h])) * static_cast<float>(M_LN2);
   }
 }
 

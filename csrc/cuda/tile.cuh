@@ -9,11 +9,13 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../layout.h"
 #include "attention_cuda.h"
 #include "launch.cuh"
+#include "ptx.cuh"
 
 namespace dalle_fast::cuda {
 
@@ -34,6 +36,53 @@ struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
+
+// ---- tensor-core fragments (layouts in ptx.cuh) ----------------------------------------------------------
+
+// ldmatrix .x4 row address of this lane for the A fragment of the 16 x 16 block at (r0, c0) of a
+// row-major shared tile: matrices (r0, c0), (r0 + 8, c0), (r0, c0 + 8), (r0 + 8, c0 + 8) -> a[0..3].
+template <typename T>
+__device__ __forceinline__ const T* a_row(const T* s, int ld, int r0, int c0, int lane) {
+  return s + (r0 + lane % 8 + 8 * (lane / 8 % 2)) * ld + c0 + 8 * (lane / 16);
+}
+
+// Row address for the B fragments of two 8-wide n-tiles (n0, n0 + 8) at k-step k0, where B(k, n) =
+// s[n][k] (the tile's rows are B's columns, e.g. K for Q K^T): r[0..1] is tile n0's b, r[2..3] tile n0 + 8's.
+template <typename T>
+__device__ __forceinline__ const T* b_rows(const T* s, int ld, int n0, int k0, int lane) {
+  return s + (n0 + lane % 8 + 8 * (lane / 16)) * ld + k0 + 8 * (lane / 8 % 2);
+}
+
+// The same for B(k, n) = s[k][n] (the tile's rows are B's rows, e.g. V for P V), read with ldmatrix .trans.
+template <typename T>
+__device__ __forceinline__ const T* bt_rows(const T* s, int ld, int k0, int n0, int lane) {
+  return s + (k0 + lane % 8 + 8 * (lane / 8 % 2)) * ld + n0 + 8 * (lane / 16);
+}
+
+// d0 += a b[0..1], d1 += a b[2..3]: two 16 x 8 tiles sharing the A fragment.
+template <typename T>
+__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[4]) {
+  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  ptx::mma16816<T>(d0, a, b0);
+  ptx::mma16816<T>(d1, a, b1);
+}
+
+// Two fp32 values as the T pair of one 32-bit register (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T l = Elem<T>::from_float(lo), h = Elem<T>::from_float(hi);
+  uint16_t lb, hb;
+  memcpy(&lb, &l, 2);
+  memcpy(&hb, &h, 2);
+  return lb | static_cast<uint32_t>(hb) << 16;
+}
+
+// Stores two adjacent T (4-byte aligned) in one 32-bit store.
+template <typename T>
+__device__ __forceinline__ void store2(T* dst, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(dst) = pack2<T>(lo, hi);
+}
 
 // Copies rows [row0, row0 + kBlock) of a [seq_len, D] matrix into a shared tile with leading dim ld,
 // 16 bytes per thread per step; rows past seq_len become zeros.

@@ -138,3 +138,5 @@ cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
     cuda_emu::set_func_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
   return cudaSuccess;
 }
+
+#include "ptx_emu.h"
