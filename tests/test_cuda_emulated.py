@@ -212,7 +212,7 @@ def test_emulator_collectives(emu):
 
 
 def test_emulator_enforces_shared_memory_limits(emu):
-    emu.lib.emu_set_smem_optin(ctypes.c_longlong(64 * 1024))
+    emu.lib.emu_set_smem_optin(ctypes.c_longlong(40 * 1024))  # the forward at head dim 128 needs 51 KiB
     try:
         q = torch.randn(1, 1, 30, 128, dtype=torch.float16)
         with pytest.raises(AssertionError, match="cudaFuncSetAttribute asked for"):

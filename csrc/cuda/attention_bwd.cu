@@ -1,187 +1,219 @@
-// CUDA backward in two deterministic passes (no atomics), both recomputing P from the saved lse:
-//   dkdv_kernel: one thread block per (batch * head, key block), walking the key-major layout;
-//                dK and dV accumulate in registers (wmma fragments) of the warp owning those keys.
-//   dq_kernel:   one thread block per (batch * head, query block), walking the query-major layout.
-// delta = rowsum(dO * O) comes from the caller.
+// CUDA backward in two deterministic passes (no atomics), both recomputing P from the saved lse and
+// keeping their accumulators in registers (mma.sync m16n8k16 + ldmatrix, layouts in ptx.cuh):
+//   dkdv_kernel: one thread block per (batch * head, key block), walking the key-major layout; each warp
+//                owns 16 keys and accumulates their dK and dV rows over every query block that reads them.
+//   dq_kernel:   one thread block per (batch * head, query block), walking the query-major layout; each
+//                warp owns 16 queries and accumulates their dQ rows.
+// Queries (in dkdv) and keys (in dq) are taken 16 at a time, so a step's probabilities, packed from its two
+// 16 x 8 accumulator tiles, are exactly the A fragment of the next product. delta = rowsum(dO * O) comes
+// from the caller.
+#include <cmath>
+
 #include "tile.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
 
-using namespace nvcuda;
-
 template <int D>
 struct BwdSmem {
-  static constexpr int ldt = D + kPadT;       // K, V, Q, dO rows (T)
-  static constexpr int ldf = kBlock + kPadF;  // 64 x 64 fp32 scratch (P, dP)
-  static constexpr int ldh = kBlock + kPadT;  // 64 x 64 T scratch (P or dS as matmul input)
-  static constexpr int ldst = D + kPadF;      // per-warp 16 x D fp32 staging for the final store
+  static constexpr int ld = D + kPadT;  // rows of the four T tiles
   template <typename T>
   static constexpr size_t bytes() {
-    const size_t scratch = 2 * kBlock * ldf > kWarps * 16 * ldst ? 2 * kBlock * ldf : kWarps * 16 * ldst;
-    return sizeof(T) * (4 * kBlock * ldt + 2 * kBlock * ldh) + sizeof(float) * (scratch + 2 * kBlock);
+    return sizeof(T) * 4 * kBlock * ld + sizeof(float) * 2 * kBlock;
   }
 };
-
-// acc[n] (16 x 16 fp32) += A (16 x 64, T, row-major with lda) @ B (64 x 16 N16, T, row-major with ldb):
-// like rows_times, but accumulating into fragments that stay in registers across key/query blocks.
-template <typename T, int N16, typename Acc>
-__device__ __forceinline__ void mma_rows(Acc (&acc)[N16], const T* a, int lda, const T* b, int ldb) {
-  for (int kk = 0; kk < kBlock / 16; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::load_matrix_sync(fa, a + kk * 16, lda);
-    for (int n = 0; n < N16; ++n) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, b + kk * 16 * ldb + n * 16, ldb);
-      wmma::mma_sync(acc[n], fa, fb, acc[n]);
-    }
-  }
-}
 
 // ---- dK, dV: key-block parallel ---------------------------------------------------------------------
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     dkdv_kernel(AttentionParams p, const T* __restrict__ grad_out, const float* __restrict__ lse,
                 const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
   using L = BwdSmem<D>;
+  constexpr int KS = D / 16, DT = D / 8;
   const int nb = p.layout.num_blocks;
   const int kb = blockIdx.x % nb;
   const int64_t bh = blockIdx.x / nb;
   const int N = p.seq_len, k0 = kb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
 
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + kBlock * L::ldt;
-  T* sQ = sV + kBlock * L::ldt;
-  T* sdO = sQ + kBlock * L::ldt;
-  T* sPt = sdO + kBlock * L::ldt;     // P^T [key][query] (T)
-  T* sdSt = sPt + kBlock * L::ldh;    // dS^T [key][query] (T)
-  float* sF = reinterpret_cast<float*>(sdSt + kBlock * L::ldh);
-  float* sSt = sF;                    // S^T then P^T in fp32 [key][query]
-  float* sdPt = sF + kBlock * L::ldf; // dP^T [key][query]
-  float* sLse = sF + (2 * kBlock * L::ldf > kWarps * 16 * L::ldst ? 2 * kBlock * L::ldf : kWarps * 16 * L::ldst);
+  T* sV = sK + kBlock * L::ld;
+  T* sQ = sV + kBlock * L::ld;
+  T* sdO = sQ + kBlock * L::ld;
+  float* sLse = reinterpret_cast<float*>(sdO + kBlock * L::ld);  // lse in log2 units
   float* sDelta = sLse + kBlock;
 
   const int64_t base = bh * N * D;
   const T* Q = static_cast<const T*>(p.q) + base;
   const T* dO = grad_out + base;
-  load_tile<T, D>(sK, L::ldt, static_cast<const T*>(p.k) + base, k0, N);
-  load_tile<T, D>(sV, L::ldt, static_cast<const T*>(p.v) + base, k0, N);
+  load_tile<T, D>(sK, L::ld, static_cast<const T*>(p.k) + base, k0, N);
+  load_tile<T, D>(sV, L::ld, static_cast<const T*>(p.v) + base, k0, N);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dk[D / 16], acc_dv[D / 16];
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::fill_fragment(acc_dk[n], 0.f);
-    wmma::fill_fragment(acc_dv[n], 0.f);
-  }
-  const int my_row = warp * 16 + lane / 2;  // a key row of the tile
-  const int half = lane & 1;                // alternate query columns: c = 2 * cc + half
+  const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+  const int key0 = k0 + warp * 16 + g;  // the thread's key rows: key0 and key0 + 8
+  float acc_dk[DT][4], acc_dv[DT][4];
+  for (int dt = 0; dt < DT; ++dt)
+    for (int i = 0; i < 4; ++i) acc_dk[dt][i] = acc_dv[dt][i] = 0.f;
 
   for (int e = p.layout.k_ptr[kb]; e < p.layout.k_ptr[kb + 1]; ++e) {
     const int q0 = p.layout.k_qblock[e] * kBlock;
     const bool full = tile_full(p.layout.k_full[e], q0, k0, N);
-    __syncthreads();
-    load_tile<T, D>(sQ, L::ldt, Q, q0, N);
-    load_tile<T, D>(sdO, L::ldt, dO, q0, N);
-    load_rows(sLse, lse + bh * N, q0, N, INFINITY);  // padded rows: P = 0 by construction
-    load_rows(sDelta, delta + bh * N, q0, N, 0.f);
+    __syncthreads();  // every warp is done with the previous sQ / sdO
+    load_tile<T, D>(sQ, L::ld, Q, q0, N);
+    load_tile<T, D>(sdO, L::ld, dO, q0, N);
+    for (int r = threadIdx.x; r < kBlock; r += kThreads) {
+      const bool real = q0 + r < N;  // padded queries: lse = +inf makes P = 0
+      sLse[r] = real ? lse[bh * N + q0 + r] * static_cast<float>(M_LOG2E) : INFINITY;
+      sDelta[r] = real ? delta[bh * N + q0 + r] : 0.f;
+    }
     __syncthreads();
 
-    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows.
-    rows_times<T, D, kBlock, false>(sSt + warp * 16 * L::ldf, L::ldf, sK + warp * 16 * L::ldt, L::ldt, sQ, L::ldt);
-    rows_times<T, D, kBlock, false>(sdPt + warp * 16 * L::ldf, L::ldf, sV + warp * 16 * L::ldt, L::ldt, sdO, L::ldt);
-    __syncwarp();
-
-    // P^T = exp(S^T * scale - lse) (0 where masked), dS^T = P^T (dP^T - delta).
-    {
-      const int j = k0 + my_row;
-      for (int cc = 0; cc < kBlock / 2; ++cc) {
-        const int c = 2 * cc + half, i = q0 + c;
-        const bool on = full || visible(p.mask, i, j, N);
-        const float pe = on ? __expf(sSt[my_row * L::ldf + c] * p.scale - sLse[c]) : 0.f;
-        const float ds = pe * (sdPt[my_row * L::ldf + c] - sDelta[c]);
-        sPt[my_row * L::ldh + c] = Elem<T>::from_float(pe);
-        sdSt[my_row * L::ldh + c] = Elem<T>::from_float(ds);
+    for (int kk = 0; kk < kBlock / 16; ++kk) {  // queries kk * 16 .. kk * 16 + 15
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys: B(k = d, n = query) = Q[query][d].
+      float st[2][4] = {}, dpt[2][4] = {};
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t ka[4], va[4], qb[4], ob[4];
+        ptx::ldmatrix_x4(ka, a_row(sK, L::ld, warp * 16, ks * 16, lane));
+        ptx::ldmatrix_x4(va, a_row(sV, L::ld, warp * 16, ks * 16, lane));
+        ptx::ldmatrix_x4(qb, b_rows(sQ, L::ld, kk * 16, ks * 16, lane));
+        ptx::ldmatrix_x4(ob, b_rows(sdO, L::ld, kk * 16, ks * 16, lane));
+        mma_pair<T>(st[0], st[1], ka, qb);
+        mma_pair<T>(dpt[0], dpt[1], va, ob);
+      }
+      // P^T = exp(S^T * scale - lse[query]) (0 where masked), dS^T = P^T (dP^T - delta[query]), packed as
+      // the A fragments (16 keys x 16 queries) of dV += P^T dO and dK += dS^T Q.
+      uint32_t pa[4], dsa[4];
+      for (int half = 0; half < 2; ++half) {
+        float pv[4], dsv[4];
+        for (int i = 0; i < 4; ++i) {
+          const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
+          const bool on = full || visible(p.mask, q0 + c, key0 + 8 * (i / 2), N);
+          pv[i] = on ? exp2f(st[half][i] * scale_log2 - sLse[c]) : 0.f;
+          dsv[i] = pv[i] * (dpt[half][i] - sDelta[c]);
+        }
+        pa[2 * half] = pack2<T>(pv[0], pv[1]);
+        pa[2 * half + 1] = pack2<T>(pv[2], pv[3]);
+        dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);
+        dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
+      }
+      // B(k = query, n = d) = dO[query][d] and Q[query][d]: rows of sdO / sQ, read transposed.
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t ob[4], qb[4];
+        ptx::ldmatrix_x4_trans(ob, bt_rows(sdO, L::ld, kk * 16, dt * 8, lane));
+        ptx::ldmatrix_x4_trans(qb, bt_rows(sQ, L::ld, kk * 16, dt * 8, lane));
+        mma_pair<T>(acc_dv[dt], acc_dv[dt + 1], pa, ob);
+        mma_pair<T>(acc_dk[dt], acc_dk[dt + 1], dsa, qb);
       }
     }
-    __syncwarp();
-
-    // dV += P^T dO, dK += dS^T Q (scale applied at the end).
-    mma_rows<T, D / 16>(acc_dv, sPt + warp * 16 * L::ldh, L::ldh, sdO, L::ldt);
-    mma_rows<T, D / 16>(acc_dk, sdSt + warp * 16 * L::ldh, L::ldh, sQ, L::ldt);
   }
-  __syncthreads();  // the fp32 scratch becomes per-warp staging below
 
-  float* stage = sF + warp * 16 * L::ldst;
-  store_rows<T, D / 16>(acc_dk, stage, L::ldst, dk + base, k0 + warp * 16, N, p.scale);
-  store_rows<T, D / 16>(acc_dv, stage, L::ldst, dv + base, k0 + warp * 16, N, 1.f);
+  for (int h = 0; h < 2; ++h) {
+    const int r = key0 + 8 * h;
+    if (r >= N) continue;
+    for (int dt = 0; dt < DT; ++dt) {
+      const int64_t off = base + static_cast<int64_t>(r) * D + dt * 8 + 2 * t;
+      store2<T>(dk + off, acc_dk[dt][2 * h] * p.scale, acc_dk[dt][2 * h + 1] * p.scale);
+      store2<T>(dv + off, acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
+    }
+  }
 }
 
 // ---- dQ: query-block parallel -----------------------------------------------------------------------
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     dq_kernel(AttentionParams p, const T* __restrict__ grad_out, const float* __restrict__ lse,
               const float* __restrict__ delta, T* __restrict__ dq) {
   using L = BwdSmem<D>;
+  constexpr int KS = D / 16, DT = D / 8;
   const int nb = p.layout.num_blocks;
   const int qb = blockIdx.x % nb;
   const int64_t bh = blockIdx.x / nb;
   const int N = p.seq_len, q0 = qb * kBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
 
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = sQ + kBlock * L::ldt;
-  T* sK = sdO + kBlock * L::ldt;
-  T* sV = sK + kBlock * L::ldt;
-  T* sdS = sV + kBlock * L::ldt;  // dS [query][key] (T)
-  float* sF = reinterpret_cast<float*>(sdS + 2 * kBlock * L::ldh);
-  float* sS = sF;                     // S [query][key]
-  float* sdP = sF + kBlock * L::ldf;  // dP [query][key]
-  float* sLse = sF + (2 * kBlock * L::ldf > kWarps * 16 * L::ldst ? 2 * kBlock * L::ldf : kWarps * 16 * L::ldst);
-  float* sDelta = sLse + kBlock;
+  T* sdO = sQ + kBlock * L::ld;
+  T* sK = sdO + kBlock * L::ld;
+  T* sV = sK + kBlock * L::ld;
 
   const int64_t base = bh * N * D;
   const T* K = static_cast<const T*>(p.k) + base;
   const T* V = static_cast<const T*>(p.v) + base;
-  load_tile<T, D>(sQ, L::ldt, static_cast<const T*>(p.q) + base, q0, N);
-  load_tile<T, D>(sdO, L::ldt, grad_out + base, q0, N);
-  load_rows(sLse, lse + bh * N, q0, N, INFINITY);  // padded rows: P = 0 by construction
-  load_rows(sDelta, delta + bh * N, q0, N, 0.f);
+  load_tile<T, D>(sQ, L::ld, static_cast<const T*>(p.q) + base, q0, N);
+  load_tile<T, D>(sdO, L::ld, grad_out + base, q0, N);
+  __syncthreads();
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dq[D / 16];
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc_dq[n], 0.f);
-  const int my_row = warp * 16 + lane / 2;
-  const int half = lane & 1;
+  // The warp's Q and dO rows as A fragments, loaded once; lse (log2 units) and delta of rows g, g + 8.
+  uint32_t qa[KS][4], oa[KS][4];
+  for (int ks = 0; ks < KS; ++ks) {
+    ptx::ldmatrix_x4(qa[ks], a_row(sQ, L::ld, warp * 16, ks * 16, lane));
+    ptx::ldmatrix_x4(oa[ks], a_row(sdO, L::ld, warp * 16, ks * 16, lane));
+  }
+  const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+  const int row0 = q0 + warp * 16 + g;
+  float lse2[2], dlt[2];
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + 8 * h;  // padded rows: lse = +inf makes P = 0
+    lse2[h] = r < N ? lse[bh * N + r] * static_cast<float>(M_LOG2E) : INFINITY;
+    dlt[h] = r < N ? delta[bh * N + r] : 0.f;
+  }
+  float acc_dq[DT][4];
+  for (int dt = 0; dt < DT; ++dt)
+    for (int i = 0; i < 4; ++i) acc_dq[dt][i] = 0.f;
 
   for (int e = p.layout.q_ptr[qb]; e < p.layout.q_ptr[qb + 1]; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    __syncthreads();
-    load_tile<T, D>(sK, L::ldt, K, k0, N);
-    load_tile<T, D>(sV, L::ldt, V, k0, N);
+    __syncthreads();  // every warp is done with the previous sK / sV
+    load_tile<T, D>(sK, L::ld, K, k0, N);
+    load_tile<T, D>(sV, L::ld, V, k0, N);
     __syncthreads();
 
-    rows_times<T, D, kBlock, false>(sS + warp * 16 * L::ldf, L::ldf, sQ + warp * 16 * L::ldt, L::ldt, sK, L::ldt);
-    rows_times<T, D, kBlock, false>(sdP + warp * 16 * L::ldf, L::ldf, sdO + warp * 16 * L::ldt, L::ldt, sV, L::ldt);
-    __syncwarp();
-    {
-      const int i = q0 + my_row;
-      for (int cc = 0; cc < kBlock / 2; ++cc) {
-        const int c = 2 * cc + half;
-        const bool on = full || visible(p.mask, i, k0 + c, N);
-        const float pe = on ? __expf(sS[my_row * L::ldf + c] * p.scale - sLse[my_row]) : 0.f;
-        sdS[my_row * L::ldh + c] = Elem<T>::from_float(pe * (sdP[my_row * L::ldf + c] - sDelta[my_row]));
+    for (int kk = 0; kk < kBlock / 16; ++kk) {  // keys kk * 16 .. kk * 16 + 15
+      // S = Q K^T, dP = dO V^T: B(k = d, n = key) = K[key][d], V[key][d].
+      float s[2][4] = {}, dp[2][4] = {};
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t kb4[4], vb4[4];
+        ptx::ldmatrix_x4(kb4, b_rows(sK, L::ld, kk * 16, ks * 16, lane));
+        ptx::ldmatrix_x4(vb4, b_rows(sV, L::ld, kk * 16, ks * 16, lane));
+        mma_pair<T>(s[0], s[1], qa[ks], kb4);
+        mma_pair<T>(dp[0], dp[1], oa[ks], vb4);
+      }
+      // dS = P (dP - delta), P = exp(S * scale - lse) (0 where masked), as the A fragment of dQ += dS K.
+      uint32_t dsa[4];
+      for (int half = 0; half < 2; ++half) {
+        float dsv[4];
+        for (int i = 0; i < 4; ++i) {
+          const int key = k0 + kk * 16 + half * 8 + 2 * t + i % 2;
+          const bool on = full || visible(p.mask, row0 + 8 * (i / 2), key, N);
+          const float pe = on ? exp2f(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
+          dsv[i] = pe * (dp[half][i] - dlt[i / 2]);
+        }
+        dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);
+        dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
+      }
+      // B(k = key, n = d) = K[key][d]: rows of sK, read transposed.
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t kb4[4];
+        ptx::ldmatrix_x4_trans(kb4, bt_rows(sK, L::ld, kk * 16, dt * 8, lane));
+        mma_pair<T>(acc_dq[dt], acc_dq[dt + 1], dsa, kb4);
       }
     }
-    __syncwarp();
-    // dQ += dS K (scale applied at the end).
-    mma_rows<T, D / 16>(acc_dq, sdS + warp * 16 * L::ldh, L::ldh, sK, L::ldt);
   }
-  __syncthreads();
-  store_rows<T, D / 16>(acc_dq, sF + warp * 16 * L::ldst, L::ldst, dq + base, q0 + warp * 16, N, p.scale);
+
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + 8 * h;
+    if (r >= N) continue;
+    for (int dt = 0; dt < DT; ++dt)
+      store2<T>(dq + base + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, acc_dq[dt][2 * h] * p.scale,
+                acc_dq[dt][2 * h + 1] * p.scale);
+  }
 }
 
 template <typename T, int D>

@@ -1,16 +1,14 @@
 // Shared pieces of the CUDA attention kernels: element conversion, tile loads into shared memory, the
-// element mask of partial blocks, and launch helpers. Tensor-core math uses nvcuda::wmma 16x16x16
-// fragments (fp16 / bf16 inputs, fp32 accumulation; sm_80 and newer).
+// element mask of partial blocks, tensor-core fragment addressing, and launch helpers. Tensor-core math
+// is mma.sync m16n8k16 with ldmatrix (ptx.cuh: fp16 / bf16 inputs, fp32 accumulation; sm_80 and newer).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "../layout.h"
 #include "attention_cuda.h"
@@ -21,8 +19,8 @@ namespace dalle_fast::cuda {
 
 constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile
 constexpr int kThreads = kWarps * 32;
-constexpr int kPadT = 8;  // elements of padding per shared row: keeps wmma pointers 32-byte aligned,
-constexpr int kPadF = 4;  // and staggers rows across banks
+constexpr int kPadT = 8;  // elements of padding per shared row: rows stay 16-byte aligned for ldmatrix, and
+                          // the 8 rows of an 8 x 8 matrix fall in different banks
 
 template <typename T>
 struct Elem;
@@ -111,41 +109,6 @@ __device__ __forceinline__ bool visible(const MaskSpec& m, int i, int j, int seq
 // A layout entry needs no element mask when the layout says full and the tile has no padding.
 __device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int seq_len) {
   return layout_full && q0 + kBlock <= seq_len && k0 + kBlock <= seq_len;
-}
-
-// dst (16 x N fp32, leading dim ldd) = A (16 x K, T, row-major) @ B, where B is K x N row-major when
-// B_ROW, else B is stored as an N x K row-major matrix and read transposed. One warp; K, N multiples of 16.
-template <typename T, int K, int N, bool B_ROW>
-__device__ __forceinline__ void rows_times(float* dst, int ldd, const T* a, int lda, const T* b, int ldb) {
-  using BLayout = typename std::conditional<B_ROW, nvcuda::wmma::row_major, nvcuda::wmma::col_major>::type;
-  for (int n = 0; n < N / 16; ++n) {
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-    nvcuda::wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < K / 16; ++kk) {
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-      nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, lda);
-      nvcuda::wmma::load_matrix_sync(fb, B_ROW ? b + kk * 16 * ldb + n * 16 : b + n * 16 * ldb + kk * 16, ldb);
-      nvcuda::wmma::mma_sync(acc, fa, fb, acc);
-    }
-    nvcuda::wmma::store_matrix_sync(dst + n * 16, acc, ldd, nvcuda::wmma::mem_row_major);
-  }
-}
-
-// Stores a warp's 16 x (16 * n) fp32 accumulator fragments as T rows in global memory (rows past
-// seq_len skipped), through a per-warp fp32 staging area of 16 x ld.
-template <typename T, int N16, typename Frag>
-__device__ __forceinline__ void store_rows(Frag (&acc)[N16], float* stage, int ld, T* dst, int row0, int seq_len,
-                                          float mul) {
-  const int lane = threadIdx.x % 32;
-  for (int n = 0; n < N16; ++n) nvcuda::wmma::store_matrix_sync(stage + n * 16, acc[n], ld, nvcuda::wmma::mem_row_major);
-  __syncwarp();
-  constexpr int D = N16 * 16;
-  for (int idx = lane; idx < 16 * D; idx += 32) {
-    const int r = idx / D, c = idx % D;
-    if (row0 + r < seq_len) dst[static_cast<int64_t>(row0 + r) * D + c] = Elem<T>::from_float(stage[r * ld + c] * mul);
-  }
-  __syncwarp();
 }
 
 // Dynamic shared memory of a kernel whose carve-up is Smem<D> (fp16 and bf16 have the same size).

@@ -91,7 +91,7 @@ bool step_warp(Block& b, int w, bool* fault) {
   if (waiting == 0) return false;
   if (waiting < lanes) {
     g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
-              std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle or wmma) that " +
+              std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle, mma or ldmatrix) that " +
               std::to_string(lanes - waiting - done) + " lanes wait elsewhere and " + std::to_string(done) +
               " have exited";
     return !(*fault = true);

@@ -4,7 +4,7 @@
 //
 //   - each thread block runs alone; each CUDA thread is a fiber (ucontext) with its own stack, so
 //     locals are per thread and __shared__ memory is per block;
-//   - __syncthreads, __syncwarp, shuffles and the warp-collective wmma calls are real barriers: the
+//   - __syncthreads, __syncwarp, shuffles, mma.sync and ldmatrix (ptx_emu.h) are real barriers: the
 //     scheduler resumes a thread only when every thread the barrier names has arrived, and reports
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
 //   - threads run one after another in a chosen schedule: warps one at a time, each up to its next
@@ -15,9 +15,10 @@
 //     poison the result) and fenced by guard bytes checked after it; a launch asking for more than 48 KiB
 //     needs cudaFuncSetAttribute first, and no launch may exceed the emulated device's opt-in limit.
 //
-// What it cannot show: timing, memory coalescing, bank conflicts, the real fragment layouts of tensor
-// cores (wmma fragments are opaque, so any layout is a valid one), or the hardware's exact rounding of
-// fast-math intrinsics. Those need the GPU runbook (benchmarks/gpu_runbook.sh).
+// What it cannot show: timing, memory coalescing, bank conflicts, the hardware's rounding inside the
+// tensor cores and of fast-math intrinsics, or a misreading of the PTX fragment layouts that the kernels
+// and ptx_emu.h would share (both follow the layouts restated in csrc/cuda/ptx.cuh). Those need the GPU
+// runbook (benchmarks/gpu_runbook.sh).
 #pragma once
 
 #include <cuda_bf16.h>
