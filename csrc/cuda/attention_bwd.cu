@@ -16,10 +16,12 @@ namespace {
 
 template <int D>
 struct BwdSmem {
-  static constexpr int ld = D + kPadT;  // rows of the four T tiles
+  static constexpr int ld = D + kPadT;  // rows of the T tiles
+  // Two resident tiles, two streamed ones twice (the next block loads during this one), and lse and
+  // delta of the streamed query blocks twice.
   template <typename T>
   static constexpr size_t bytes() {
-    return sizeof(T) * 4 * kBlock * ld + sizeof(float) * 2 * kBlock;
+    return sizeof(T) * 6 * kBlock * ld + sizeof(float) * 4 * kBlock;
   }
 };
 
@@ -41,16 +43,31 @@ __global__ void __launch_bounds__(kThreads, 2)
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBlock * L::ld;
-  T* sQ = sV + kBlock * L::ld;
-  T* sdO = sQ + kBlock * L::ld;
-  float* sLse = reinterpret_cast<float*>(sdO + kBlock * L::ld);  // lse in log2 units
-  float* sDelta = sLse + kBlock;
+  T* sQs[2] = {sV + kBlock * L::ld, sV + 2 * kBlock * L::ld};
+  T* sdOs[2] = {sV + 3 * kBlock * L::ld, sV + 4 * kBlock * L::ld};
+  float* sLses[2] = {reinterpret_cast<float*>(sV + 5 * kBlock * L::ld), nullptr};  // lse in log2 units
+  sLses[1] = sLses[0] + kBlock;
+  float* sDeltas[2] = {sLses[1] + kBlock, sLses[1] + 2 * kBlock};
 
   const int64_t base = bh * N * D;
   const T* Q = static_cast<const T*>(p.q) + base;
   const T* dO = grad_out + base;
-  load_tile<T, D>(sK, L::ld, static_cast<const T*>(p.k) + base, k0, N);
-  load_tile<T, D>(sV, L::ld, static_cast<const T*>(p.v) + base, k0, N);
+  const int e_begin = p.layout.k_ptr[kb], e_end = p.layout.k_ptr[kb + 1];
+  // Query block e's Q and dO go to buffer (e - e_begin) % 2 by cp.async; its lse and delta by plain loads.
+  auto fetch = [&](int e) {
+    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
+    load_tile_async<T, D>(sQs[buf], L::ld, Q, q0, N);
+    load_tile_async<T, D>(sdOs[buf], L::ld, dO, q0, N);
+    for (int r = threadIdx.x; r < kBlock; r += kThreads) {
+      const bool real = q0 + r < N;  // padded queries: lse = +inf makes P = 0
+      sLses[buf][r] = real ? lse[bh * N + q0 + r] * static_cast<float>(M_LOG2E) : INFINITY;
+      sDeltas[buf][r] = real ? delta[bh * N + q0 + r] : 0.f;
+    }
+  };
+  load_tile_async<T, D>(sK, L::ld, static_cast<const T*>(p.k) + base, k0, N);
+  load_tile_async<T, D>(sV, L::ld, static_cast<const T*>(p.v) + base, k0, N);
+  if (e_begin < e_end) fetch(e_begin);
+  ptx::cp_async_commit();
 
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int key0 = k0 + warp * 16 + g;  // the thread's key rows: key0 and key0 + 8
@@ -58,18 +75,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int dt = 0; dt < DT; ++dt)
     for (int i = 0; i < 4; ++i) acc_dk[dt][i] = acc_dv[dt][i] = 0.f;
 
-  for (int e = p.layout.k_ptr[kb]; e < p.layout.k_ptr[kb + 1]; ++e) {
-    const int q0 = p.layout.k_qblock[e] * kBlock;
+  for (int e = e_begin; e < e_end; ++e) {
+    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.k_full[e], q0, k0, N);
-    __syncthreads();  // every warp is done with the previous sQ / sdO
-    load_tile<T, D>(sQ, L::ld, Q, q0, N);
-    load_tile<T, D>(sdO, L::ld, dO, q0, N);
-    for (int r = threadIdx.x; r < kBlock; r += kThreads) {
-      const bool real = q0 + r < N;  // padded queries: lse = +inf makes P = 0
-      sLse[r] = real ? lse[bh * N + q0 + r] * static_cast<float>(M_LOG2E) : INFINITY;
-      sDelta[r] = real ? delta[bh * N + q0 + r] : 0.f;
-    }
-    __syncthreads();
+    if (e + 1 < e_end) fetch(e + 1);  // into the buffers every warp finished with (barrier below)
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // block e's group (and K, V) has landed (this thread's part) ...
+    __syncthreads();          // ... and every thread's
+    const T* sQ = sQs[buf];
+    const T* sdO = sdOs[buf];
+    const float* sLse = sLses[buf];
+    const float* sDelta = sDeltas[buf];
 
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // queries kk * 16 .. kk * 16 + 15
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys: B(k = d, n = query) = Q[query][d].
@@ -108,6 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         mma_pair<T>(acc_dk[dt], acc_dk[dt + 1], dsa, qb);
       }
     }
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
   for (int h = 0; h < 2; ++h) {
@@ -139,14 +156,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBlock * L::ld;
-  T* sK = sdO + kBlock * L::ld;
-  T* sV = sK + kBlock * L::ld;
+  T* sKs[2] = {sdO + kBlock * L::ld, sdO + 2 * kBlock * L::ld};
+  T* sVs[2] = {sdO + 3 * kBlock * L::ld, sdO + 4 * kBlock * L::ld};
 
   const int64_t base = bh * N * D;
   const T* K = static_cast<const T*>(p.k) + base;
   const T* V = static_cast<const T*>(p.v) + base;
-  load_tile<T, D>(sQ, L::ld, static_cast<const T*>(p.q) + base, q0, N);
-  load_tile<T, D>(sdO, L::ld, grad_out + base, q0, N);
+  const int e_begin = p.layout.q_ptr[qb], e_end = p.layout.q_ptr[qb + 1];
+  // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
+  auto fetch = [&](int e) {
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
+    load_tile_async<T, D>(sKs[buf], L::ld, K, k0, N);
+    load_tile_async<T, D>(sVs[buf], L::ld, V, k0, N);
+  };
+  load_tile_async<T, D>(sQ, L::ld, static_cast<const T*>(p.q) + base, q0, N);
+  load_tile_async<T, D>(sdO, L::ld, grad_out + base, q0, N);
+  if (e_begin < e_end) fetch(e_begin);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
   __syncthreads();
 
   // The warp's Q and dO rows as A fragments, loaded once; lse (log2 units) and delta of rows g, g + 8.
@@ -167,13 +194,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int dt = 0; dt < DT; ++dt)
     for (int i = 0; i < 4; ++i) acc_dq[dt][i] = 0.f;
 
-  for (int e = p.layout.q_ptr[qb]; e < p.layout.q_ptr[qb + 1]; ++e) {
-    const int k0 = p.layout.q_kblock[e] * kBlock;
+  for (int e = e_begin; e < e_end; ++e) {
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    __syncthreads();  // every warp is done with the previous sK / sV
-    load_tile<T, D>(sK, L::ld, K, k0, N);
-    load_tile<T, D>(sV, L::ld, V, k0, N);
-    __syncthreads();
+    if (e + 1 < e_end) fetch(e + 1);  // into the buffer every warp finished with (barrier below)
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
+    __syncthreads();          // ... and every thread's
+    const T* sK = sKs[buf];
+    const T* sV = sVs[buf];
 
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // keys kk * 16 .. kk * 16 + 15
       // S = Q K^T, dP = dO V^T: B(k = d, n = key) = K[key][d], V[key][d].
@@ -205,6 +234,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         mma_pair<T>(acc_dq[dt], acc_dq[dt + 1], dsa, kb4);
       }
     }
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
   for (int h = 0; h < 2; ++h) {

@@ -16,7 +16,7 @@ struct FwdSmem {
   static constexpr int ld = D + kPadT;  // Q, K, V rows (T): 16 bytes of padding keep ldmatrix conflict-free
   template <typename T>
   static constexpr size_t bytes() {
-    return sizeof(T) * 3 * kBlock * ld;
+    return sizeof(T) * 5 * kBlock * ld;  // Q, and K and V twice: the next key block loads during this one
   }
 };
 
@@ -36,13 +36,23 @@ __global__ void __launch_bounds__(kThreads)
 
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBlock * L::ld;
-  T* sV = sK + kBlock * L::ld;
+  T* sK[2] = {sQ + kBlock * L::ld, sQ + 2 * kBlock * L::ld};
+  T* sV[2] = {sQ + 3 * kBlock * L::ld, sQ + 4 * kBlock * L::ld};
 
   const T* Q = static_cast<const T*>(p.q) + bh * N * D;
   const T* K = static_cast<const T*>(p.k) + bh * N * D;
   const T* V = static_cast<const T*>(p.v) + bh * N * D;
-  load_tile<T, D>(sQ, L::ld, Q, q0, N);
+  const int e_begin = p.layout.q_ptr[qb], e_end = p.layout.q_ptr[qb + 1];
+  // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
+  auto fetch = [&](int e) {
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
+    load_tile_async<T, D>(sK[buf], L::ld, K, k0, N);
+    load_tile_async<T, D>(sV[buf], L::ld, V, k0, N);
+  };
+  load_tile_async<T, D>(sQ, L::ld, Q, q0, N);
+  if (e_begin < e_end) fetch(e_begin);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
   __syncthreads();
 
   // The warp's Q rows as A fragments, loaded once.
@@ -58,13 +68,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int dt = 0; dt < DT; ++dt)
     for (int i = 0; i < 4; ++i) o[dt][i] = 0.f;
 
-  for (int e = p.layout.q_ptr[qb]; e < p.layout.q_ptr[qb + 1]; ++e) {
-    const int k0 = p.layout.q_kblock[e] * kBlock;
+  for (int e = e_begin; e < e_end; ++e) {
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    __syncthreads();  // every warp is done with the previous sK / sV
-    load_tile<T, D>(sK, L::ld, K, k0, N);
-    load_tile<T, D>(sV, L::ld, V, k0, N);
-    __syncthreads();
+    if (e + 1 < e_end) fetch(e + 1);  // into the buffer every warp finished with (barrier below)
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
+    __syncthreads();          // ... and every thread's
+    const T* sKb = sK[buf];
+    const T* sVb = sV[buf];
 
     // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are.
     float s[NT][4];
@@ -73,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int ks = 0; ks < KS; ++ks)
       for (int nt = 0; nt < NT; nt += 2) {
         uint32_t kb[4];
-        ptx::ldmatrix_x4(kb, b_rows(sK, L::ld, nt * 8, ks * 16, lane));
+        ptx::ldmatrix_x4(kb, b_rows(sKb, L::ld, nt * 8, ks * 16, lane));
         mma_pair<T>(s[nt], s[nt + 1], qa[ks], kb);
       }
 
@@ -115,10 +127,11 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb, bt_rows(sV, L::ld, kk * 16, dt * 8, lane));
+        ptx::ldmatrix_x4_trans(vb, bt_rows(sVb, L::ld, kk * 16, dt * 8, lane));
         mma_pair<T>(o[dt], o[dt + 1], pa, vb);
       }
     }
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
   // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2.

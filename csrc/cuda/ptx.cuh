@@ -9,8 +9,9 @@
 // of row l % 8 of matrix l / 8 (16 contiguous bytes) and receives in r[i] row l / 4, columns
 // 2 (l % 4) and 2 (l % 4) + 1 of matrix i; with .trans, the same of matrix i's transpose.
 //
-// The host emulator (csrc/tests/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements
-// these four functions from the same definitions.
+// Also cp.async, for tile loads that overlap the math. The host emulator
+// (csrc/tests/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
+// the same definitions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,6 +59,22 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
+}
+
+// cp.async: 16 bytes global -> shared without passing through registers; valid = false writes 16 zero
+// bytes and reads nothing. Copies of a commit group are visible to the issuing thread after
+// cp_async_wait<N> (at most N newer groups still in flight), to other threads after a barrier.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace dalle_fast::cuda::ptx

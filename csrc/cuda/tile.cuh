@@ -82,23 +82,18 @@ __device__ __forceinline__ void store2(T* dst, float lo, float hi) {
   *reinterpret_cast<uint32_t*>(dst) = pack2<T>(lo, hi);
 }
 
-// Copies rows [row0, row0 + kBlock) of a [seq_len, D] matrix into a shared tile with leading dim ld,
-// 16 bytes per thread per step; rows past seq_len become zeros.
+// Copies rows [row0, row0 + kBlock) of a [seq_len, D] matrix into a shared tile with leading dim ld by
+// cp.async, 16 bytes per thread per step, as part of the caller's next commit group; rows past seq_len
+// become zeros.
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int row0, int seq_len) {
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int row0, int seq_len) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
   for (int idx = threadIdx.x; idx < kBlock * kPerRow; idx += kThreads) {
     const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < seq_len) val = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row0 + r) * D + c);
-    *reinterpret_cast<uint4*>(tile + r * ld + c) = val;
+    const bool valid = row0 + r < seq_len;
+    ptx::cp_async_16(tile + r * ld + c, valid ? src + static_cast<int64_t>(row0 + r) * D + c : src, valid);
   }
-}
-
-// Loads kBlock fp32 values (lse or delta rows), `fill` past seq_len.
-__device__ __forceinline__ void load_rows(float* dst, const float* src, int row0, int seq_len, float fill) {
-  for (int r = threadIdx.x; r < kBlock; r += kThreads) dst[r] = row0 + r < seq_len ? src[row0 + r] : fill;
 }
 
 // May query i see key j? Rows and columns past seq_len are padding and never visible.

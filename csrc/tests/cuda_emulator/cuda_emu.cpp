@@ -21,10 +21,18 @@ namespace {
 
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
+};
+
 struct Thread {
   ucontext_t ctx;
   State state = State::kReady;
   int or_pred = 0;
+  std::vector<AsyncCopy> open;                 // cp.async copies not yet committed to a group
+  std::vector<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -112,6 +120,8 @@ bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
     Thread& t = b.threads[i];
     t.state = State::kReady;
     t.or_pred = 0;
+    t.open.clear();  // copies a thread never waited for are never read (a read would have waited)
+    t.groups.clear();
     getcontext(&t.ctx);
     t.ctx.uc_stack.ss_sp = stacks[i];
     t.ctx.uc_stack.ss_size = kStackBytes;
@@ -175,6 +185,37 @@ int block_barrier_or(int pred) {
 void warp_barrier(unsigned mask) {
   if (mask != 0xffffffffu) fail("__syncwarp: only full-warp masks are emulated");
   yield(State::kAtWarpBarrier);
+}
+
+// cp.async: a copy may land in shared memory at any moment between its issue and its thread's wait for
+// its group. Even schedules land it at the issue (a buffer refilled while another warp still reads it
+// changes under that warp), odd ones at the wait (a read that does not wait sees the poison or a stale
+// tile); the same bits under both show neither race is there.
+void land(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+  std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+}
+
+void async_copy(void* dst, const void* src, int bytes, int src_bytes) {
+  const AsyncCopy c{dst, src, bytes, src_bytes};
+  if (g_schedule % 2 == 0)
+    land(c);
+  else
+    g_block->threads[g_block->current].open.push_back(c);
+}
+
+void async_commit() {
+  Thread& t = g_block->threads[g_block->current];
+  t.groups.push_back(std::move(t.open));
+  t.open.clear();
+}
+
+void async_wait(int pending) {
+  Thread& t = g_block->threads[g_block->current];
+  while (static_cast<int>(t.groups.size()) > pending) {
+    for (const AsyncCopy& c : t.groups.front()) land(c);
+    t.groups.erase(t.groups.begin());
+  }
 }
 
 uint64_t* warp_exchange() { return g_block->exchange.data() + 32 * (g_block->current / 32); }

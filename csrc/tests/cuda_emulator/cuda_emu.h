@@ -9,8 +9,9 @@
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
 //   - threads run one after another in a chosen schedule: warps one at a time, each up to its next
 //     __syncthreads, in ascending or descending order; or (seeded shuffles) a random warp for a random
-//     number of warp collectives, then another. A kernel whose result depends on the schedule has a race, such as
-//     a missing __syncthreads;
+//     number of warp collectives, then another. cp.async copies land at their issue (even schedules)
+//     or at their thread's wait (odd ones), the two ends of what the hardware allows. A kernel whose
+//     result depends on the schedule has a race, such as a missing __syncthreads;
 //   - dynamic shared memory is filled with NaN bytes before each block (reads of unwritten shared memory
 //     poison the result) and fenced by guard bytes checked after it; a launch asking for more than 48 KiB
 //     needs cudaFuncSetAttribute first, and no launch may exceed the emulated device's opt-in limit.
@@ -68,6 +69,9 @@ void warp_barrier(unsigned mask);
 uint64_t* warp_exchange();       // 32 slots of the calling thread's warp
 const void** warp_pointers();    // 32 x 4 pointer slots of the calling thread's warp
 unsigned char* dynamic_smem();   // this block's dynamic shared memory
+void async_copy(void* dst, const void* src, int bytes, int src_bytes);  // cp.async (see cuda_emu.cpp)
+void async_commit();
+void async_wait(int pending);
 [[noreturn]] void fail(const char* what);  // ends the launch with cudaErrorLaunchFailure and this message
 
 template <typename Kernel>

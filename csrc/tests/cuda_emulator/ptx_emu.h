@@ -1,5 +1,6 @@
-// Emulated tensor-core PTX for csrc/cuda/ptx.cuh: mma.sync m16n8k16 and ldmatrix .x4 (.trans), built
-// from the PTX ISA's fragment definitions as restated in ptx.cuh. Each is a warp collective: lanes post
+// Emulated PTX for csrc/cuda/ptx.cuh: mma.sync m16n8k16 and ldmatrix .x4 (.trans), built from the PTX
+// ISA's fragment definitions as restated in ptx.cuh, and cp.async (copies land when their thread waits
+// for their group: see cuda_emu.cpp). Each is a warp collective: lanes post
 // their operands, wait for the whole warp, compute their own results from every lane's operands, and
 // wait again before any lane may change its operands.
 #pragma once
@@ -83,6 +84,17 @@ inline void ldmatrix(uint32_t (&r)[4], const void* row, bool trans) {
 }  // namespace emu
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emu::ldmatrix(r, row, false); }
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    cuda_emu::fail("cp.async: a 16-byte copy with an unaligned address");
+  cuda_emu::async_copy(dst, src, 16, valid ? 16 : 0);
+}
+inline void cp_async_commit() { cuda_emu::async_commit(); }
+template <int N>
+void cp_async_wait() {
+  cuda_emu::async_wait(N);
+}
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { emu::ldmatrix(r, row, true); }
 
 }  // namespace dalle_fast::cuda::ptx
