@@ -70,6 +70,10 @@ void check_cuda_inputs(const at::Tensor& q) {
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "dalle_fast: head_dim (q.shape[3]) must be 32, 64 or 128 on CUDA, got ",
               d);
   TORCH_CHECK(q.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", q.size(2));
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  TORCH_CHECK(major >= 8, "dalle_fast: the CUDA attention kernels need a GPU of compute capability 8.0 or newer "
+              "(bf16 mma.sync, ldmatrix, cp.async); this one is ", major, ".x");
 }
 
 // Clear error instead of a failed launch on GPUs whose per-block shared memory is too small.
