@@ -62,6 +62,9 @@ def emu(tmp_path_factory):
     lib = tmp_path_factory.mktemp("cuda_emulator") / "libdalle_fast_cuda_emu.so"
     cmd = [
         cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+        # CUDA code reads and writes through reinterpreted pointers (uint4 tile loads, packed stores),
+        # which nvcc honours; g++ would optimise them away under strict aliasing.
+        "-fno-strict-aliasing",
         # Bind the library's calls to its own cudaGetLastError, not the real runtime torch has loaded.
         "-Wl,-Bsymbolic",
         f"-I{EMU / 'include'}", f"-I{include}", "-include", str(EMU / "cuda_emu.h"),
@@ -103,15 +106,15 @@ class Emulator:
 
     def backward(self, grad_out, q, k, v, out, lse, kind, text_len, image_size, kernel_size, scale):
         b, h, n, d = q.shape
-        # As the glue: delta = rowsum(dO * O) in fp32.
-        delta = (grad_out.float() * out.float()).sum(-1)
+        delta = _output((b, h, n), torch.float32)  # rowsum(dO * O), the backward's first kernel writes it
         dq, dk, dv = (_output(q.shape, q.dtype) for _ in range(3))
         rc = self.lib.emu_attention_backward(
             KIND_ID[kind], _i64(text_len), _i64(image_size), _i64(kernel_size), ATTN_DTYPE_ID[q.dtype], _i64(b * h),
             d, ctypes.c_float(scale),
-            *_ptrs(_input(q), _input(k), _input(v), _input(grad_out), _input(lse), _input(delta), dq, dk, dv),
+            *_ptrs(_input(q), _input(k), _input(v), _input(grad_out), _input(out), _input(lse), delta, dq, dk, dv),
         )  # fmt: skip
         self.check(rc, "backward")
+        torch.testing.assert_close(_unguard(delta), (grad_out.float() * out.float()).sum(-1), atol=1e-4, rtol=1e-5)
         return _unguard(dq), _unguard(dk), _unguard(dv)
 
     def decode(self, q, k, v, kind, text_len, image_size, position, kernel_size, scale):

@@ -5,8 +5,8 @@
 //   dq_kernel:   one thread block per (batch * head, query block), walking the query-major layout; each
 //                warp owns 16 queries and accumulates their dQ rows.
 // Queries (in dkdv) and keys (in dq) are taken 16 at a time, so a step's probabilities, packed from its two
-// 16 x 8 accumulator tiles, are exactly the A fragment of the next product. delta = rowsum(dO * O) comes
-// from the caller.
+// 16 x 8 accumulator tiles, are exactly the A fragment of the next product. A small first kernel computes
+// delta = rowsum(dO * O) in fp32.
 #include <cmath>
 
 #include "tile.cuh"
@@ -24,6 +24,29 @@ struct BwdSmem {
     return sizeof(T) * 6 * kBlock * ld + sizeof(float) * 4 * kBlock;
   }
 };
+
+// ---- delta = rowsum(dO * O) in fp32 -------------------------------------------------------------------
+
+// D / 8 threads per row, each with 16 bytes (8 elements) of dO and of O; the group sums by butterfly
+// shuffles (offsets below D / 8 stay inside the aligned group).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ grad_out, const T* __restrict__ out,
+                                                       float* __restrict__ delta, int64_t rows) {
+  constexpr int kPerRow = D / 8;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kPerRow;
+  const int c = threadIdx.x % kPerRow * 8;
+  float sum = 0.f;
+  if (row < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(grad_out + row * D + c);
+    const uint4 b = *reinterpret_cast<const uint4*>(out + row * D + c);
+    T x[8], y[8];
+    memcpy(x, &a, 16);
+    memcpy(y, &b, 16);
+    for (int i = 0; i < 8; ++i) sum += Elem<T>::to_float(x[i]) * Elem<T>::to_float(y[i]);
+  }
+  for (int off = kPerRow / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (row < rows && threadIdx.x % kPerRow == 0) delta[row] = sum;
+}
 
 // ---- dK, dV: key-block parallel ---------------------------------------------------------------------
 
@@ -247,15 +270,23 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <typename T, int D>
-cudaError_t launch(const AttentionParams& p, const void* grad_out, const float* lse, const float* delta, void* dq,
-                   void* dk, void* dv, cudaStream_t stream) {
+cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* out, const float* lse, float* delta,
+                   void* dq, void* dk, void* dv, cudaStream_t stream) {
   const int64_t blocks = p.batch_heads * p.layout.num_blocks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int64_t rows = p.batch_heads * p.seq_len, rows_per_block = kThreads / (D / 8);
+  const int64_t delta_blocks = (rows + rows_per_block - 1) / rows_per_block;
+  if (delta_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  auto k0 = delta_kernel<T, D>;
+  DALLE_FAST_LAUNCH(k0, static_cast<unsigned>(delta_blocks), kThreads, 0, stream)(
+      static_cast<const T*>(grad_out), static_cast<const T*>(out), delta, rows);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   const size_t smem = BwdSmem<D>::template bytes<T>();
   auto k1 = dkdv_kernel<T, D>;
   auto k2 = dq_kernel<T, D>;
-  cudaError_t err = prepare_launch(k1, smem);
+  err = prepare_launch(k1, smem);
   if (err == cudaSuccess) err = prepare_launch(k2, smem);
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
@@ -268,25 +299,25 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const float* 
 }
 
 template <typename T>
-cudaError_t dispatch_head_dim(const AttentionParams& p, const void* g, const float* lse, const float* delta, void* dq,
-                              void* dk, void* dv, cudaStream_t s) {
+cudaError_t dispatch_head_dim(const AttentionParams& p, const void* g, const void* o, const float* lse, float* delta,
+                              void* dq, void* dk, void* dv, cudaStream_t s) {
   switch (p.head_dim) {
     case 32:
-      return launch<T, 32>(p, g, lse, delta, dq, dk, dv, s);
+      return launch<T, 32>(p, g, o, lse, delta, dq, dk, dv, s);
     case 64:
-      return launch<T, 64>(p, g, lse, delta, dq, dk, dv, s);
+      return launch<T, 64>(p, g, o, lse, delta, dq, dk, dv, s);
     case 128:
-      return launch<T, 128>(p, g, lse, delta, dq, dk, dv, s);
+      return launch<T, 128>(p, g, o, lse, delta, dq, dk, dv, s);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const float* lse, const float* delta,
-                               void* dq, void* dk, void* dv, cudaStream_t stream) {
-  return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, grad_out, lse, delta, dq, dk, dv, stream)
-                                 : dispatch_head_dim<__nv_bfloat16>(p, grad_out, lse, delta, dq, dk, dv, stream);
+cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
+                               float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
+  return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, grad_out, out, lse, delta, dq, dk, dv, stream)
+                                 : dispatch_head_dim<__nv_bfloat16>(p, grad_out, out, lse, delta, dq, dk, dv, stream);
 }
 
 size_t backward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<BwdSmem>(head_dim); }

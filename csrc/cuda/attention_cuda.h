@@ -48,10 +48,11 @@ size_t backward_smem_bytes(DType dtype, int head_dim);
 // out (same dtype as q), lse (fp32).
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream);
 
-// delta = rowsum(grad_out * out) in fp32 (computed by the caller). Writes dq, dk, dv (dtype of q).
-// Two deterministic passes: key-block parallel for dk/dv, query-block parallel for dq; no atomics.
-cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const float* lse, const float* delta,
-                               void* dq, void* dk, void* dv, cudaStream_t stream);
+// grad_out and out like q. Writes delta = rowsum(grad_out * out) in fp32 ([batch_heads, seq_len], a
+// workspace), then dq, dk, dv (dtype of q) in two deterministic passes: key-block parallel for dk/dv,
+// query-block parallel for dq; no atomics.
+cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
+                               float* delta, void* dq, void* dk, void* dv, cudaStream_t stream);
 
 // ---- decode: one query row per (batch, head) against a key/value cache ----
 

@@ -131,17 +131,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   check_same(out_in, "out", q_in, "q");
   check_lse(lse_in, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in), g = prepared(grad_out_in);
+  const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in), g = prepared(grad_out_in),
+                   o = prepared(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const auto dtype = q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16;
   check_shared_memory(cuda::backward_smem_bytes(dtype, q.size(3)), "backward", q.size(3));
-  // delta_i = sum_d dO_id O_id in fp32: one small reduction, left to ATen.
-  const at::Tensor delta = (grad_out_in.to(at::kFloat) * out_in.to(at::kFloat)).sum(-1).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
              dv = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv};
+  // delta = rowsum(dO * O) in fp32, written by the first kernel of the backward.
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const cudaError_t err =
-      cuda::attention_backward(params_of(q, k, v, m, scale), g.data_ptr(), lse.data_ptr<float>(),
+      cuda::attention_backward(params_of(q, k, v, m, scale), g.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
                                delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA backward launch failed: ", cudaGetErrorString(err));

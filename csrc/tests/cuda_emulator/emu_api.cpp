@@ -68,11 +68,11 @@ int emu_attention_forward(int32_t kind, int64_t text_len, int64_t image_size, in
 
 int emu_attention_backward(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int32_t dtype,
                            int64_t batch_heads, int32_t head_dim, float scale, const void* q, const void* k,
-                           const void* v, const void* grad_out, const float* lse, const float* delta, void* dq,
-                           void* dk, void* dv) {
+                           const void* v, const void* grad_out, const void* out, const float* lse, float* delta,
+                           void* dq, void* dk, void* dv) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
-  return cuda::attention_backward(params(m, dtype, batch_heads, head_dim, scale, q, k, v), grad_out, lse, delta, dq,
-                                  dk, dv, nullptr);
+  return cuda::attention_backward(params(m, dtype, batch_heads, head_dim, scale, q, k, v), grad_out, out, lse, delta,
+                                  dq, dk, dv, nullptr);
 }
 
 int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int64_t position,
