@@ -1,7 +1,8 @@
 """A small case of every CUDA kernel (attention forward, dK/dV, dQ for every kind, dtype and head dim;
 the decode kernel; the gradient-scaling kernels), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
-Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run."""
+Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run, and three
+blocks (181 tokens) so the double-buffered tile loads refill a buffer."""
 
 import torch
 
@@ -10,7 +11,7 @@ import dalle_fast
 
 def main():
     torch.manual_seed(0)
-    T, W = 37, 9
+    T, W = 37, 12
     n = T + W * W
     for dtype in (torch.float16, torch.bfloat16):
         for d in (32, 64, 128):
