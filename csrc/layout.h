@@ -42,20 +42,26 @@ struct MaskSpec {
   DF_HOST_DEVICE int64_t seq_len() const { return text_len + image_size * image_size; }
 };
 
-// Is raster offset o >= 0 inside the causal conv kernel of half-width s on a grid W wide?
-// True iff some row dr in [0, s] leaves a column shift dc = o - dr * W within [-s, s].
-DF_HOST_DEVICE bool conv_offset_allowed(int64_t o, int64_t W, int64_t s) {
-  const int64_t dr_lo = o - s <= 0 ? 0 : (o - s + W - 1) / W;
-  int64_t dr_hi = (o + s) / W;
-  if (dr_hi > s) dr_hi = s;
-  return dr_lo <= dr_hi;
+// Is raster offset o >= 0 inside the causal conv kernel of half-width s on a grid W wide? Kernel row
+// dr in [0, s] allows the offsets [dr W - s, dr W + s]. When 2 s + 1 >= W these windows touch and their
+// union is [-s, s W + s]; otherwise o lies in row d = (o + s) / W's window iff (o + s) - d W <= 2 s.
+// One division: the CUDA kernels evaluate this per element of a partial block.
+template <typename I>
+DF_HOST_DEVICE bool conv_offset_allowed(I o, I W, I s) {
+  if (2 * s + 1 >= W) return o <= s * W + s;
+  const I d = (o + s) / W;
+  return d <= s && o + s - d * W <= 2 * s;
 }
 
-// May query i attend to key j? (Absolute token indices; kColumn means transposed image states.)
-DF_HOST_DEVICE bool mask_allows(const MaskSpec& m, int64_t i, int64_t j) {
+// May query i attend to key j? (Absolute token indices; kColumn means transposed image states.) I is
+// the index type: int64_t on the host, int on the GPU (seq_len < 2^31 there; 32-bit division is several
+// times cheaper than 64-bit on a GPU).
+template <typename I>
+DF_HOST_DEVICE bool mask_allows_t(const MaskSpec& m, I i, I j) {
   if (j > i) return false;
-  if (i < m.text_len || j < m.text_len) return true;  // text->text causal, image->text dense
-  const int64_t p = i - m.text_len, q = j - m.text_len, W = m.image_size;
+  const I T = static_cast<I>(m.text_len);
+  if (i < T || j < T) return true;  // text->text causal, image->text dense
+  const I p = i - T, q = j - T, W = static_cast<I>(m.image_size);
   switch (m.kind) {
     case MaskKind::kCausal:
       return true;
@@ -64,10 +70,12 @@ DF_HOST_DEVICE bool mask_allows(const MaskSpec& m, int64_t i, int64_t j) {
     case MaskKind::kColumn:
       return q >= p - p % W;
     case MaskKind::kConv:
-      return conv_offset_allowed(p - q, W, m.kernel_size / 2);
+      return conv_offset_allowed<I>(p - q, W, static_cast<I>(m.kernel_size / 2));
   }
   return false;
 }
+
+DF_HOST_DEVICE bool mask_allows(const MaskSpec& m, int64_t i, int64_t j) { return mask_allows_t<int64_t>(m, i, j); }
 
 // A half-open key range [lo, hi).
 struct KeyInterval {

@@ -42,8 +42,10 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ g
     T x[8], y[8];
     memcpy(x, &a, 16);
     memcpy(y, &b, 16);
+    #pragma unroll
     for (int i = 0; i < 8; ++i) sum += Elem<T>::to_float(x[i]) * Elem<T>::to_float(y[i]);
   }
+  #pragma unroll
   for (int off = kPerRow / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (row < rows && threadIdx.x % kPerRow == 0) delta[row] = sum;
 }
@@ -66,11 +68,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBlock * L::ld;
-  T* sQs[2] = {sV + kBlock * L::ld, sV + 2 * kBlock * L::ld};
-  T* sdOs[2] = {sV + 3 * kBlock * L::ld, sV + 4 * kBlock * L::ld};
-  float* sLses[2] = {reinterpret_cast<float*>(sV + 5 * kBlock * L::ld), nullptr};  // lse in log2 units
-  sLses[1] = sLses[0] + kBlock;
-  float* sDeltas[2] = {sLses[1] + kBlock, sLses[1] + 2 * kBlock};
+  // Buffer b of each streamed array is its base + b * (its size): arithmetic, not pointer arrays, which
+  // would live in local memory when indexed by a runtime buffer number.
+  constexpr int kTile = kBlock * L::ld;
+  T* sQs = sV + kTile;
+  T* sdOs = sV + 3 * kTile;
+  float* sLses = reinterpret_cast<float*>(sV + 5 * kTile);  // lse in log2 units
+  float* sDeltas = sLses + 2 * kBlock;
 
   const int64_t base = bh * N * D;
   const T* Q = static_cast<const T*>(p.q) + base;
@@ -79,12 +83,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Query block e's Q and dO go to buffer (e - e_begin) % 2 by cp.async; its lse and delta by plain loads.
   auto fetch = [&](int e) {
     const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
-    load_tile_async<T, D>(sQs[buf], L::ld, Q, q0, N);
-    load_tile_async<T, D>(sdOs[buf], L::ld, dO, q0, N);
+    load_tile_async<T, D>(sQs + buf * kTile, L::ld, Q, q0, N);
+    load_tile_async<T, D>(sdOs + buf * kTile, L::ld, dO, q0, N);
     for (int r = threadIdx.x; r < kBlock; r += kThreads) {
       const bool real = q0 + r < N;  // padded queries: lse = +inf makes P = 0
-      sLses[buf][r] = real ? lse[bh * N + q0 + r] * static_cast<float>(M_LOG2E) : INFINITY;
-      sDeltas[buf][r] = real ? delta[bh * N + q0 + r] : 0.f;
+      sLses[buf * kBlock + r] = real ? lse[bh * N + q0 + r] * static_cast<float>(M_LOG2E) : INFINITY;
+      sDeltas[buf * kBlock + r] = real ? delta[bh * N + q0 + r] : 0.f;
     }
   };
   load_tile_async<T, D>(sK, L::ld, static_cast<const T*>(p.k) + base, k0, N);
@@ -95,7 +99,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int key0 = k0 + warp * 16 + g;  // the thread's key rows: key0 and key0 + 8
   float acc_dk[DT][4], acc_dv[DT][4];
+  #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
+    #pragma unroll
     for (int i = 0; i < 4; ++i) acc_dk[dt][i] = acc_dv[dt][i] = 0.f;
 
   for (int e = e_begin; e < e_end; ++e) {
@@ -105,14 +111,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // block e's group (and K, V) has landed (this thread's part) ...
     __syncthreads();          // ... and every thread's
-    const T* sQ = sQs[buf];
-    const T* sdO = sdOs[buf];
-    const float* sLse = sLses[buf];
-    const float* sDelta = sDeltas[buf];
+    const T* sQ = sQs + buf * kTile;
+    const T* sdO = sdOs + buf * kTile;
+    const float* sLse = sLses + buf * kBlock;
+    const float* sDelta = sDeltas + buf * kBlock;
 
+    #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // queries kk * 16 .. kk * 16 + 15
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys: B(k = d, n = query) = Q[query][d].
       float st[2][4] = {}, dpt[2][4] = {};
+      #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t ka[4], va[4], qb[4], ob[4];
         ptx::ldmatrix_x4(ka, a_row(sK, L::ld, warp * 16, ks * 16, lane));
@@ -125,8 +133,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       // P^T = exp(S^T * scale - lse[query]) (0 where masked), dS^T = P^T (dP^T - delta[query]), packed as
       // the A fragments (16 keys x 16 queries) of dV += P^T dO and dK += dS^T Q.
       uint32_t pa[4], dsa[4];
+      #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float pv[4], dsv[4];
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
           const bool on = full || visible(p.mask, q0 + c, key0 + 8 * (i / 2), N);
@@ -139,6 +149,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
       }
       // B(k = query, n = d) = dO[query][d] and Q[query][d]: rows of sdO / sQ, read transposed.
+      #pragma unroll
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t ob[4], qb[4];
         ptx::ldmatrix_x4_trans(ob, bt_rows(sdO, L::ld, kk * 16, dt * 8, lane));
@@ -150,9 +161,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
+  #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = key0 + 8 * h;
     if (r >= N) continue;
+    #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       const int64_t off = base + static_cast<int64_t>(r) * D + dt * 8 + 2 * t;
       store2<T>(dk + off, acc_dk[dt][2 * h] * p.scale, acc_dk[dt][2 * h + 1] * p.scale);
@@ -179,8 +192,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBlock * L::ld;
-  T* sKs[2] = {sdO + kBlock * L::ld, sdO + 2 * kBlock * L::ld};
-  T* sVs[2] = {sdO + 3 * kBlock * L::ld, sdO + 4 * kBlock * L::ld};
+  constexpr int kTile = kBlock * L::ld;  // buffer b of K / V: sKs / sVs + b * kTile
+  T* sKs = sdO + kTile;
+  T* sVs = sdO + 3 * kTile;
 
   const int64_t base = bh * N * D;
   const T* K = static_cast<const T*>(p.k) + base;
@@ -189,8 +203,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
   auto fetch = [&](int e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
-    load_tile_async<T, D>(sKs[buf], L::ld, K, k0, N);
-    load_tile_async<T, D>(sVs[buf], L::ld, V, k0, N);
+    load_tile_async<T, D>(sKs + buf * kTile, L::ld, K, k0, N);
+    load_tile_async<T, D>(sVs + buf * kTile, L::ld, V, k0, N);
   };
   load_tile_async<T, D>(sQ, L::ld, static_cast<const T*>(p.q) + base, q0, N);
   load_tile_async<T, D>(sdO, L::ld, grad_out + base, q0, N);
@@ -201,6 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // The warp's Q and dO rows as A fragments, loaded once; lse (log2 units) and delta of rows g, g + 8.
   uint32_t qa[KS][4], oa[KS][4];
+  #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     ptx::ldmatrix_x4(qa[ks], a_row(sQ, L::ld, warp * 16, ks * 16, lane));
     ptx::ldmatrix_x4(oa[ks], a_row(sdO, L::ld, warp * 16, ks * 16, lane));
@@ -208,13 +223,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int row0 = q0 + warp * 16 + g;
   float lse2[2], dlt[2];
+  #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + 8 * h;  // padded rows: lse = +inf makes P = 0
     lse2[h] = r < N ? lse[bh * N + r] * static_cast<float>(M_LOG2E) : INFINITY;
     dlt[h] = r < N ? delta[bh * N + r] : 0.f;
   }
   float acc_dq[DT][4];
+  #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
+    #pragma unroll
     for (int i = 0; i < 4; ++i) acc_dq[dt][i] = 0.f;
 
   for (int e = e_begin; e < e_end; ++e) {
@@ -224,12 +242,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
     __syncthreads();          // ... and every thread's
-    const T* sK = sKs[buf];
-    const T* sV = sVs[buf];
+    const T* sK = sKs + buf * kTile;
+    const T* sV = sVs + buf * kTile;
 
+    #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // keys kk * 16 .. kk * 16 + 15
       // S = Q K^T, dP = dO V^T: B(k = d, n = key) = K[key][d], V[key][d].
       float s[2][4] = {}, dp[2][4] = {};
+      #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t kb4[4], vb4[4];
         ptx::ldmatrix_x4(kb4, b_rows(sK, L::ld, kk * 16, ks * 16, lane));
@@ -239,8 +259,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       // dS = P (dP - delta), P = exp(S * scale - lse) (0 where masked), as the A fragment of dQ += dS K.
       uint32_t dsa[4];
+      #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float dsv[4];
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int key = k0 + kk * 16 + half * 8 + 2 * t + i % 2;
           const bool on = full || visible(p.mask, row0 + 8 * (i / 2), key, N);
@@ -251,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
       }
       // B(k = key, n = d) = K[key][d]: rows of sK, read transposed.
+      #pragma unroll
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t kb4[4];
         ptx::ldmatrix_x4_trans(kb4, bt_rows(sK, L::ld, kk * 16, dt * 8, lane));
@@ -260,9 +283,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
+  #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + 8 * h;
     if (r >= N) continue;
+    #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
       store2<T>(dq + base + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, acc_dq[dt][2 * h] * p.scale,
                 acc_dq[dt][2 * h + 1] * p.scale);

@@ -36,8 +36,11 @@ __global__ void __launch_bounds__(kThreads)
 
   DALLE_FAST_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK[2] = {sQ + kBlock * L::ld, sQ + 2 * kBlock * L::ld};
-  T* sV[2] = {sQ + 3 * kBlock * L::ld, sQ + 4 * kBlock * L::ld};
+  // Buffer b of K is sK + b * kTile, of V sV + b * kTile (arithmetic, not pointer arrays, which would
+  // live in local memory when indexed by a runtime buffer number).
+  constexpr int kTile = kBlock * L::ld;
+  T* sK = sQ + kTile;
+  T* sV = sQ + 3 * kTile;
 
   const T* Q = static_cast<const T*>(p.q) + bh * N * D;
   const T* K = static_cast<const T*>(p.k) + bh * N * D;
@@ -46,8 +49,8 @@ __global__ void __launch_bounds__(kThreads)
   // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
   auto fetch = [&](int e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
-    load_tile_async<T, D>(sK[buf], L::ld, K, k0, N);
-    load_tile_async<T, D>(sV[buf], L::ld, V, k0, N);
+    load_tile_async<T, D>(sK + buf * kTile, L::ld, K, k0, N);
+    load_tile_async<T, D>(sV + buf * kTile, L::ld, V, k0, N);
   };
   load_tile_async<T, D>(sQ, L::ld, Q, q0, N);
   if (e_begin < e_end) fetch(e_begin);
@@ -57,6 +60,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // The warp's Q rows as A fragments, loaded once.
   uint32_t qa[KS][4];
+  #pragma unroll
   for (int ks = 0; ks < KS; ++ks) ptx::ldmatrix_x4(qa[ks], a_row(sQ, L::ld, warp * 16, ks * 16, lane));
 
   // Rows g and g + 8 of the warp: scores in log2 units (scale * log2 e), running max m and this
@@ -65,7 +69,9 @@ __global__ void __launch_bounds__(kThreads)
   const int row0 = q0 + warp * 16 + g;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[DT][4];
+  #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
+    #pragma unroll
     for (int i = 0; i < 4; ++i) o[dt][i] = 0.f;
 
   for (int e = e_begin; e < e_end; ++e) {
@@ -75,14 +81,18 @@ __global__ void __launch_bounds__(kThreads)
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
     __syncthreads();          // ... and every thread's
-    const T* sKb = sK[buf];
-    const T* sVb = sV[buf];
+    const T* sKb = sK + buf * kTile;
+    const T* sVb = sV + buf * kTile;
 
     // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are.
     float s[NT][4];
+    #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
+      #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
+    #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
+      #pragma unroll
       for (int nt = 0; nt < NT; nt += 2) {
         uint32_t kb[4];
         ptx::ldmatrix_x4(kb, b_rows(sKb, L::ld, nt * 8, ks * 16, lane));
@@ -91,7 +101,9 @@ __global__ void __launch_bounds__(kThreads)
 
     // Mask, scale, new row max.
     float mx[2] = {m[0], m[1]};
+    #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
+      #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float x = s[nt][i] * scale_log2;
         if (!full && !visible(p.mask, row0 + 8 * (i / 2), k0 + nt * 8 + 2 * t + i % 2, N)) x = -INFINITY;
@@ -99,6 +111,7 @@ __global__ void __launch_bounds__(kThreads)
         mx[i / 2] = fmaxf(mx[i / 2], x);
       }
     float alpha[2], base[2];
+    #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
@@ -108,16 +121,21 @@ __global__ void __launch_bounds__(kThreads)
       m[h] = mx[h];
       l[h] *= alpha[h];
     }
+    #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
+      #pragma unroll
       for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i / 2];
 
     // P = exp2(S - m), summed into l, packed into the A fragments of P V (16 keys per k-step: tiles
     // 2 kk and 2 kk + 1 of S are exactly the A layout), then O += P V with B(k = key, n = d) = V[key][d],
     // which ldmatrix .trans reads from the rows of sV.
+    #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {
       uint32_t pa[4];
+      #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float* st = s[2 * kk + half];
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           st[i] = exp2f(st[i] - base[i / 2]);
           l[i / 2] += st[i];
@@ -125,6 +143,7 @@ __global__ void __launch_bounds__(kThreads)
         pa[2 * half] = pack2<T>(st[0], st[1]);
         pa[2 * half + 1] = pack2<T>(st[2], st[3]);
       }
+      #pragma unroll
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t vb[4];
         ptx::ldmatrix_x4_trans(vb, bt_rows(sVb, L::ld, kk * 16, dt * 8, lane));
@@ -136,12 +155,14 @@ __global__ void __launch_bounds__(kThreads)
 
   // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2.
   T* O = out + bh * N * D;
+  #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
     const int r = row0 + 8 * h;
     if (r >= N) continue;
     const float inv = 1.f / l[h];
+    #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
       store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
     if (t == 0) lse[bh * N + r] = (m[h] + log2f(l[h])) * static_cast<float>(M_LN2);

@@ -98,7 +98,7 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
 
 // May query i see key j? Rows and columns past seq_len are padding and never visible.
 __device__ __forceinline__ bool visible(const MaskSpec& m, int i, int j, int seq_len) {
-  return i < seq_len && j < seq_len && mask_allows(m, i, j);
+  return i < seq_len && j < seq_len && mask_allows_t<int>(m, i, j);
 }
 
 // A layout entry needs no element mask when the layout says full and the tile has no padding.

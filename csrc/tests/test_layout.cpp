@@ -119,7 +119,7 @@ int main() {
   // The paper's Figure 11 setting (6 text + 4x4 image) and odd sizes around it.
   for (MaskKind k : kinds) {
     for (int64_t T : {0, 1, 6, 7}) {
-      for (int64_t W : {1, 3, 4, 5}) {
+      for (int64_t W : {1, 3, 4, 5, 11, 12}) {  // 11, 12: the conv windows of ks = 11 touch, then part
         for (int64_t ks : {1, 3, 11}) {
           if (k != MaskKind::kConv && ks != 11) continue;
           check_predicate_and_intervals(k, T, W, ks);
