@@ -107,10 +107,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int e = e_begin; e < e_end; ++e) {
     const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.k_full[e], q0, k0, N);
-    if (e + 1 < e_end) fetch(e + 1);  // into the buffers every warp finished with (barrier below)
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();  // block e's group (and K, V) has landed (this thread's part) ...
-    __syncthreads();          // ... and every thread's
+    next_tiles(e, e_end, fetch);  // (K and V came with the first group)
     const T* sQ = sQs + buf * kTile;
     const T* sdO = sdOs + buf * kTile;
     const float* sLse = sLses + buf * kBlock;
@@ -238,10 +235,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int e = e_begin; e < e_end; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    if (e + 1 < e_end) fetch(e + 1);  // into the buffer every warp finished with (barrier below)
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
-    __syncthreads();          // ... and every thread's
+    next_tiles(e, e_end, fetch);
     const T* sK = sKs + buf * kTile;
     const T* sV = sVs + buf * kTile;
 
@@ -323,26 +317,15 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* o
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_head_dim(const AttentionParams& p, const void* g, const void* o, const float* lse, float* delta,
-                              void* dq, void* dk, void* dv, cudaStream_t s) {
-  switch (p.head_dim) {
-    case 32:
-      return launch<T, 32>(p, g, o, lse, delta, dq, dk, dv, s);
-    case 64:
-      return launch<T, 64>(p, g, o, lse, delta, dq, dk, dv, s);
-    case 128:
-      return launch<T, 128>(p, g, o, lse, delta, dq, dk, dv, s);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
-  return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, grad_out, out, lse, delta, dq, dk, dv, stream)
-                                 : dispatch_head_dim<__nv_bfloat16>(p, grad_out, out, lse, delta, dq, dk, dv, stream);
+  return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    return p.dtype == DType::kHalf ? launch<__half, D>(p, grad_out, out, lse, delta, dq, dk, dv, stream)
+                                   : launch<__nv_bfloat16, D>(p, grad_out, out, lse, delta, dq, dk, dv, stream);
+  });
 }
 
 size_t backward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<BwdSmem>(head_dim); }

@@ -77,10 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = e_begin; e < e_end; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    if (e + 1 < e_end) fetch(e + 1);  // into the buffer every warp finished with (barrier below)
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();  // block e's group has landed (this thread's part) ...
-    __syncthreads();          // ... and every thread's
+    next_tiles(e, e_end, fetch);
     const T* sKb = sK + buf * kTile;
     const T* sVb = sV + buf * kTile;
 
@@ -183,24 +180,14 @@ cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_head_dim(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32:
-      return launch<T, 32>(p, out, lse, stream);
-    case 64:
-      return launch<T, 64>(p, out, lse, stream);
-    case 128:
-      return launch<T, 128>(p, out, lse, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
-  return p.dtype == DType::kHalf ? dispatch_head_dim<__half>(p, out, lse, stream)
-                                 : dispatch_head_dim<__nv_bfloat16>(p, out, lse, stream);
+  return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    return p.dtype == DType::kHalf ? launch<__half, D>(p, out, lse, stream)
+                                   : launch<__nv_bfloat16, D>(p, out, lse, stream);
+  });
 }
 
 size_t forward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<FwdSmem>(head_dim); }

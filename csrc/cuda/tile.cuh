@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../layout.h"
 #include "attention_cuda.h"
@@ -106,18 +107,35 @@ __device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int 
   return layout_full && q0 + kBlock <= seq_len && k0 + kBlock <= seq_len;
 }
 
+// One step of a double-buffered walk over layout entries: starts the cp.async loads of entry e + 1 (into
+// the buffer every warp finished with at the end of the previous step), then waits until entry e's loads
+// have landed, for this thread and (barrier) for every thread of the block.
+template <typename Fetch>
+__device__ __forceinline__ void next_tiles(int e, int e_end, Fetch&& fetch) {
+  if (e + 1 < e_end) fetch(e + 1);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<1>();
+  __syncthreads();
+}
+
+// f(std::integral_constant<int, D>{}) for the head dims the kernels are built for; `otherwise` for others.
+template <typename R, typename F>
+R with_head_dim(int head_dim, R otherwise, F&& f) {
+  switch (head_dim) {
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+  }
+  return otherwise;
+}
+
 // Dynamic shared memory of a kernel whose carve-up is Smem<D> (fp16 and bf16 have the same size).
 template <template <int> class Smem>
 size_t smem_bytes_for_head_dim(int head_dim) {
-  switch (head_dim) {
-    case 32:
-      return Smem<32>::template bytes<__half>();
-    case 64:
-      return Smem<64>::template bytes<__half>();
-    case 128:
-      return Smem<128>::template bytes<__half>();
-  }
-  return 0;
+  return with_head_dim(head_dim, size_t{0}, [](auto d) { return Smem<decltype(d)::value>::template bytes<__half>(); });
 }
 
 template <typename Kernel>
