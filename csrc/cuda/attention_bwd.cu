@@ -146,14 +146,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
       }
       // B(k = query, n = d) = dO[query][d] and Q[query][d]: rows of sdO / sQ, read transposed.
-      #pragma unroll
-      for (int dt = 0; dt < DT; dt += 2) {
-        uint32_t ob[4], qb[4];
-        ptx::ldmatrix_x4_trans(ob, bt_rows(sdO, L::ld, kk * 16, dt * 8, lane));
-        ptx::ldmatrix_x4_trans(qb, bt_rows(sQ, L::ld, kk * 16, dt * 8, lane));
-        mma_pair<T>(acc_dv[dt], acc_dv[dt + 1], pa, ob);
-        mma_pair<T>(acc_dk[dt], acc_dk[dt + 1], dsa, qb);
-      }
+      mma_a_rows<T>(acc_dv, pa, sdO, L::ld, kk * 16, lane);
+      mma_a_rows<T>(acc_dk, dsa, sQ, L::ld, kk * 16, lane);
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
@@ -267,12 +261,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
       }
       // B(k = key, n = d) = K[key][d]: rows of sK, read transposed.
-      #pragma unroll
-      for (int dt = 0; dt < DT; dt += 2) {
-        uint32_t kb4[4];
-        ptx::ldmatrix_x4_trans(kb4, bt_rows(sK, L::ld, kk * 16, dt * 8, lane));
-        mma_pair<T>(acc_dq[dt], acc_dq[dt + 1], dsa, kb4);
-      }
+      mma_a_rows<T>(acc_dq, dsa, sK, L::ld, kk * 16, lane);
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }

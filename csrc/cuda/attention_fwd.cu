@@ -140,12 +140,7 @@ __global__ void __launch_bounds__(kThreads)
         pa[2 * half] = pack2<T>(st[0], st[1]);
         pa[2 * half + 1] = pack2<T>(st[2], st[3]);
       }
-      #pragma unroll
-      for (int dt = 0; dt < DT; dt += 2) {
-        uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb, bt_rows(sVb, L::ld, kk * 16, dt * 8, lane));
-        mma_pair<T>(o[dt], o[dt + 1], pa, vb);
-      }
+      mma_a_rows<T>(o, pa, sVb, L::ld, kk * 16, lane);
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }

@@ -67,6 +67,19 @@ __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const u
   ptx::mma16816<T>(d1, a, b1);
 }
 
+// acc (16 x 8 DT, DT tiles) += a (a 16 x 16 A fragment) times rows k0 .. k0 + 15 of the shared tile s,
+// read as B(k, n) = s[k0 + k][n] with ldmatrix .trans (e.g. P V with s = V).
+template <typename T, int DT>
+__device__ __forceinline__ void mma_a_rows(float (&acc)[DT][4], const uint32_t (&a)[4], const T* s, int ld, int k0,
+                                           int lane) {
+#pragma unroll
+  for (int dt = 0; dt < DT; dt += 2) {
+    uint32_t b[4];
+    ptx::ldmatrix_x4_trans(b, bt_rows(s, ld, k0, dt * 8, lane));
+    mma_pair<T>(acc[dt], acc[dt + 1], a, b);
+  }
+}
+
 // Two fp32 values as the T pair of one 32-bit register (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
