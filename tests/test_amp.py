@@ -133,6 +133,8 @@ def test_adamw_step_bit_exact_and_skips_blocks():
     grads = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
     ms = [torch.randn(s).abs() * 0.1 for s in shapes]
     vs = [torch.randn(s).abs() * 0.01 for s in shapes]
+    grads[4][:500] *= 1e-21  # subnormal g^2 (1 - beta2) and second moments: no flush to zero
+    vs[4][:1000] = torch.rand(1000) * 1e-38
     blocks = [0, 1, 1, 2, 2]
     found = torch.tensor([False, True, False])
     step_size = torch.tensor([1e-3, 2e-3, 3e-4])
@@ -143,6 +145,7 @@ def test_adamw_step_bit_exact_and_skips_blocks():
     amp.adamw_step_reference(*ref, blocks, found, step_size, bc2, decay, 0.9, 0.96, 1e-8)
     for a, b in zip(params + ms + vs, ref[0] + ref[2] + ref[3], strict=True):
         assert _bits_equal(a, b)
+    assert (vs[4][:500] != 0).all() and (vs[4][:500] < torch.finfo(torch.float32).tiny).all()
     # Block 1 overflowed: its tensors are untouched.
     assert torch.equal(params[1], ref[0][1]) and torch.equal(ms[1], ref[2][1])
 
@@ -390,11 +393,12 @@ cuda = pytest.mark.skipif(
 @cuda
 @pytest.mark.cuda
 def test_cuda_kernels_match_cpu_kernels():
-    """The CUDA kernels use round-to-nearest intrinsics throughout (no contraction, exact reciprocal),
-    so on normal-range data they agree with the CPU kernels bit for bit."""
+    """The CUDA kernels use round-to-nearest intrinsics throughout (no contraction, exact reciprocal,
+    no flush of subnormals), so they agree with the CPU kernels bit for bit, down to subnormal results."""
     torch.manual_seed(0)
     grads = [_poison(torch.randn(70001) * 100), torch.randn(300).half(), torch.randn(5).bfloat16()]
-    blocks, scales = [0, 1, 2], torch.tensor([2.0**13, 3 * 2.0**9, 2.0**7])
+    grads.append(torch.randn(2000) * 1e-36)  # unscaled by 1536: subnormal fp32
+    blocks, scales = [0, 1, 2, 1], torch.tensor([2.0**13, 3 * 2.0**9, 2.0**7])
     found_c, found_g = torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool, device="cuda")
     gc = [g.clone() for g in grads]
     gg = [g.cuda() for g in grads]
@@ -402,6 +406,7 @@ def test_cuda_kernels_match_cpu_kernels():
     torch.ops.dalle_fast.multi_unscale_check_(gg, blocks, scales.cuda(), found_g)
     for a, b in zip(gc, gg, strict=True):
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0, equal_nan=True)
+    assert (gc[3] != 0).sum() > 1900 and (gc[3].abs() < torch.finfo(torch.float32).tiny).all()
     assert found_c.tolist() == found_g.cpu().tolist() == [True, False, False]
     g = torch.randn(4099).half()
     torch.testing.assert_close(
@@ -415,6 +420,29 @@ def test_cuda_kernels_match_cpu_kernels():
         s_c.update(f)
         s_g.update(f.cuda())
     assert torch.equal(s_c.scales, s_g.scales.cpu()) and torch.equal(s_c.cooldown, s_g.cooldown.cpu())
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_adamw_step_matches_cpu_kernel_bit_for_bit():
+    """Also where the second moment decays into subnormals, as it does for a parameter whose gradient
+    has stayed near zero for thousands of steps."""
+    torch.manual_seed(0)
+    shapes, dts = [(70001,), (300, 7), (33,)], [torch.float32, torch.bfloat16, torch.float16]
+    params = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
+    grads = [torch.randn(s).to(d) for s, d in zip(shapes, dts, strict=True)]
+    grads[0][:1000] *= 1e-21  # g^2 (1 - beta2) is subnormal
+    ms = [torch.randn(s).abs() * 0.1 for s in shapes]
+    vs = [torch.randn(s).abs() * 0.01 for s in shapes]
+    vs[0][:2000] = torch.rand(2000) * 1e-38  # subnormal second moments
+    args = ([0, 1, 1], torch.tensor([False, True]), torch.tensor([1e-3, 2e-3]), torch.tensor([0.3, 0.5]))
+    args += (torch.tensor([0.9999, 0.99]), 0.9, 0.96, 1e-8)
+    on_gpu = [[t.cuda() for t in group] for group in (params, grads, ms, vs)]
+    torch.ops.dalle_fast.adamw_step_(*on_gpu, args[0], *[a.cuda() for a in args[1:5]], *args[5:])
+    torch.ops.dalle_fast.adamw_step_(params, grads, ms, vs, *args)
+    for a, b in zip(params + ms + vs, on_gpu[0] + on_gpu[2] + on_gpu[3], strict=True):
+        assert _bits_equal(a, b.cpu())
+    assert (vs[0][:1000] != 0).all() and (vs[0][:1000] < torch.finfo(torch.float32).tiny).all()
 
 
 @cuda

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int i = 0; i < 4; ++i) {
           const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
           const bool on = full || visible(p.mask, q0 + c, key0 + 8 * (i / 2), N);
-          pv[i] = on ? exp2f(st[half][i] * scale_log2 - sLse[c]) : 0.f;
+          pv[i] = on ? ptx::exp2_approx(st[half][i] * scale_log2 - sLse[c]) : 0.f;
           dsv[i] = pv[i] * (dpt[half][i] - sDelta[c]);
         }
         pa[2 * half] = pack2<T>(pv[0], pv[1]);
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int i = 0; i < 4; ++i) {
           const int key = k0 + kk * 16 + half * 8 + 2 * t + i % 2;
           const bool on = full || visible(p.mask, row0 + 8 * (i / 2), key, N);
-          const float pe = on ? exp2f(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
+          const float pe = on ? ptx::exp2_approx(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
           dsv[i] = pe * (dp[half][i] - dlt[i / 2]);
         }
         dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
       // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
       base[h] = mx[h] == -INFINITY ? 0.f : mx[h];
-      alpha[h] = exp2f(m[h] - base[h]);
+      alpha[h] = ptx::exp2_approx(m[h] - base[h]);
       m[h] = mx[h];
       l[h] *= alpha[h];
     }
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
         float* st = s[2 * kk + half];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          st[i] = exp2f(st[i] - base[i / 2]);
+          st[i] = ptx::exp2_approx(st[i] - base[i / 2]);
           l[i / 2] += st[i];
         }
         pa[2 * half] = pack2<T>(st[0], st[1]);

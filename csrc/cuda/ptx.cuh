@@ -9,7 +9,9 @@
 // of row l % 8 of matrix l / 8 (16 contiguous bytes) and receives in r[i] row l / 4, columns
 // 2 (l % 4) and 2 (l % 4) + 1 of matrix i; with .trans, the same of matrix i's transpose.
 //
-// Also cp.async, for tile loads that overlap the math. The host emulator
+// Also ex2.approx (the softmax's exponential, explicit because the extension is built without
+// --use_fast_math, which would also flush the gradient-scaling kernels' subnormals to zero) and
+// cp.async, for tile loads that overlap the math. The host emulator
 // (csrc/tests/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
 // the same definitions.
 #pragma once
@@ -68,6 +70,13 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
   const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
+}
+
+// 2^x in the special-function unit (about 2 ulp; -inf gives +0), what exp2f becomes under fast math.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

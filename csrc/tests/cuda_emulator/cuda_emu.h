@@ -126,9 +126,7 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   return out;
 }
 
-// IEEE round-to-nearest intrinsics are the plain operations here (built with -ffp-contract=off);
-// fast-math ones use the library functions.
-inline float __expf(float x) { return expf(x); }
+// IEEE round-to-nearest intrinsics are the plain operations here (built with -ffp-contract=off).
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

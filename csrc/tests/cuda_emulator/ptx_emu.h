@@ -85,6 +85,9 @@ inline void ldmatrix(uint32_t (&r)[4], const void* row, bool trans) {
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emu::ldmatrix(r, row, false); }
 
+// The special-function unit's 2^x is within 2 ulp of the exact one; the host's exp2f stands in.
+inline float exp2_approx(float x) { return exp2f(x); }
+
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
     cuda_emu::fail("cp.async: a 16-byte copy with an unaligned address");
