@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ g
     const uint4 a = *reinterpret_cast<const uint4*>(grad_out + row * D + c);
     const uint4 b = *reinterpret_cast<const uint4*>(out + row * D + c);
     T x[8], y[8];
-    memcpy(x, &a, 16);
-    memcpy(y, &b, 16);
+    memcpy(static_cast<void*>(x), &a, 16);
+    memcpy(static_cast<void*>(y), &b, 16);
     #pragma unroll
     for (int i = 0; i < 8; ++i) sum += Elem<T>::to_float(x[i]) * Elem<T>::to_float(y[i]);
   }

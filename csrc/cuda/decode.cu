@@ -16,6 +16,8 @@ namespace {
 
 constexpr int kDecodeWarps = 4;
 constexpr int kMaxPerLane = 8;  // head_dim <= 256 = 32 lanes x 8
+// Shared memory: each warp's running max and sum, then its partial output row.
+constexpr size_t kDecodeSmemBytes = sizeof(float) * kDecodeWarps * (2 + 32 * kMaxPerLane);
 
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }
@@ -66,8 +68,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     }
   }
 
-  __shared__ float s_m[kDecodeWarps], s_l[kDecodeWarps];
-  __shared__ float s_acc[kDecodeWarps][32 * kMaxPerLane];
+  DALLE_FAST_DYNAMIC_SMEM(smem);
+  float* s_m = reinterpret_cast<float*>(smem);
+  float* s_l = s_m + kDecodeWarps;
+  auto* s_acc = reinterpret_cast<float(*)[32 * kMaxPerLane]>(s_l + kDecodeWarps);
   if (lane == 0) {
     s_m[warp] = m;
     s_l[warp] = l;
@@ -104,13 +108,13 @@ cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch_heads)), block(kDecodeWarps * 32);
   switch (p.dtype) {
     case DecodeDType::kFloat:
-      DALLE_FAST_LAUNCH(decode_kernel<float>, grid, block, 0, stream)(p);
+      DALLE_FAST_LAUNCH(decode_kernel<float>, grid, block, kDecodeSmemBytes, stream)(p);
       break;
     case DecodeDType::kHalf:
-      DALLE_FAST_LAUNCH(decode_kernel<__half>, grid, block, 0, stream)(p);
+      DALLE_FAST_LAUNCH(decode_kernel<__half>, grid, block, kDecodeSmemBytes, stream)(p);
       break;
     case DecodeDType::kBFloat16:
-      DALLE_FAST_LAUNCH(decode_kernel<__nv_bfloat16>, grid, block, 0, stream)(p);
+      DALLE_FAST_LAUNCH(decode_kernel<__nv_bfloat16>, grid, block, kDecodeSmemBytes, stream)(p);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -1,7 +1,10 @@
 // The emulator's scheduler: fibers, barriers, shared memory and launch checks (see cuda_emu.h).
 #include "cuda_emu.h"
 
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -30,14 +33,15 @@ struct AsyncCopy {
 struct Thread {
   ucontext_t ctx;
   State state = State::kReady;
+  Collective collective = Collective::kSyncwarp;  // the warp collective it waits at
   int or_pred = 0;
   std::vector<AsyncCopy> open;                 // cp.async copies not yet committed to a group
   std::vector<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
 };
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;  // per thread, above a guard page
 constexpr size_t kGuardBytes = 256;
-constexpr unsigned char kGuard = 0xA5;
+constexpr unsigned char kPoison = 0xFF;  // NaN in fp32, fp16 and bf16: shared memory and its guards
 
 struct Block {
   std::vector<Thread> threads;
@@ -47,17 +51,66 @@ struct Block {
   unsigned char* smem = nullptr;
   int current = -1;
   int or_result = 0;
+  size_t smem_bytes = 0;
   ucontext_t scheduler;
+  bool in_thread = false;  // a thread runs (not the scheduler)
   bool failed = false;
+  cudaError_t error = cudaSuccess;  // of the fault, when failed
 };
 
 Block* g_block = nullptr;
 const std::function<void()>* g_body = nullptr;
 std::string g_error;
 cudaError_t g_last = cudaSuccess;
-int g_schedule = 0;        // 0 ascending, 1 descending, n >= 2: shuffled with seed n
-size_t g_smem_optin = 166912;  // the smallest opt-in limit of the targeted archs (sm_80: 163 KiB)
+// Schedules 0-3 run warps serially, in ascending (0, 2) or descending (1, 3) order, with cp.async copies
+// landing at their wait (1, 2) or at their issue (0, 3); n >= 4 interleaves warps at random (seed n),
+// landing copies at their wait when n is odd.
+int g_schedule = 0;
+size_t g_smem_optin = 166912;  // the emulated device's opt-in limit (sm_80, the smallest targeted: 163 KiB)
 std::map<const void*, int> g_func_smem;
+char g_fault_message[256];  // written by the fault handler, which must not allocate
+
+bool serial() { return g_schedule < 4; }
+bool descending() { return g_schedule == 1 || g_schedule == 3; }
+bool land_at_wait() { return g_schedule < 4 ? g_schedule == 1 || g_schedule == 2 : g_schedule % 2 == 1; }
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::kSyncwarp:
+      return "__syncwarp";
+    case Collective::kShuffle:
+      return "a shuffle";
+    case Collective::kMma:
+      return "mma.sync";
+    case Collective::kLdmatrix:
+      return "ldmatrix";
+  }
+  return "?";
+}
+
+// Thread stacks: mmap'd, each above a PROT_NONE page, so an overflow faults instead of corrupting.
+// Kept for the process and grown as launches need more threads (launches do not nest).
+struct Stacks {
+  std::vector<char*> base;  // the guard page; the stack starts one page above
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void reserve(size_t n) {
+    while (base.size() < n) {
+      void* m = mmap(nullptr, page + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m == MAP_FAILED) throw std::bad_alloc();
+      base.push_back(static_cast<char*>(m));
+      mprotect(base.back(), page, PROT_NONE);
+    }
+  }
+  char* stack(size_t i) const { return base[i] + page; }
+  bool in_guard(const void* addr) const {
+    for (char* b : base)
+      if (addr >= b && addr < b + page) return true;
+    return false;
+  }
+};
+
+Stacks g_stack_pool;
+const Stacks* g_stacks = nullptr;
 
 void thread_main() {
   (*g_body)();
@@ -77,7 +130,9 @@ void resume(int i) {
   b.current = i;
   threadIdx = uint3{static_cast<unsigned>(i) % blockDim.x, static_cast<unsigned>(i) / blockDim.x % blockDim.y,
                     static_cast<unsigned>(i) / (blockDim.x * blockDim.y)};
+  b.in_thread = true;
   swapcontext(&b.scheduler, &b.threads[i].ctx);
+  b.in_thread = false;
 }
 
 // Runs warp w's ready lanes (in b.lane_order) until each reaches a barrier or ends. Returns true when
@@ -89,7 +144,11 @@ bool step_warp(Block& b, int w, bool* fault) {
   for (int l : b.lane_order)
     if (l < lanes && b.threads[32 * w + l].state == State::kReady) {
       resume(32 * w + l);
-      if (b.failed) return !(*fault = true);
+      if (b.failed) {
+        if (g_fault_message[0] != 0) g_error = g_fault_message;
+        g_fault_message[0] = 0;
+        return !(*fault = true);
+      }
     }
   int waiting = 0, done = 0;
   for (int l = 0; l < lanes; ++l) {
@@ -99,22 +158,34 @@ bool step_warp(Block& b, int w, bool* fault) {
   if (waiting == 0) return false;
   if (waiting < lanes) {
     g_error = "warp divergence: in warp " + std::to_string(w) + ", " + std::to_string(waiting) + " of " +
-              std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle, mma or ldmatrix) that " +
+              std::to_string(lanes) + " lanes wait at a warp collective (__syncwarp, shuffle, mma or ldmatrix) while " +
               std::to_string(lanes - waiting - done) + " lanes wait elsewhere and " + std::to_string(done) +
               " have exited";
     return !(*fault = true);
   }
+  if (lanes < 32) {
+    g_error = "a full-warp collective (" + std::string(collective_name(b.threads[32 * w].collective)) + ") in warp " +
+              std::to_string(w) + ", which has only " + std::to_string(lanes) + " threads";
+    return !(*fault = true);
+  }
+  for (int l = 1; l < lanes; ++l)
+    if (b.threads[32 * w + l].collective != b.threads[32 * w].collective) {
+      g_error = "warp divergence: in warp " + std::to_string(w) + ", lane 0 waits at " +
+                collective_name(b.threads[32 * w].collective) + " while lane " + std::to_string(l) + " waits at " +
+                collective_name(b.threads[32 * w + l].collective);
+      return !(*fault = true);
+    }
   for (int l = 0; l < lanes; ++l) b.threads[32 * w + l].state = State::kReady;
   return true;
 }
 
 // Runs one block to completion; returns false (with g_error set) on a fault. Between two __syncthreads:
-//   serial (schedules 0 and 1): warps run one at a time, in b.warp_order, each up to the barrier, so a
+//   serial (schedules 0 to 3): warps run one at a time, in b.warp_order, each up to the barrier, so a
 //     missing __syncthreads between one warp's writes and another's reads shows;
 //   interleaved (shuffled schedules): a random warp runs for a random burst of warp collectives (one,
 //     sixteen, or up to the barrier), then another, so a warp's shared memory can change under it
 //     between two of its collectives if a race allows.
-bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
+bool run_block(Block& b, const Stacks& stacks, std::mt19937* rng) {
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
@@ -123,7 +194,7 @@ bool run_block(Block& b, const std::vector<char*>& stacks, std::mt19937* rng) {
     t.open.clear();  // copies a thread never waited for are never read (a read would have waited)
     t.groups.clear();
     getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = stacks[i];
+    t.ctx.uc_stack.ss_sp = stacks.stack(static_cast<size_t>(i));
     t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, thread_main, 0);
@@ -182,23 +253,26 @@ int block_barrier_or(int pred) {
   return g_block->or_result;
 }
 
-void warp_barrier(unsigned mask) {
-  if (mask != 0xffffffffu) fail("__syncwarp: only full-warp masks are emulated");
+void warp_barrier(unsigned mask, Collective kind) {
+  if (mask != 0xffffffffu) fail("warp collective: only full-warp masks are emulated");
+  g_block->threads[g_block->current].collective = kind;
   yield(State::kAtWarpBarrier);
 }
 
 // cp.async: a copy may land in shared memory at any moment between its issue and its thread's wait for
-// its group. Even schedules land it at the issue (a buffer refilled while another warp still reads it
-// changes under that warp), odd ones at the wait (a read that does not wait sees the poison or a stale
-// tile); the same bits under both show neither race is there.
+// its group. Some schedules land it at the issue (a buffer refilled while another warp still reads it
+// changes under that warp), the others at the wait (a read that does not wait sees the poison or a
+// stale tile); the same bits under both show neither race is there.
 void land(const AsyncCopy& c) {
   std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
   std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
 }
 
 void async_copy(void* dst, const void* src, int bytes, int src_bytes) {
+  check_shared(dst, static_cast<size_t>(bytes), "cp.async: the destination");
+  if (src_bytes > 0 && is_shared(src)) fail("cp.async: the source is in shared memory, not global memory");
   const AsyncCopy c{dst, src, bytes, src_bytes};
-  if (g_schedule % 2 == 0)
+  if (!land_at_wait())
     land(c);
   else
     g_block->threads[g_block->current].open.push_back(c);
@@ -222,32 +296,109 @@ uint64_t* warp_exchange() { return g_block->exchange.data() + 32 * (g_block->cur
 const void** warp_pointers() { return g_block->pointers.data() + 128 * (g_block->current / 32); }
 unsigned char* dynamic_smem() { return g_block->smem; }
 
-void fail(const char* what) {
+bool is_shared(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= g_block->smem && c < g_block->smem + g_block->smem_bytes;
+}
+
+void check_shared(const void* p, size_t bytes, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < g_block->smem || c + bytes > g_block->smem + g_block->smem_bytes) {
+    const std::string msg = std::string(what) + " is outside the block's " + std::to_string(g_block->smem_bytes) +
+                            " bytes of shared memory (offset " + std::to_string(c - g_block->smem) + ")";
+    fail(msg.c_str(), cudaErrorIllegalAddress);
+  }
+}
+
+void fail(const char* what, cudaError_t err) {
   g_error = what;
   g_block->failed = true;
+  g_block->error = err;
   swapcontext(&g_block->threads[g_block->current].ctx, &g_block->scheduler);
   std::abort();  // never resumed
 }
 
+cudaError_t host_error(cudaError_t err, const char* what) {
+  g_error = what;
+  return err;
+}
+
+namespace {
+
+
+// A fault in kernel code (SIGSEGV, SIGBUS; SIGILL from a sanitizer trap) ends the launch with an error:
+// the handler, on its own stack, switches to the scheduler, which never resumes the faulting thread.
+// Faults anywhere else keep their old handling.
+struct sigaction g_old_actions[3];
+constexpr int kFaultSignals[3] = {SIGSEGV, SIGBUS, SIGILL};
+void on_fault(int sig, siginfo_t* info, void* /*context*/) {
+  Block* b = g_block;
+  if (b == nullptr || !b->in_thread || b->failed) {
+    for (int i = 0; i < 3; ++i)
+      if (kFaultSignals[i] == sig) sigaction(sig, &g_old_actions[i], nullptr);
+    return;  // the instruction faults again, under the old handler
+  }
+  const unsigned t = static_cast<unsigned>(b->current);
+  if (sig == SIGILL) {
+    snprintf(g_fault_message, sizeof g_fault_message,
+             "thread %u: a misaligned access or an index past a fixed-size array (sanitizer trap)", t);
+    b->error = cudaErrorLaunchFailure;
+  } else if (g_stacks != nullptr && g_stacks->in_guard(info->si_addr)) {
+    snprintf(g_fault_message, sizeof g_fault_message, "thread %u: stack overflow (%zu KiB per thread)", t,
+             kStackBytes / 1024);
+    b->error = cudaErrorLaunchFailure;
+  } else {
+    snprintf(g_fault_message, sizeof g_fault_message, "thread %u: illegal memory access at address %p", t,
+             info->si_addr);
+    b->error = cudaErrorIllegalAddress;
+  }
+  b->failed = true;
+  setcontext(&b->scheduler);  // restores the scheduler's signal mask too
+}
+
+// Installs the fault handlers (and a stack for them) for one launch.
+struct FaultHandlers {
+  stack_t old_stack{};
+  std::vector<char> stack = std::vector<char>(64 * 1024);
+  FaultHandlers() {
+    const stack_t ss{stack.data(), 0, stack.size()};
+    sigaltstack(&ss, &old_stack);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &sa, &g_old_actions[i]);
+  }
+  ~FaultHandlers() {
+    for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &g_old_actions[i], nullptr);
+    sigaltstack(&old_stack, nullptr);
+  }
+};
+
+}  // namespace
+
 cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
+  g_error.clear();
   auto finish = [](cudaError_t err, const std::string& msg) {
     g_last = err;
     if (err != cudaSuccess) g_error = msg;
     return err;
   };
-  const size_t threads = size_t(cfg.block.x) * cfg.block.y * cfg.block.z;
-  if (threads == 0 || threads > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0)
-    return finish(cudaErrorInvalidConfiguration, "invalid launch configuration");
+  if (g_block != nullptr) return finish(cudaErrorNotSupported, "a launch from inside a kernel");
+  const dim3 gr = cfg.grid, bl = cfg.block;
+  const size_t threads = size_t(bl.x) * bl.y * bl.z;
+  if (threads == 0 || threads > 1024 || bl.x > 1024 || bl.y > 1024 || bl.z > 64 || gr.x == 0 || gr.y == 0 ||
+      gr.z == 0 || gr.x > 0x7fffffffu || gr.y > 65535 || gr.z > 65535)
+    return finish(cudaErrorInvalidConfiguration,
+                  "invalid launch configuration: grid (" + std::to_string(gr.x) + ", " + std::to_string(gr.y) + ", " +
+                      std::to_string(gr.z) + "), block (" + std::to_string(bl.x) + ", " + std::to_string(bl.y) +
+                      ", " + std::to_string(bl.z) + ")");
   const auto attr = g_func_smem.find(cfg.kernel);
   const size_t allowed = attr == g_func_smem.end() ? 48 * 1024 : static_cast<size_t>(attr->second);
   if (cfg.dynamic_smem > allowed)
     return finish(cudaErrorInvalidValue, "dynamic shared memory " + std::to_string(cfg.dynamic_smem) +
                                              " bytes > the kernel's limit " + std::to_string(allowed) +
                                              " (cudaFuncSetAttribute raises it)");
-  if (allowed > g_smem_optin)
-    return finish(cudaErrorInvalidValue, "cudaFuncSetAttribute asked for " + std::to_string(allowed) +
-                                             " bytes of shared memory; the device allows " +
-                                             std::to_string(g_smem_optin));
 
   Block b;
   b.threads.resize(threads);
@@ -255,52 +406,63 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
   b.pointers.assign(128 * ((threads + 31) / 32), nullptr);
   for (int w = 0; w < static_cast<int>((threads + 31) / 32); ++w) b.warp_order.push_back(w);
   for (int l = 0; l < 32; ++l) b.lane_order.push_back(l);
-  if (g_schedule == 1) {
+  std::vector<uint3> blocks;
+  for (unsigned z = 0; z < gr.z; ++z)
+    for (unsigned y = 0; y < gr.y; ++y)
+      for (unsigned x = 0; x < gr.x; ++x) blocks.push_back(uint3{x, y, z});
+  std::mt19937 rng(static_cast<unsigned>(g_schedule));
+  if (descending()) {
     std::reverse(b.warp_order.begin(), b.warp_order.end());
     std::reverse(b.lane_order.begin(), b.lane_order.end());
+    std::reverse(blocks.begin(), blocks.end());
+  } else if (!serial()) {
+    std::shuffle(blocks.begin(), blocks.end(), rng);
   }
-  std::mt19937 rng(static_cast<unsigned>(g_schedule));
-  std::vector<char*> stacks(threads);
-  for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
+  g_stack_pool.reserve(threads);
+  const Stacks& stacks = g_stack_pool;
   std::vector<unsigned char> smem_buf(cfg.dynamic_smem + 2 * kGuardBytes + 128);
   unsigned char* base = smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(smem_buf.data()) % 128) % 128;
   b.smem = base + kGuardBytes;
+  b.smem_bytes = cfg.dynamic_smem;
 
-  Block* prev_block = g_block;
-  const std::function<void()>* prev_body = g_body;
   g_block = &b;
   g_body = &body;
-  blockDim = cfg.block;
-  gridDim = cfg.grid;
+  g_stacks = &stacks;
+  blockDim = bl;
+  gridDim = gr;
   std::string err;
-  for (unsigned z = 0; z < cfg.grid.z && err.empty(); ++z)
-    for (unsigned y = 0; y < cfg.grid.y && err.empty(); ++y)
-      for (unsigned x = 0; x < cfg.grid.x && err.empty(); ++x) {
-        blockIdx = uint3{x, y, z};
-        if (g_schedule >= 2) {
-          std::shuffle(b.warp_order.begin(), b.warp_order.end(), rng);
-          std::shuffle(b.lane_order.begin(), b.lane_order.end(), rng);
-        }
-        std::memset(base, kGuard, kGuardBytes);
-        std::memset(b.smem, 0xFF, cfg.dynamic_smem);  // NaN in fp32, fp16 and bf16
-        std::memset(b.smem + cfg.dynamic_smem, kGuard, kGuardBytes);
-        const std::string where = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
-                                  std::to_string(z) + "): ";
-        if (!run_block(b, stacks, g_schedule >= 2 ? &rng : nullptr)) {
-          err = where + g_error;
+  cudaError_t code = cudaSuccess;
+  {
+    const FaultHandlers handlers;
+    for (const uint3& idx : blocks) {
+      blockIdx = idx;
+      if (!serial()) {
+        std::shuffle(b.warp_order.begin(), b.warp_order.end(), rng);
+        std::shuffle(b.lane_order.begin(), b.lane_order.end(), rng);
+      }
+      // Poison and guards: NaN bytes (a read of either poisons the result; a write to a guard shows).
+      std::memset(base, kPoison, cfg.dynamic_smem + 2 * kGuardBytes);
+      const std::string where = "block (" + std::to_string(idx.x) + ", " + std::to_string(idx.y) + ", " +
+                                std::to_string(idx.z) + "): ";
+      if (!run_block(b, stacks, serial() ? nullptr : &rng)) {
+        err = where + g_error;
+        code = b.failed ? b.error : cudaErrorLaunchFailure;
+        break;
+      }
+      for (size_t i = 0; i < kGuardBytes; ++i)
+        if (base[i] != kPoison || b.smem[cfg.dynamic_smem + i] != kPoison) {
+          err = where + "a write outside the block's " + std::to_string(cfg.dynamic_smem) +
+                " bytes of dynamic shared memory";
+          code = cudaErrorLaunchFailure;
           break;
         }
-        for (size_t i = 0; i < kGuardBytes; ++i)
-          if (base[i] != kGuard || b.smem[cfg.dynamic_smem + i] != kGuard) {
-            err = where + "a write outside the block's " + std::to_string(cfg.dynamic_smem) +
-                  " bytes of dynamic shared memory";
-            break;
-          }
-      }
-  for (auto* s : stacks) std::free(s);
-  g_block = prev_block;
-  g_body = prev_body;
-  return finish(err.empty() ? cudaSuccess : cudaErrorLaunchFailure, err);
+      if (!err.empty()) break;
+    }
+  }
+  g_block = nullptr;
+  g_body = nullptr;
+  g_stacks = nullptr;
+  return finish(code, err);
 }
 
 cudaError_t take_last_error() {
@@ -309,7 +471,15 @@ cudaError_t take_last_error() {
   return e;
 }
 
-void set_func_max_dynamic_smem(const void* kernel, int bytes) { g_func_smem[kernel] = bytes; }
+cudaError_t set_func_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > g_smem_optin)
+    return host_error(cudaErrorInvalidValue, ("cudaFuncSetAttribute asked for " + std::to_string(bytes) +
+                                              " bytes of dynamic shared memory; the device allows " +
+                                              std::to_string(g_smem_optin))
+                                                 .c_str());
+  g_func_smem[kernel] = bytes;
+  return cudaSuccess;
+}
 
 }  // namespace cuda_emu
 

@@ -3,21 +3,30 @@
 // this folder ahead of the toolkit's headers), and every launch runs on the host:
 //
 //   - each thread block runs alone; each CUDA thread is a fiber (ucontext) with its own stack, so
-//     locals are per thread and __shared__ memory is per block;
+//     locals are per thread and shared memory is per block;
 //   - __syncthreads, __syncwarp, shuffles, mma.sync and ldmatrix (ptx_emu.h) are real barriers: the
 //     scheduler resumes a thread only when every thread the barrier names has arrived, and reports
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
+//   - lanes of a warp must meet at the same kind of collective (a shuffle does not pair with an mma), a
+//     full-warp collective needs a full warp, and a shuffle reads lane lane ^ mask as PTX defines it;
 //   - threads run one after another in a chosen schedule: warps one at a time, each up to its next
 //     __syncthreads, in ascending or descending order; or (seeded shuffles) a random warp for a random
-//     number of warp collectives, then another. cp.async copies land at their issue (even schedules)
-//     or at their thread's wait (odd ones), the two ends of what the hardware allows. A kernel whose
-//     result depends on the schedule has a race, such as a missing __syncthreads;
-//   - dynamic shared memory is filled with NaN bytes before each block (reads of unwritten shared memory
-//     poison the result) and fenced by guard bytes checked after it; a launch asking for more than 48 KiB
-//     needs cudaFuncSetAttribute first, and no launch may exceed the emulated device's opt-in limit.
+//     number of warp collectives, then another. Blocks run in grid order, reversed, or shuffled. cp.async
+//     copies land at their issue or at their thread's wait, the two ends of what the hardware allows,
+//     each with both serial orders. A kernel whose result depends on the schedule has a race, such as a
+//     missing __syncthreads;
+//   - shared memory is dynamic only (static __shared__ variables do not compile here: see launch.cuh).
+//     It is filled with NaN bytes before each block, so reads of unwritten shared memory poison the
+//     result, and fenced by guard bytes (also NaN) checked after it; ldmatrix and cp.async check that
+//     their shared addresses fall inside it. A launch asking for more than 48 KiB needs
+//     cudaFuncSetAttribute first, which refuses more than the emulated device's opt-in limit; launch
+//     configurations are held to the hardware's grid and block limits;
+//   - faults end the launch with an error instead of the process: a misaligned access or an index past
+//     a fixed-size array (compiled with -fsanitize=alignment,bounds as traps), a wild pointer (SIGSEGV),
+//     a thread stack overflow (guard page).
 //
 // What it cannot show: timing, memory coalescing, bank conflicts, the hardware's rounding inside the
-// tensor cores and of fast-math intrinsics, or a misreading of the PTX fragment layouts that the kernels
+// tensor cores and of the special-function unit (ex2.approx), or a misreading of the PTX fragment layouts that the kernels
 // and ptx_emu.h would share (both follow the layouts restated in csrc/cuda/ptx.cuh). Those need the GPU
 // runbook (benchmarks/gpu_runbook.sh).
 #pragma once
@@ -34,8 +43,8 @@
 #include <functional>
 #include <type_traits>
 
-// Execution-space keywords: host code here. __shared__ variables with static storage are one per block
-// because blocks run one at a time.
+// Execution-space keywords: host code here. Static __shared__ variables are refused (see launch.cuh):
+// the emulator could not poison them before each block as it does dynamic shared memory.
 #undef __global__
 #undef __device__
 #undef __host__
@@ -44,7 +53,8 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
+#define __shared__ \
+  static_assert(false, "static __shared__ is not emulated: take shared memory with DALLE_FAST_DYNAMIC_SMEM");
 #define __launch_bounds__(...)
 
 using std::isfinite;
@@ -62,17 +72,25 @@ struct LaunchConfig {
 // Runs body once per thread of every block of the grid; returns cudaSuccess or the failure it found.
 cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body);
 
-// Collectives, called by the running thread.
+// Collectives, called by the running thread. Lanes that meet at a warp barrier must all be at the same
+// kind of collective.
+enum class Collective { kSyncwarp, kShuffle, kMma, kLdmatrix };
 void block_barrier();
 int block_barrier_or(int pred);
-void warp_barrier(unsigned mask);
+void warp_barrier(unsigned mask, Collective kind);
 uint64_t* warp_exchange();       // 32 slots of the calling thread's warp
 const void** warp_pointers();    // 32 x 4 pointer slots of the calling thread's warp
 unsigned char* dynamic_smem();   // this block's dynamic shared memory
 void async_copy(void* dst, const void* src, int bytes, int src_bytes);  // cp.async (see cuda_emu.cpp)
 void async_commit();
 void async_wait(int pending);
-[[noreturn]] void fail(const char* what);  // ends the launch with cudaErrorLaunchFailure and this message
+// Fails the launch unless [p, p + bytes) lies inside the block's shared memory.
+void check_shared(const void* p, size_t bytes, const char* what);
+bool is_shared(const void* p);
+// Ends the launch with this error (cudaErrorLaunchFailure unless said) and message.
+[[noreturn]] void fail(const char* what, cudaError_t err = cudaErrorLaunchFailure);
+// For the C entry points: an error found before any launch, with its message.
+cudaError_t host_error(cudaError_t err, const char* what);
 
 template <typename Kernel>
 struct Launcher {
@@ -93,7 +111,7 @@ Launcher<Kernel> launch(Kernel* kernel, dim3 grid, dim3 block, size_t smem) {
 
 // Error of the last launch and the emulated device (cuda_emu.cpp).
 cudaError_t take_last_error();
-void set_func_max_dynamic_smem(const void* kernel, int bytes);
+cudaError_t set_func_max_dynamic_smem(const void* kernel, int bytes);
 
 }  // namespace cuda_emu
 
@@ -110,19 +128,21 @@ extern dim3 gridDim;
 // ---- device functions --------------------------------------------------------------------------------------
 inline void __syncthreads() { cuda_emu::block_barrier(); }
 inline int __syncthreads_or(int pred) { return cuda_emu::block_barrier_or(pred); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emu::warp_barrier(mask); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emu::warp_barrier(mask, cuda_emu::Collective::kSyncwarp); }
 
+// shfl.sync.bfly with width 32: lane l reads lane l ^ lane_mask, or keeps its own value when that lane
+// is past 31.
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
   if (mask != 0xffffffffu || width != 32) cuda_emu::fail("__shfl_xor_sync: only full-warp shuffles are emulated");
   uint64_t* slot = cuda_emu::warp_exchange();
-  const int lane = threadIdx.x % 32;
+  const unsigned lane = threadIdx.x % 32, src = lane ^ static_cast<unsigned>(lane_mask);
   std::memcpy(&slot[lane], &var, sizeof(T));
-  cuda_emu::warp_barrier(mask);
-  T out;
-  std::memcpy(&out, &slot[(lane ^ lane_mask) & 31], sizeof(T));
-  cuda_emu::warp_barrier(mask);  // every lane has read before any slot is reused
+  cuda_emu::warp_barrier(mask, cuda_emu::Collective::kShuffle);
+  T out = var;
+  if (src < 32) std::memcpy(&out, &slot[src], sizeof(T));
+  cuda_emu::warp_barrier(mask, cuda_emu::Collective::kShuffle);  // every lane has read before any slot is reused
   return out;
 }
 
@@ -137,9 +157,8 @@ inline float __fsqrt_rn(float x) { return sqrtf(x); }
 // ---- runtime API used by the launchers -------------------------------------------------------------------------
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
-    cuda_emu::set_func_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
-  return cudaSuccess;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;  // not emulated
+  return cuda_emu::set_func_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
 }
 
 #include "ptx_emu.h"

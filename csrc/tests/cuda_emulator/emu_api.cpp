@@ -81,7 +81,8 @@ int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
   std::vector<KeyInterval> iv(max_key_intervals(m));
   const int64_t n = key_intervals(m, position, iv.data());
-  if (n > cuda::kMaxDecodeIntervals) return cudaErrorInvalidValue;
+  if (n > cuda::kMaxDecodeIntervals)
+    return cuda_emu::host_error(cudaErrorInvalidValue, "decode: more key intervals than kMaxDecodeIntervals");
   cuda::DecodeParams p{};
   p.q = q;
   p.k = k;
