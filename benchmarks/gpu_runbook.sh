@@ -55,6 +55,11 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
       step "benchmarks $dt"
       run $PY -m benchmarks.run --device cuda --dtype "$dt" --batch 8 --heads 16 --out "$RES/${gpu}_${dt}.md"
     done
+    # The forward's other warp layout (4 warps of 16 rows instead of 2 of 32, head dim <= 64), to
+    # check the default: compare the dalle_fast rows with those of ${gpu}_bf16.md.
+    step "benchmarks bf16, forward with 16 rows per warp"
+    run env DALLE_FAST_FWD_ROWS_PER_WARP=16 $PY -m benchmarks.run --device cuda --dtype bf16 --batch 8 --heads 16 \
+      --no-memory --no-flex --out "$RES/${gpu}_bf16_rows16.md"
     step "benchmarks: sampling (KV cache, decode op)"
     run $PY -m benchmarks.bench_generate --device cuda --batches 1 32 --out "$RES/${gpu}_generate.md"
     step "benchmarks: per-resblock gradient scaling"

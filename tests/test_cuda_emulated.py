@@ -90,6 +90,7 @@ class Emulator:
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_forward_smem_bytes.restype = ctypes.c_size_t
         lib.emu_backward_smem_bytes.restype = ctypes.c_size_t
+        lib.emu_last_block_threads.restype = ctypes.c_longlong
         self.schedule(0)
         lib.emu_set_smem_optin(ctypes.c_longlong(SM80_SMEM_OPTIN))
 
@@ -313,6 +314,22 @@ def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, h
 def test_attention_matches_reference(emu, kind, dtype, head_dim):
     # 37 + 7 x 7 = 86 tokens: a full and a partial 64-row block, text ending mid-block.
     check_attention(emu, kind, 37, 7, dtype, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_forward_rows_per_warp_variants_agree(emu, kind, head_dim, monkeypatch):
+    """The forward's two warp layouts (2 warps of 32 rows, the default up to head dim 64; 4 warps of 16)
+    do the same arithmetic per row, so they agree bit for bit; the 4-warp one also meets the reference."""
+    results = []
+    for rows, threads in (("32", 64), ("16", 128)):
+        monkeypatch.setenv("DALLE_FAST_FWD_ROWS_PER_WARP", rows)
+        results.append(check_attention(emu, kind, 37, 7, torch.float16, head_dim, seed=head_dim)[:2])
+        q = torch.zeros(1, 1, 86, head_dim, dtype=torch.float16)
+        emu.forward(q, q, q, kind, 37, 7, 11, 1.0)
+        assert emu.lib.emu_last_block_threads() == threads
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

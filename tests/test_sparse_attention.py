@@ -122,6 +122,21 @@ def test_cuda_deterministic_and_matches_cpu(_):
         torch.testing.assert_close(x.cpu().float(), y.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_forward_warp_layouts_agree(_, kind, head_dim, monkeypatch):
+    """The forward's 2-warp (32 rows per warp, the default) and 4-warp (16 rows) layouts do the same
+    arithmetic per row: the same bits."""
+    q, k, v = make_qkv(70, 9, torch.float16, "cuda", head_dim=head_dim)
+    outs = []
+    for rows in ("32", "16"):
+        monkeypatch.setenv("DALLE_FAST_FWD_ROWS_PER_WARP", rows)
+        outs.append(torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, 70, 9, 11, head_dim**-0.5))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
 def test_cuda_opcheck(_, kind):

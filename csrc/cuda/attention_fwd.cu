@@ -1,10 +1,14 @@
 // CUDA forward: one thread block per (batch * head, 64-row query block), visiting only the key blocks
-// of the layout. Each of the 4 warps owns 16 query rows and keeps everything of them in registers, as in
-// FlashAttention-2: its Q fragments, the 16 x 64 scores S = Q K^T of the current key block (mma.sync
-// m16n8k16, fp32), the running row max and sum, and the 16 x D output accumulator. P = exp(S - max)
-// goes from the S accumulators straight into the A fragments of P V. Partial blocks are masked
-// element-wise by index arithmetic; the log-sum-exp is saved for the backward.
+// of the layout. Each warp owns 16 x MT query rows (MT = 1: four warps; MT = 2: two warps) and keeps
+// everything of them in registers, as in FlashAttention-2: its Q fragments, the scores S = Q K^T of the
+// current 64-key block (mma.sync m16n8k16, fp32), the running row max and sum, and the output
+// accumulator. P = exp(S - max) goes from the S accumulators straight into the A fragments of P V. With
+// MT = 2 every K and V fragment a warp loads from shared memory serves two row tiles, which halves the
+// shared-memory traffic per mma; head dim 128 keeps MT = 1, whose registers would not hold twice the
+// accumulators. Partial blocks are masked element-wise by index arithmetic; the log-sum-exp is saved
+// for the backward.
 #include <cmath>
+#include <cstdlib>
 
 #include "tile.cuh"
 
@@ -20,10 +24,16 @@ struct FwdSmem {
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <int MT>
+constexpr int fwd_threads() {
+  return kBlock / (16 * MT) * 32;
+}
+
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(fwd_threads<MT>())
     forward_kernel(AttentionParams p, T* __restrict__ out, float* __restrict__ lse) {
   using L = FwdSmem<D>;
+  constexpr int kThr = fwd_threads<MT>();
   constexpr int KS = D / 16;       // k-steps of Q K^T
   constexpr int NT = kBlock / 8;   // 8-key tiles of S
   constexpr int DT = D / 8;        // 8-column tiles of O
@@ -49,30 +59,41 @@ __global__ void __launch_bounds__(kThreads)
   // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
   auto fetch = [&](int e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
-    load_tile_async<T, D>(sK + buf * kTile, L::ld, K, k0, N);
-    load_tile_async<T, D>(sV + buf * kTile, L::ld, V, k0, N);
+    load_tile_async<T, D, kThr>(sK + buf * kTile, L::ld, K, k0, N);
+    load_tile_async<T, D, kThr>(sV + buf * kTile, L::ld, V, k0, N);
   };
-  load_tile_async<T, D>(sQ, L::ld, Q, q0, N);
+  load_tile_async<T, D, kThr>(sQ, L::ld, Q, q0, N);
   if (e_begin < e_end) fetch(e_begin);
   ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();
 
-  // The warp's Q rows as A fragments, loaded once.
-  uint32_t qa[KS][4];
+  // The warp's Q rows as A fragments, loaded once: row tile mt is rows 16 (MT warp + mt) .. + 15.
+  uint32_t qa[MT][KS][4];
   #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) ptx::ldmatrix_x4(qa[ks], a_row(sQ, L::ld, warp * 16, ks * 16, lane));
+  for (int mt = 0; mt < MT; ++mt)
+    #pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+      ptx::ldmatrix_x4(qa[mt][ks], a_row(sQ, L::ld, (MT * warp + mt) * 16, ks * 16, lane));
 
-  // Rows g and g + 8 of the warp: scores in log2 units (scale * log2 e), running max m and this
+  // Rows g and g + 8 of each row tile: scores in log2 units (scale * log2 e), running max m and this
   // thread's share of the running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
-  const int row0 = q0 + warp * 16 + g;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[DT][4];
+  const int row0 = q0 + MT * warp * 16 + g;  // row of (mt, h): row0 + 16 mt + 8 h
+  float m[MT][2], l[MT][2];
+  float o[MT][DT][4];
   #pragma unroll
-  for (int dt = 0; dt < DT; ++dt)
+  for (int mt = 0; mt < MT; ++mt) {
     #pragma unroll
-    for (int i = 0; i < 4; ++i) o[dt][i] = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      m[mt][h] = -INFINITY;
+      l[mt][h] = 0.f;
+    }
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) o[mt][dt][i] = 0.f;
+  }
 
   for (int e = e_begin; e < e_end; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
@@ -81,65 +102,74 @@ __global__ void __launch_bounds__(kThreads)
     const T* sKb = sK + buf * kTile;
     const T* sVb = sV + buf * kTile;
 
-    // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are.
-    float s[NT][4];
+    // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are; each K fragment serves MT tiles.
+    float s[MT][NT][4];
     #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
       #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
     #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
       #pragma unroll
       for (int nt = 0; nt < NT; nt += 2) {
         uint32_t kb[4];
         ptx::ldmatrix_x4(kb, b_rows(sKb, L::ld, nt * 8, ks * 16, lane));
-        mma_pair<T>(s[nt], s[nt + 1], qa[ks], kb);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma_pair<T>(s[mt][nt], s[mt][nt + 1], qa[mt][ks], kb);
       }
 
-    // Mask, scale, new row max.
-    float mx[2] = {m[0], m[1]};
+    // Mask, scale, new row max; rescale what was accumulated so far.
+    float base[MT][2];
     #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {m[mt][0], m[mt][1]};
       #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = s[nt][i] * scale_log2;
-        if (!full && !visible(p.mask, row0 + 8 * (i / 2), k0 + nt * 8 + 2 * t + i % 2, N)) x = -INFINITY;
-        s[nt][i] = x;
-        mx[i / 2] = fmaxf(mx[i / 2], x);
+      for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x = s[mt][nt][i] * scale_log2;
+          if (!full && !visible(p.mask, row0 + 16 * mt + 8 * (i / 2), k0 + nt * 8 + 2 * t + i % 2, N)) x = -INFINITY;
+          s[mt][nt][i] = x;
+          mx[i / 2] = fmaxf(mx[i / 2], x);
+        }
+      float alpha[2];
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
+        base[mt][h] = mx[h] == -INFINITY ? 0.f : mx[h];
+        alpha[h] = ptx::exp2_approx(m[mt][h] - base[mt][h]);
+        m[mt][h] = mx[h];
+        l[mt][h] *= alpha[h];
       }
-    float alpha[2], base[2];
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
-      base[h] = mx[h] == -INFINITY ? 0.f : mx[h];
-      alpha[h] = ptx::exp2_approx(m[h] - base[h]);
-      m[h] = mx[h];
-      l[h] *= alpha[h];
-    }
-    #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
       #pragma unroll
-      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i / 2];
+      for (int dt = 0; dt < DT; ++dt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) o[mt][dt][i] *= alpha[i / 2];
+    }
 
     // P = exp2(S - m), summed into l, packed into the A fragments of P V (16 keys per k-step: tiles
     // 2 kk and 2 kk + 1 of S are exactly the A layout), then O += P V with B(k = key, n = d) = V[key][d],
-    // which ldmatrix .trans reads from the rows of sV.
+    // which ldmatrix .trans reads from the rows of sV, once for all MT row tiles.
     #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {
-      uint32_t pa[4];
+      uint32_t pa[MT][4];
       #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float* st = s[2 * kk + half];
+      for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          st[i] = ptx::exp2_approx(st[i] - base[i / 2]);
-          l[i / 2] += st[i];
+        for (int half = 0; half < 2; ++half) {
+          float* st = s[mt][2 * kk + half];
+          #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            st[i] = ptx::exp2_approx(st[i] - base[mt][i / 2]);
+            l[mt][i / 2] += st[i];
+          }
+          pa[mt][2 * half] = pack2<T>(st[0], st[1]);
+          pa[mt][2 * half + 1] = pack2<T>(st[2], st[3]);
         }
-        pa[2 * half] = pack2<T>(st[0], st[1]);
-        pa[2 * half + 1] = pack2<T>(st[2], st[3]);
-      }
       mma_a_rows<T>(o, pa, sVb, L::ld, kk * 16, lane);
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
@@ -148,31 +178,43 @@ __global__ void __launch_bounds__(kThreads)
   // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2.
   T* O = out + bh * N * D;
   #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int r = row0 + 8 * h;
-    if (r >= N) continue;
-    const float inv = 1.f / l[h];
+  for (int mt = 0; mt < MT; ++mt)
     #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
-    if (t == 0) lse[bh * N + r] = (m[h] + log2f(l[h])) * static_cast<float>(M_LN2);
-  }
+    for (int h = 0; h < 2; ++h) {
+      float lh = l[mt][h];
+      lh += __shfl_xor_sync(0xffffffffu, lh, 1);
+      lh += __shfl_xor_sync(0xffffffffu, lh, 2);
+      const int r = row0 + 16 * mt + 8 * h;
+      if (r >= N) continue;
+      const float inv = 1.f / lh;
+      #pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[mt][dt][2 * h] * inv,
+                  o[mt][dt][2 * h + 1] * inv);
+      if (t == 0) lse[bh * N + r] = (m[mt][h] + log2f(lh)) * static_cast<float>(M_LN2);
+    }
 }
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
   const size_t smem = FwdSmem<D>::template bytes<T>();
-  auto kernel = forward_kernel<T, D>;
+  auto kernel = forward_kernel<T, D, MT>;
   cudaError_t err = prepare_launch(kernel, smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = p.batch_heads * p.layout.num_blocks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned grid = static_cast<unsigned>(blocks);
-  DALLE_FAST_LAUNCH(kernel, grid, kThreads, smem, stream)(p, static_cast<T*>(out), lse);
+  DALLE_FAST_LAUNCH(kernel, grid, fwd_threads<MT>(), smem, stream)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
+}
+
+// Rows per warp: 32 (MT = 2) for head dims up to 64, 16 for 128. DALLE_FAST_FWD_ROWS_PER_WARP=16 or 32
+// overrides it for head dims up to 64, to compare the two on a GPU (benchmarks/gpu_runbook.sh).
+int rows_per_warp(int head_dim) {
+  if (head_dim > 64) return 16;
+  const char* env = std::getenv("DALLE_FAST_FWD_ROWS_PER_WARP");
+  return env != nullptr && std::atoi(env) == 16 ? 16 : 32;
 }
 
 }  // namespace
@@ -180,8 +222,13 @@ cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
   return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
-    return p.dtype == DType::kHalf ? launch<__half, D>(p, out, lse, stream)
-                                   : launch<__nv_bfloat16, D>(p, out, lse, stream);
+    if constexpr (D <= 64) {
+      if (rows_per_warp(D) == 32)
+        return p.dtype == DType::kHalf ? launch<__half, D, 2>(p, out, lse, stream)
+                                       : launch<__nv_bfloat16, D, 2>(p, out, lse, stream);
+    }
+    return p.dtype == DType::kHalf ? launch<__half, D, 1>(p, out, lse, stream)
+                                   : launch<__nv_bfloat16, D, 1>(p, out, lse, stream);
   });
 }
 

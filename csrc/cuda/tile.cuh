@@ -18,7 +18,7 @@
 
 namespace dalle_fast::cuda {
 
-constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile
+constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile (the forward may use 2 warps of 32)
 constexpr int kThreads = kWarps * 32;
 constexpr int kPadT = 8;  // elements of padding per shared row: rows stay 16-byte aligned for ldmatrix, and
                           // the 8 rows of an 8 x 8 matrix fall in different banks
@@ -80,6 +80,20 @@ __device__ __forceinline__ void mma_a_rows(float (&acc)[DT][4], const uint32_t (
   }
 }
 
+// The same for MT row tiles at once: acc[mt] += a[mt] times the rows, each B fragment loaded once for
+// all MT of them (a warp with 32 rows reads shared memory half as often per mma as one with 16).
+template <typename T, int MT, int DT>
+__device__ __forceinline__ void mma_a_rows(float (&acc)[MT][DT][4], const uint32_t (&a)[MT][4], const T* s, int ld,
+                                           int k0, int lane) {
+#pragma unroll
+  for (int dt = 0; dt < DT; dt += 2) {
+    uint32_t b[4];
+    ptx::ldmatrix_x4_trans(b, bt_rows(s, ld, k0, dt * 8, lane));
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mma_pair<T>(acc[mt][dt], acc[mt][dt + 1], a[mt], b);
+  }
+}
+
 // Two fp32 values as the T pair of one 32-bit register (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -97,13 +111,13 @@ __device__ __forceinline__ void store2(T* dst, float lo, float hi) {
 }
 
 // Copies rows [row0, row0 + kBlock) of a [seq_len, D] matrix into a shared tile with leading dim ld by
-// cp.async, 16 bytes per thread per step, as part of the caller's next commit group; rows past seq_len
-// become zeros.
-template <typename T, int D>
+// cp.async, 16 bytes per thread per step (the block's Threads threads), as part of the caller's next
+// commit group; rows past seq_len become zeros.
+template <typename T, int D, int Threads = kThreads>
 __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int row0, int seq_len) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
-  for (int idx = threadIdx.x; idx < kBlock * kPerRow; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kBlock * kPerRow; idx += Threads) {
     const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
     const bool valid = row0 + r < seq_len;
     ptx::cp_async_16(tile + r * ld + c, valid ? src + static_cast<int64_t>(row0 + r) * D + c : src, valid);

@@ -69,6 +69,7 @@ int g_schedule = 0;
 size_t g_smem_optin = 166912;  // the emulated device's opt-in limit (sm_80, the smallest targeted: 163 KiB)
 std::map<const void*, int> g_func_smem;
 char g_fault_message[256];  // written by the fault handler, which must not allocate
+size_t g_last_block_threads = 0;  // of the last launch, for tests of launch configurations
 
 bool serial() { return g_schedule < 4; }
 bool descending() { return g_schedule == 1 || g_schedule == 3; }
@@ -387,6 +388,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
   if (g_block != nullptr) return finish(cudaErrorNotSupported, "a launch from inside a kernel");
   const dim3 gr = cfg.grid, bl = cfg.block;
   const size_t threads = size_t(bl.x) * bl.y * bl.z;
+  g_last_block_threads = threads;
   if (threads == 0 || threads > 1024 || bl.x > 1024 || bl.y > 1024 || bl.z > 64 || gr.x == 0 || gr.y == 0 ||
       gr.z == 0 || gr.x > 0x7fffffffu || gr.y > 65535 || gr.z > 65535)
     return finish(cudaErrorInvalidConfiguration,
@@ -489,3 +491,4 @@ extern "C" cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(); 
 extern "C" void emu_set_schedule(int schedule) { cuda_emu::g_schedule = schedule; }
 extern "C" void emu_set_smem_optin(long long bytes) { cuda_emu::g_smem_optin = static_cast<size_t>(bytes); }
 extern "C" const char* emu_last_error() { return cuda_emu::g_error.c_str(); }
+extern "C" long long emu_last_block_threads() { return static_cast<long long>(cuda_emu::g_last_block_threads); }
