@@ -45,7 +45,6 @@ struct MaskSpec {
 // Is raster offset o >= 0 inside the causal conv kernel of half-width s on a grid W wide? Kernel row
 // dr in [0, s] allows the offsets [dr W - s, dr W + s]. When 2 s + 1 >= W these windows touch and their
 // union is [-s, s W + s]; otherwise o lies in row d = (o + s) / W's window iff (o + s) - d W <= 2 s.
-// One division: the CUDA kernels evaluate this per element of a partial block.
 template <typename I>
 DF_HOST_DEVICE bool conv_offset_allowed(I o, I W, I s) {
   if (2 * s + 1 >= W) return o <= s * W + s;
@@ -54,8 +53,7 @@ DF_HOST_DEVICE bool conv_offset_allowed(I o, I W, I s) {
 }
 
 // May query i attend to key j? (Absolute token indices; kColumn means transposed image states.) I is
-// the index type: int64_t on the host, int on the GPU (seq_len < 2^31 there; 32-bit division is several
-// times cheaper than 64-bit on a GPU).
+// the index type. The GPU kernels evaluate the split forms below instead, in 32-bit arithmetic.
 template <typename I>
 DF_HOST_DEVICE bool mask_allows_t(const MaskSpec& m, I i, I j) {
   if (j > i) return false;
@@ -76,6 +74,121 @@ DF_HOST_DEVICE bool mask_allows_t(const MaskSpec& m, I i, I j) {
 }
 
 DF_HOST_DEVICE bool mask_allows(const MaskSpec& m, int64_t i, int64_t j) { return mask_allows_t<int64_t>(m, i, j); }
+
+// ---- The predicate split for the kernels' partial tiles ------------------------------------------------
+// A tile's rows and columns each hold a handful of distinct tokens, so the GPU kernels compute what
+// depends on one token once per row or column and keep a few compares per element (no division, which
+// costs as much as the rest together). Indices >= seq_len are padding, never visible. Each form equals
+// mask_allows on every pair: csrc/tests/test_layout.cpp checks them all.
+
+// A token's index with its image row and column (0, 0 for text tokens).
+template <typename I>
+struct TokenPos {
+  I idx, r, c;
+};
+
+template <typename I>
+DF_HOST_DEVICE TokenPos<I> token_pos(const MaskSpec& m, I x) {
+  const I T = static_cast<I>(m.text_len), W = static_cast<I>(m.image_size);
+  if (x < T) return TokenPos<I>{x, 0, 0};
+  const I r = (x - T) / W;
+  return TokenPos<I>{x, r, x - T - r * W};
+}
+
+// Conv, for image tokens with key <= query: is raster offset dr * W + dc (dr, dc the row and column
+// differences, |dc| < W) inside the kernel? The same windows as conv_offset_allowed: row d of the
+// kernel allows offsets [d W - s, d W + s], so the offset lies in window dr (|dc| <= s), dr + 1
+// (dc >= W - s) or dr - 1 (dc <= s - W); dr >= 0 follows from offset >= 0.
+template <typename I>
+DF_HOST_DEVICE bool conv_pos_allowed(I dr, I dc, I W, I s) {
+  if (2 * s + 1 >= W) return dr * W + dc <= s * W + s;
+  return (dc >= -s && dc <= s && dr <= s) || (dc >= W - s && dr < s) || (dc <= s - W && dr <= s + 1);
+}
+
+// Query-major (rows of queries, as in the forward and dQ): what query i brings to its row.
+template <typename I>
+struct QueryRow {
+  I last;          // i, or -1 for padding: keys j <= last can be seen
+  I lo;            // kinds other than conv: image keys j >= lo are seen, text keys always
+  TokenPos<I> pos; // conv
+};
+
+template <typename I>
+DF_HOST_DEVICE QueryRow<I> query_row(const MaskSpec& m, I i, I seq_len) {
+  const I T = static_cast<I>(m.text_len), W = static_cast<I>(m.image_size);
+  QueryRow<I> q{i < seq_len ? i : I(-1), 0, TokenPos<I>{i, 0, 0}};
+  if (i < T) return q;  // text: every key up to itself
+  switch (m.kind) {
+    case MaskKind::kCausal:
+      break;
+    case MaskKind::kRow:
+      q.lo = i - W;
+      break;
+    case MaskKind::kColumn:
+      q.lo = i - (i - T) % W;
+      break;
+    case MaskKind::kConv:
+      q.pos = token_pos<I>(m, i);
+      break;
+  }
+  return q;
+}
+
+// Kinds other than conv.
+template <typename I>
+DF_HOST_DEVICE bool query_row_sees(const MaskSpec& m, const QueryRow<I>& q, I j) {
+  return j <= q.last && (j < static_cast<I>(m.text_len) || j >= q.lo);
+}
+
+// Conv, with the key's position.
+template <typename I>
+DF_HOST_DEVICE bool query_row_sees_conv(const MaskSpec& m, const QueryRow<I>& q, const TokenPos<I>& k) {
+  return k.idx <= q.last && (k.idx < static_cast<I>(m.text_len) ||
+                             conv_pos_allowed<I>(q.pos.r - k.r, q.pos.c - k.c, static_cast<I>(m.image_size),
+                                                 static_cast<I>(m.kernel_size / 2)));
+}
+
+// Key-major (rows of keys, as in the dK/dV pass): what key j brings to its row.
+template <typename I>
+struct KeyRow {
+  I first;         // j: queries i >= first can see it
+  I hi;            // kinds other than conv: the last query that sees it (-1 for padding)
+  TokenPos<I> pos; // conv
+};
+
+template <typename I>
+DF_HOST_DEVICE KeyRow<I> key_row(const MaskSpec& m, I j, I seq_len) {
+  const I T = static_cast<I>(m.text_len), W = static_cast<I>(m.image_size);
+  KeyRow<I> k{j, j < seq_len ? seq_len - 1 : I(-1), token_pos<I>(m, j < seq_len ? j : I(0))};
+  if (j < T || j >= seq_len) return k;  // a text key: every later query
+  switch (m.kind) {
+    case MaskKind::kCausal:
+    case MaskKind::kConv:
+      break;
+    case MaskKind::kRow:
+      k.hi = j + W < seq_len ? j + W : seq_len - 1;
+      break;
+    case MaskKind::kColumn:
+      k.hi = j - (j - T) % W + W - 1;  // the end of its (transposed) row, never past seq_len - 1
+      break;
+  }
+  return k;
+}
+
+// Kinds other than conv.
+template <typename I>
+DF_HOST_DEVICE bool key_row_seen_by(const KeyRow<I>& k, I i) {
+  return i >= k.first && i <= k.hi;
+}
+
+// Conv, with the query's position.
+template <typename I>
+DF_HOST_DEVICE bool key_row_seen_by_conv(const MaskSpec& m, const KeyRow<I>& k, const TokenPos<I>& q) {
+  return q.idx >= k.first && q.idx <= k.hi &&
+         (k.first < static_cast<I>(m.text_len) ||
+          conv_pos_allowed<I>(q.r - k.pos.r, q.c - k.pos.c, static_cast<I>(m.image_size),
+                              static_cast<I>(m.kernel_size / 2)));
+}
 
 // A half-open key range [lo, hi).
 struct KeyInterval {

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int key0 = k0 + warp * 16 + g;  // the thread's key rows: key0 and key0 + 8
+  const KeyRow<int> key_rows[2] = {key_row<int>(p.mask, key0, N), key_row<int>(p.mask, key0 + 8, N)};
   float acc_dk[DT][4], acc_dv[DT][4];
   #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
@@ -129,6 +130,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       // P^T = exp(S^T * scale - lse[query]) (0 where masked), dS^T = P^T (dP^T - delta[query]), packed as
       // the A fragments (16 keys x 16 queries) of dV += P^T dO and dK += dS^T Q.
+      bool on[2][4] = {{true, true, true, true}, {true, true, true, true}};
+      if (!full) chunk_mask(on, p.mask, key_rows, q0 + kk * 16 + 2 * t);
       uint32_t pa[4], dsa[4];
       #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -136,8 +139,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
-          const bool on = full || visible(p.mask, q0 + c, key0 + 8 * (i / 2), N);
-          pv[i] = on ? ptx::exp2_approx(st[half][i] * scale_log2 - sLse[c]) : 0.f;
+          pv[i] = on[half][i] ? ptx::exp2_approx(st[half][i] * scale_log2 - sLse[c]) : 0.f;
           dsv[i] = pv[i] * (dpt[half][i] - sDelta[c]);
         }
         pa[2 * half] = pack2<T>(pv[0], pv[1]);
@@ -213,6 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int row0 = q0 + warp * 16 + g;
+  const QueryRow<int> query_rows[2] = {query_row<int>(p.mask, row0, N), query_row<int>(p.mask, row0 + 8, N)};
   float lse2[2], dlt[2];
   #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -246,15 +249,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         mma_pair<T>(dp[0], dp[1], oa[ks], vb4);
       }
       // dS = P (dP - delta), P = exp(S * scale - lse) (0 where masked), as the A fragment of dQ += dS K.
+      bool on[2][4] = {{true, true, true, true}, {true, true, true, true}};
+      if (!full) chunk_mask(on, p.mask, query_rows, k0 + kk * 16 + 2 * t);
       uint32_t dsa[4];
       #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float dsv[4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int key = k0 + kk * 16 + half * 8 + 2 * t + i % 2;
-          const bool on = full || visible(p.mask, row0 + 8 * (i / 2), key, N);
-          const float pe = on ? ptx::exp2_approx(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
+          const float pe = on[half][i] ? ptx::exp2_approx(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
           dsv[i] = pe * (dp[half][i] - dlt[i / 2]);
         }
         dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);

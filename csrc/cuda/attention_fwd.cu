@@ -120,7 +120,14 @@ __global__ void __launch_bounds__(fwd_threads<MT>())
         for (int mt = 0; mt < MT; ++mt) mma_pair<T>(s[mt][nt], s[mt][nt + 1], qa[mt][ks], kb);
       }
 
-    // Mask, scale, new row max; rescale what was accumulated so far.
+    // Scale, mask, new row max; rescale what was accumulated so far.
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] *= scale_log2;
+    if (!full) mask_rows<MT, NT>(s, p.mask, row0, k0 + 2 * t, N);
     float base[MT][2];
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -128,12 +135,7 @@ __global__ void __launch_bounds__(fwd_threads<MT>())
       #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float x = s[mt][nt][i] * scale_log2;
-          if (!full && !visible(p.mask, row0 + 16 * mt + 8 * (i / 2), k0 + nt * 8 + 2 * t + i % 2, N)) x = -INFINITY;
-          s[mt][nt][i] = x;
-          mx[i / 2] = fmaxf(mx[i / 2], x);
-        }
+        for (int i = 0; i < 4; ++i) mx[i / 2] = fmaxf(mx[i / 2], s[mt][nt][i]);
       float alpha[2];
       #pragma unroll
       for (int h = 0; h < 2; ++h) {

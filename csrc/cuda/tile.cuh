@@ -124,9 +124,77 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
   }
 }
 
-// May query i see key j? Rows and columns past seq_len are padding and never visible.
-__device__ __forceinline__ bool visible(const MaskSpec& m, int i, int j, int seq_len) {
-  return i < seq_len && j < seq_len && mask_allows_t<int>(m, i, j);
+// Sets to -inf the scores of a warp's row tiles that the mask hides, for a partial layout entry:
+// s[mt][nt][2 h + b] is query row0 + 16 mt + 8 h against key key0 + 8 nt + b. Each query row is
+// prepared once (query_row) and, for conv, each key column once (token_pos, one division), so an
+// element costs a few compares (layout.h; padding past seq_len is never visible).
+template <int MT, int NT>
+__device__ __forceinline__ void mask_rows(float (&s)[MT][NT][4], const MaskSpec& m, int row0, int key0, int seq_len) {
+  QueryRow<int> rows[MT][2];
+  #pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) rows[mt][h] = query_row<int>(m, row0 + 16 * mt + 8 * h, seq_len);
+  if (m.kind == MaskKind::kConv) {
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      #pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const TokenPos<int> key = token_pos<int>(m, key0 + 8 * nt + b);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (!query_row_sees_conv<int>(m, rows[mt][h], key)) s[mt][nt][2 * h + b] = -INFINITY;
+      }
+  } else {
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (!query_row_sees<int>(m, rows[mt][i / 2], key0 + 8 * nt + i % 2)) s[mt][nt][i] = -INFINITY;
+  }
+}
+
+// The mask of a 16-row x 16-column chunk of a partial tile in the backward passes: on[half][i] for
+// accumulator element i of n-tile half, that is row r0 + 8 (i / 2) (rows[i / 2]) and column
+// c0 + 8 half + i % 2. Rows are queries (dQ pass: columns are keys) or keys (dK/dV pass: columns are
+// queries); for conv each column's position is computed once, for both rows.
+__device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, const QueryRow<int> (&rows)[2],
+                                           int c0) {
+  #pragma unroll
+  for (int half = 0; half < 2; ++half)
+    #pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int key = c0 + 8 * half + b;
+      if (m.kind == MaskKind::kConv) {
+        const TokenPos<int> pos = token_pos<int>(m, key);
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = query_row_sees_conv<int>(m, rows[h], pos);
+      } else {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = query_row_sees<int>(m, rows[h], key);
+      }
+    }
+}
+
+__device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, const KeyRow<int> (&rows)[2], int c0) {
+  #pragma unroll
+  for (int half = 0; half < 2; ++half)
+    #pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int query = c0 + 8 * half + b;
+      if (m.kind == MaskKind::kConv) {
+        const TokenPos<int> pos = token_pos<int>(m, query);
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = key_row_seen_by_conv<int>(m, rows[h], pos);
+      } else {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = key_row_seen_by<int>(rows[h], query);
+      }
+    }
 }
 
 // A layout entry needs no element mask when the layout says full and the tile has no padding.

@@ -75,6 +75,26 @@ static void check_predicate_and_intervals(MaskKind kind, int64_t T, int64_t W, i
   }
 }
 
+// The split forms the GPU kernels evaluate in partial tiles (query rows, key rows) equal mask_allows on
+// every pair, padding included (tiles run past seq_len), in the kernels' 32-bit arithmetic.
+static void check_split_forms(MaskKind kind, int T, int W, int ks) {
+  const MaskSpec m{kind, T, W, ks};
+  const int N = static_cast<int>(m.seq_len()), padded = N + 9;
+  const bool conv = kind == MaskKind::kConv;
+  for (int i = 0; i < padded; ++i) {
+    const QueryRow<int> qr = query_row<int>(m, i, N);
+    const TokenPos<int> qpos = token_pos<int>(m, i);
+    for (int j = 0; j < padded; ++j) {
+      const bool want = i < N && j < N && mask_allows(m, i, j);
+      const KeyRow<int> kr = key_row<int>(m, j, N);
+      const bool by_query = conv ? query_row_sees_conv<int>(m, qr, token_pos<int>(m, j)) : query_row_sees<int>(m, qr, j);
+      const bool by_key = conv ? key_row_seen_by_conv<int>(m, kr, qpos) : key_row_seen_by<int>(kr, i);
+      EXPECT(by_query == want && by_key == want, "%s T=%d W=%d ks=%d i=%d j=%d: query form %d, key form %d, want %d",
+             mask_kind_name(kind), T, W, ks, i, j, by_query, by_key, want);
+    }
+  }
+}
+
 static void check_layout(MaskKind kind, int64_t T, int64_t W, int64_t ks, int64_t block) {
   const MaskSpec m{kind, T, W, ks};
   const BlockLayout L = build_block_layout(m, block);
@@ -123,6 +143,7 @@ int main() {
         for (int64_t ks : {1, 3, 11}) {
           if (k != MaskKind::kConv && ks != 11) continue;
           check_predicate_and_intervals(k, T, W, ks);
+          check_split_forms(k, static_cast<int>(T), static_cast<int>(W), static_cast<int>(ks));
           for (int64_t block : {1, 3, 4, 16}) check_layout(k, T, W, ks, block);
         }
       }
@@ -135,6 +156,7 @@ int main() {
     EXPECT(L.allowed_pairs == expected[t], "%s pairs %lld, want %lld", mask_kind_name(kinds[t]),
            (long long)L.allowed_pairs, (long long)expected[t]);
     check_layout(kinds[t], 37, 9, 11, 32);
+    for (int ks : {3, 5, 11, 13}) check_split_forms(kinds[t], 37, 13, ks);
   }
   // 6 text + 4x4, row mask: the image query at grid (1, 1) sees all 6 text tokens and image 0..5.
   {
