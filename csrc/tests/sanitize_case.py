@@ -1,8 +1,10 @@
-"""A small case of every CUDA kernel (attention forward, dK/dV, dQ for every kind, dtype and head dim;
-the decode kernel; the gradient-scaling kernels), for
+"""A small case of every CUDA kernel (attention forward in both warp layouts, dK/dV, dQ for every kind,
+dtype and head dim; the decode kernel; the gradient-scaling kernels), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run, and three
 blocks (181 tokens) so the double-buffered tile loads refill a buffer."""
+
+import os
 
 import torch
 
@@ -19,6 +21,10 @@ def main():
                 q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                 out.backward(torch.randn_like(out))
+                if d <= 64:  # the forward's other warp layout (4 warps of 16 rows)
+                    os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"] = "16"
+                    dalle_fast.sparse_attention(q, k, v, kind, T, W)
+                    del os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"]
     # Decode: one query row against a cache, every kind, fp32/fp16/bf16, head dims on and off 32.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for d in (16, 64, 100):
