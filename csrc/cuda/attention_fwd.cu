@@ -5,10 +5,9 @@
 // accumulator. P = exp(S - max) goes from the S accumulators straight into the A fragments of P V. With
 // MT = 2 every K and V fragment a warp loads from shared memory serves two row tiles, which halves the
 // shared-memory traffic per mma; head dim 128 keeps MT = 1, whose registers would not hold twice the
-// accumulators. Partial blocks are masked element-wise by index arithmetic; the log-sum-exp is saved
-// for the backward.
+// accumulators (rows_per_warp in tile.cuh). Partial blocks are masked element-wise by index
+// arithmetic; the log-sum-exp is saved for the backward.
 #include <cmath>
-#include <cstdlib>
 
 #include "tile.cuh"
 
@@ -24,16 +23,11 @@ struct FwdSmem {
   }
 };
 
-template <int MT>
-constexpr int fwd_threads() {
-  return kBlock / (16 * MT) * 32;
-}
-
 template <typename T, int D, int MT>
-__global__ void __launch_bounds__(fwd_threads<MT>())
+__global__ void __launch_bounds__(threads_for<MT>())
     forward_kernel(AttentionParams p, T* __restrict__ out, float* __restrict__ lse) {
   using L = FwdSmem<D>;
-  constexpr int kThr = fwd_threads<MT>();
+  constexpr int kThr = threads_for<MT>();
   constexpr int KS = D / 16;       // k-steps of Q K^T
   constexpr int NT = kBlock / 8;   // 8-key tiles of S
   constexpr int DT = D / 8;        // 8-column tiles of O
@@ -207,16 +201,8 @@ cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned grid = static_cast<unsigned>(blocks);
-  DALLE_FAST_LAUNCH(kernel, grid, fwd_threads<MT>(), smem, stream)(p, static_cast<T*>(out), lse);
+  DALLE_FAST_LAUNCH(kernel, grid, threads_for<MT>(), smem, stream)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
-}
-
-// Rows per warp: 32 (MT = 2) for head dims up to 64, 16 for 128. DALLE_FAST_FWD_ROWS_PER_WARP=16 or 32
-// overrides it for head dims up to 64, to compare the two on a GPU (benchmarks/gpu_runbook.sh).
-int rows_per_warp(int head_dim) {
-  if (head_dim > 64) return 16;
-  const char* env = std::getenv("DALLE_FAST_FWD_ROWS_PER_WARP");
-  return env != nullptr && std::atoi(env) == 16 ? 16 : 32;
 }
 
 }  // namespace

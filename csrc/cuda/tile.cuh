@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -18,8 +19,14 @@
 
 namespace dalle_fast::cuda {
 
-constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile (the forward may use 2 warps of 32)
+constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile (the forward: or 2 warps of 32)
 constexpr int kThreads = kWarps * 32;
+
+// Threads of a block whose warps own 16 x MT rows of a 64-row tile.
+template <int MT>
+constexpr int threads_for() {
+  return kBlock / (16 * MT) * 32;
+}
 constexpr int kPadT = 8;  // elements of padding per shared row: rows stay 16-byte aligned for ldmatrix, and
                           // the 8 rows of an 8 x 8 matrix fall in different banks
 
@@ -231,6 +238,16 @@ R with_head_dim(int head_dim, R otherwise, F&& f) {
 template <template <int> class Smem>
 size_t smem_bytes_for_head_dim(int head_dim) {
   return with_head_dim(head_dim, size_t{0}, [](auto d) { return Smem<decltype(d)::value>::template bytes<__half>(); });
+}
+
+// Rows per warp of the forward: 32 (MT = 2: every K and V fragment read from shared memory serves two
+// row tiles) up to head dim 64, 16 at 128, whose registers would not hold twice the accumulators.
+// DALLE_FAST_FWD_ROWS_PER_WARP=16 selects 16 at every head dim, to compare the two on a GPU. (The dQ
+// pass keeps 16: with 32 rows its accumulators and Q and dO fragments spill at head dim 64.)
+inline int rows_per_warp(int head_dim) {
+  if (head_dim > 64) return 16;
+  const char* env = std::getenv("DALLE_FAST_FWD_ROWS_PER_WARP");
+  return env != nullptr && std::atoi(env) == 16 ? 16 : 32;
 }
 
 template <typename Kernel>
