@@ -289,11 +289,11 @@ def _max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, heads=2, seed=0):
+def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, heads=2, seed=0, scale=None):
     g = torch.Generator().manual_seed(seed)
     n = T + W * W
     q, k, v, grad = (torch.randn(batch, heads, n, head_dim, generator=g).to(dtype) for _ in range(4))
-    scale = head_dim**-0.5
+    scale = head_dim**-0.5 if scale is None else scale
     out, lse = emu.forward(q, k, v, kind, T, W, kernel_size, scale)
     dq, dk, dv = emu.backward(grad, q, k, v, out, lse, kind, T, W, kernel_size, scale)
     (ref, *ref_grads), (plain, *plain_grads) = _reference_and_plain(q, k, v, grad, kind, T, W, kernel_size, scale)
@@ -314,6 +314,14 @@ def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, h
 def test_attention_matches_reference(emu, kind, dtype, head_dim):
     # 37 + 7 x 7 = 86 tokens: a full and a partial 64-row block, text ending mid-block.
     check_attention(emu, kind, 37, 7, dtype, head_dim)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1.7])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_attention_any_scale(emu, kind, scale):
+    # The forward keeps raw scores and folds |scale| into the exponential: a negative scale negates Q's
+    # fragments, a zero one must still give uniform weights over the visible keys.
+    check_attention(emu, kind, 37, 7, torch.float16, 64, scale=scale, seed=3)
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])

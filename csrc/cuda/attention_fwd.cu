@@ -2,11 +2,12 @@
 // of the layout. Each warp owns 16 x MT query rows (MT = 1: four warps; MT = 2: two warps) and keeps
 // everything of them in registers, as in FlashAttention-2: its Q fragments, the scores S = Q K^T of the
 // current 64-key block (mma.sync m16n8k16, fp32), the running row max and sum, and the output
-// accumulator. P = exp(S - max) goes from the S accumulators straight into the A fragments of P V. With
+// accumulator. P = exp2(S c - max c) goes from the S accumulators straight into the A fragments of P V. With
 // MT = 2 every K and V fragment a warp loads from shared memory serves two row tiles, which halves the
 // shared-memory traffic per mma; head dim 128 keeps MT = 1, whose registers would not hold twice the
 // accumulators (rows_per_warp in tile.cuh). Partial blocks are masked element-wise by index
 // arithmetic; the log-sum-exp is saved for the backward.
+#include <cfloat>
 #include <cmath>
 
 #include "tile.cuh"
@@ -70,9 +71,22 @@ __global__ void __launch_bounds__(threads_for<MT>())
     for (int ks = 0; ks < KS; ++ks)
       ptx::ldmatrix_x4(qa[mt][ks], a_row(sQ, L::ld, (MT * warp + mt) * 16, ks * 16, lane));
 
-  // Rows g and g + 8 of each row tile: scores in log2 units (scale * log2 e), running max m and this
-  // thread's share of the running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
-  const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+  // Scores stay raw (Q K^T) with a positive factor c = |scale| log2 e applied inside the exponential:
+  // the running max is taken on raw scores and exp2(S c - m c) is one FFMA and one MUFU per element.
+  // A negative scale negates Q's fragments instead (sign bits); a zero scale becomes FLT_MIN, whose
+  // weights are as uniform as zero's, without turning masked scores into -inf * 0.
+  if (p.scale < 0.f) {
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) qa[mt][ks][r] ^= 0x80008000u;
+  }
+  const float c = fmaxf(fabsf(p.scale) * static_cast<float>(M_LOG2E), FLT_MIN);
+
+  // Rows g and g + 8 of each row tile: running max m (raw units) and this thread's share of the
+  // running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
   const int row0 = q0 + MT * warp * 16 + g;  // row of (mt, h): row0 + 16 mt + 8 h
   float m[MT][2], l[MT][2];
   float o[MT][DT][4];
@@ -114,15 +128,9 @@ __global__ void __launch_bounds__(threads_for<MT>())
         for (int mt = 0; mt < MT; ++mt) mma_pair<T>(s[mt][nt], s[mt][nt + 1], qa[mt][ks], kb);
       }
 
-    // Scale, mask, new row max; rescale what was accumulated so far.
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][nt][i] *= scale_log2;
+    // Mask, new row max; rescale what was accumulated so far.
     if (!full) mask_rows<MT, NT>(s, p.mask, row0, k0 + 2 * t, N);
-    float base[MT][2];
+    float base[MT][2];  // the new max times c (0 for a row that has seen no key yet)
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float mx[2] = {m[mt][0], m[mt][1]};
@@ -136,8 +144,8 @@ __global__ void __launch_bounds__(threads_for<MT>())
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
-        base[mt][h] = mx[h] == -INFINITY ? 0.f : mx[h];
-        alpha[h] = ptx::exp2_approx(m[mt][h] - base[mt][h]);
+        base[mt][h] = mx[h] == -INFINITY ? 0.f : mx[h] * c;
+        alpha[h] = ptx::exp2_approx(m[mt][h] * c - base[mt][h]);
         m[mt][h] = mx[h];
         l[mt][h] *= alpha[h];
       }
@@ -147,7 +155,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
         for (int i = 0; i < 4; ++i) o[mt][dt][i] *= alpha[i / 2];
     }
 
-    // P = exp2(S - m), summed into l, packed into the A fragments of P V (16 keys per k-step: tiles
+    // P = exp2(S c - m c), summed into l, packed into the A fragments of P V (16 keys per k-step: tiles
     // 2 kk and 2 kk + 1 of S are exactly the A layout), then O += P V with B(k = key, n = d) = V[key][d],
     // which ldmatrix .trans reads from the rows of sV, once for all MT row tiles.
     #pragma unroll
@@ -160,7 +168,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
           float* st = s[mt][2 * kk + half];
           #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            st[i] = ptx::exp2_approx(st[i] - base[mt][i / 2]);
+            st[i] = ptx::exp2_approx(st[i] * c - base[mt][i / 2]);
             l[mt][i / 2] += st[i];
           }
           pa[mt][2 * half] = pack2<T>(st[0], st[1]);
@@ -171,7 +179,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
-  // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2.
+  // l over the 4 threads of each row; out = O / l, lse = (m c + log2 l) ln 2.
   T* O = out + bh * N * D;
   #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
       for (int dt = 0; dt < DT; ++dt)
         store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[mt][dt][2 * h] * inv,
                   o[mt][dt][2 * h + 1] * inv);
-      if (t == 0) lse[bh * N + r] = (m[mt][h] + log2f(lh)) * static_cast<float>(M_LN2);
+      if (t == 0) lse[bh * N + r] = (m[mt][h] * c + log2f(lh)) * static_cast<float>(M_LN2);
     }
 }
 
