@@ -166,6 +166,15 @@ def test_fp16_and_custom_scale_and_kernel_size():
     check_against_reference("conv", 9, 7, torch.float16, "cpu")
     check_against_reference("row", 9, 7, torch.float32, "cpu", scale=0.3)
     check_against_reference("conv", 9, 7, torch.float32, "cpu", kernel_size=5)
+    for scale in (-0.3, 0.0):  # the CUDA forward folds |scale| into its exponential: any sign must work
+        check_against_reference("row", 9, 7, torch.float32, "cpu", scale=scale)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1.7])
+@pytest.mark.parametrize("kind", ["row", "conv"])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_any_scale(_, kind, scale):
+    check_against_reference(kind, 37, 7, torch.float16, "cuda", head_dim=64, scale=scale)
 
 
 def test_non_contiguous_inputs():
