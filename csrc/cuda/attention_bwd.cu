@@ -1,7 +1,8 @@
 // CUDA backward in two deterministic passes (no atomics), both recomputing P from the saved lse and
 // keeping their accumulators in registers (mma.sync m16n8k16 + ldmatrix, layouts in ptx.cuh):
 //   dkdv_kernel: one thread block per (batch * head, key block), walking the key-major layout; each warp
-//                owns 16 keys and accumulates their dK and dV rows over every query block that reads them.
+//                owns 16 keys (their K and V fragments in registers up to head dim 64) and accumulates
+//                their dK and dV rows over every query block that reads them.
 //   dq_kernel:   one thread block per (batch * head, query block), walking the query-major layout; each
 //                warp owns 16 queries and accumulates their dQ rows.
 // Queries (in dkdv) and keys (in dq) are taken 16 at a time, so a step's probabilities, packed from its two
@@ -96,6 +97,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (e_begin < e_end) fetch(e_begin);
   ptx::cp_async_commit();
 
+  // The warp's K and V rows as A fragments: up to head dim 64 loaded once and kept in registers (at 128
+  // they would spill, and are read from shared memory at every step instead).
+  constexpr bool kKeepKV = D <= 64;
+  uint32_t ka_all[kKeepKV ? KS : 1][4], va_all[kKeepKV ? KS : 1][4];
+  if constexpr (kKeepKV) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    #pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      ptx::ldmatrix_x4(ka_all[ks], a_row(sK, L::ld, warp * 16, ks * 16, lane));
+      ptx::ldmatrix_x4(va_all[ks], a_row(sV, L::ld, warp * 16, ks * 16, lane));
+    }
+  }
+
   const float scale_log2 = p.scale * static_cast<float>(M_LOG2E);
   const int key0 = k0 + warp * 16 + g;  // the thread's key rows: key0 and key0 + 8
   const KeyRow<int> key_rows[2] = {key_row<int>(p.mask, key0, N), key_row<int>(p.mask, key0 + 8, N)};
@@ -120,13 +135,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       float st[2][4] = {}, dpt[2][4] = {};
       #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        uint32_t ka[4], va[4], qb[4], ob[4];
-        ptx::ldmatrix_x4(ka, a_row(sK, L::ld, warp * 16, ks * 16, lane));
-        ptx::ldmatrix_x4(va, a_row(sV, L::ld, warp * 16, ks * 16, lane));
+        uint32_t qb[4], ob[4];
         ptx::ldmatrix_x4(qb, b_rows(sQ, L::ld, kk * 16, ks * 16, lane));
         ptx::ldmatrix_x4(ob, b_rows(sdO, L::ld, kk * 16, ks * 16, lane));
-        mma_pair<T>(st[0], st[1], ka, qb);
-        mma_pair<T>(dpt[0], dpt[1], va, ob);
+        if constexpr (kKeepKV) {
+          mma_pair<T>(st[0], st[1], ka_all[ks], qb);
+          mma_pair<T>(dpt[0], dpt[1], va_all[ks], ob);
+        } else {
+          uint32_t ka[4], va[4];
+          ptx::ldmatrix_x4(ka, a_row(sK, L::ld, warp * 16, ks * 16, lane));
+          ptx::ldmatrix_x4(va, a_row(sV, L::ld, warp * 16, ks * 16, lane));
+          mma_pair<T>(st[0], st[1], ka, qb);
+          mma_pair<T>(dpt[0], dpt[1], va, ob);
+        }
       }
       // P^T = exp(S^T * scale - lse[query]) (0 where masked), dS^T = P^T (dP^T - delta[query]), packed as
       // the A fragments (16 keys x 16 queries) of dV += P^T dO and dK += dS^T Q.
