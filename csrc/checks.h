@@ -6,6 +6,8 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cfloat>
+#include <cmath>
 #include <string>
 
 #include "layout.h"
@@ -20,6 +22,12 @@ inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64
   const std::string err = validate_mask_spec(m);
   TORCH_CHECK(err.empty(), "dalle_fast: ", err);
   return m;
+}
+
+// The softmax scale, which the kernels take as float32: finite there (NaN or Inf has no softmax).
+inline void check_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX,
+              "dalle_fast: scale must be finite in float32 (|scale| <= 3.40282e+38), got ", scale);
 }
 
 // k and v share q's dtype and device.

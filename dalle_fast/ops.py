@@ -9,6 +9,8 @@ callers (the model) that keep their image states transposed and want to skip the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dalle_fast import _C  # noqa: F401  (loads the library: registers torch.ops.dalle_fast)
@@ -19,6 +21,7 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_tensors(q, k, v, q_dims: int, q_layout: str, kv_layout: str, kv_shape) -> None:
@@ -66,6 +69,20 @@ def _check_inputs(
         raise ValueError(f"q must be on a CPU or CUDA device, got {q.device}")
 
 
+def _resolve_scale(q: torch.Tensor, scale) -> float:
+    """scale, or head_dim**-0.5 when it is None; ValueError unless it is a real number that stays finite
+    in float32 (the kernels' precision): a NaN or infinite scale has no softmax to compute."""
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}") from None
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.6g}), got {value}")
+    return value
+
+
 def _require_cuda_kernels(q: torch.Tensor, op: str) -> None:
     """RuntimeError for a CUDA tensor when the extension was built without CUDA kernels."""
     if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA"):
@@ -97,7 +114,7 @@ def block_sparse_attention(
     """Like sparse_attention, but inputs and output are in kernel order: for kind "column" the image
     states are already transposed (see to_column_order). Differentiable."""
     _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _resolve_scale(q, scale)
     _require_cuda_kernels(q, "sparse_attention_fwd")
     out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, image_size, kernel_size, scale)
     return out
@@ -150,7 +167,7 @@ def sparse_attention_reference(
     are in kernel order. O(N^2) memory.
     """
     check_mask_args(kind, text_len, image_size, kernel_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _resolve_scale(q, scale)
     mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=transposed).to(q.device)
     dt = torch.float32 if upcast else q.dtype
     s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
@@ -203,7 +220,7 @@ def sparse_attention_decode(
     if reference:
         return sparse_attention_decode_reference(q, k, v, kind, text_len, image_size, position, kernel_size, scale)
     _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _resolve_scale(q, scale)
     _require_cuda_kernels(q, "sparse_attention_decode")
     return torch.ops.dalle_fast.sparse_attention_decode(
         q, k, v, kind, text_len, image_size, kernel_size, scale, position
@@ -224,7 +241,7 @@ def sparse_attention_decode_reference(
     """sparse_attention_decode in plain PyTorch (fp32): the row of the dense transposed mask, softmax, sum.
     O(seq_len^2) for the mask; for tests and debugging."""
     check_mask_args(kind, text_len, image_size, kernel_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _resolve_scale(q, scale)
     mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=kind == "column")[position].to(q.device)
     s = (k.float() @ q.float().unsqueeze(-1)).squeeze(-1) * scale  # (B, H, N)
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)

@@ -194,3 +194,13 @@ def test_raw_op_checks_its_arguments():
         op(q, k, k, "nope", T0, W0, 11, 1.0, 3)
     with pytest.raises(RuntimeError, match="q must be 3-D"):
         op(k, k, k, "row", T0, W0, 11, 1.0, 3)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(q, k, k, "row", T0, W0, 11, float("nan"), 3)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 1e39])
+def test_bad_scale_names_the_argument(scale):
+    q, k = _t(1, 2, 8), _t(1, 2, N0, 8)
+    for fn in (sparse_attention_decode, sparse_attention_decode_reference):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            fn(q, k, k, "row", T0, W0, 3, scale=scale)

@@ -166,7 +166,7 @@ def test_fp16_and_custom_scale_and_kernel_size():
     check_against_reference("conv", 9, 7, torch.float16, "cpu")
     check_against_reference("row", 9, 7, torch.float32, "cpu", scale=0.3)
     check_against_reference("conv", 9, 7, torch.float32, "cpu", kernel_size=5)
-    for scale in (-0.3, 0.0):  # the CUDA forward folds |scale| into its exponential: any sign must work
+    for scale in (-0.3, 0.0):  # legal too: a negative scale favours dissimilar keys, zero weighs all alike
         check_against_reference("row", 9, 7, torch.float32, "cpu", scale=scale)
 
 
@@ -319,6 +319,32 @@ def test_raw_op_checks_its_arguments():
         torch.ops.dalle_fast.sparse_attention_bwd(q, q, q, q, out, lse[:, :, :-1], "row", T0, W0, 11, 1.0)
     with pytest.raises(RuntimeError, match="grad_out"):
         torch.ops.dalle_fast.sparse_attention_bwd(q[..., :16], q, q, q, out, lse, "row", T0, W0, 11, 1.0)
+
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "row", T0, W0, 11, float("nan"))
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.dalle_fast.sparse_attention_bwd(q, q, q, q, out, lse, "row", T0, W0, 11, float("inf"))
+
+
+BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e39, "big", [1.0]]
+
+
+@pytest.mark.parametrize("scale", BAD_SCALES, ids=repr)
+def test_bad_scale_names_the_argument(scale):
+    """A scale without a float32 softmax (NaN, Inf, beyond float32's range, not a number) is refused by
+    the kernels' entry point and the reference alike, instead of returning NaN or uniform weights."""
+    q = _t(1, 2, N0, 32)
+    for fn in (sparse_attention, sparse_attention_reference):
+        with pytest.raises(ValueError, match="scale must be"):
+            fn(q, q, q, "row", T0, W0, scale=scale)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+def test_cuda_raw_op_refuses_nonfinite_scale(_):
+    q = _t(1, 2, N0, 32, dtype=torch.float16, device="cuda")
+    for scale in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(RuntimeError, match="scale must be finite"):
+            torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "row", T0, W0, 11, scale)
 
 
 def test_package_exports():

@@ -32,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
                                                             int64_t text_len, int64_t image_size,
                                                             int64_t kernel_size, double scale) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_qkv(q, k, v, m);
   check_cpu(q);
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
@@ -49,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor& lse, c10::string_view kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
     double scale) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_qkv(q, k, v, m);
   check_cpu(q);
   check_same(grad_out, "grad_out", q, "q");
@@ -71,6 +73,7 @@ at::Tensor sparse_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k,
                                       c10::string_view kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
                                       double scale, int64_t position) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_decode(q, k, v, m, position);
   check_cpu(q);
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();

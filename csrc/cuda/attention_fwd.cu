@@ -85,8 +85,11 @@ __global__ void __launch_bounds__(threads_for<MT>())
   }
   const float c = fmaxf(fabsf(p.scale) * static_cast<float>(M_LOG2E), FLT_MIN);
 
-  // Rows g and g + 8 of each row tile: running max m (raw units) and this thread's share of the
-  // running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
+  // Rows g and g + 8 of each row tile: running max m, kept as max * c (the exponent's units), and this
+  // thread's share of the running sum l (its 2 columns of each tile; summed over the 4 threads at the end).
+  // m is rounded once (__fmul_rn) and alpha = exp2(m_old - m_new) subtracts two stored values
+  // (__fsub_rn), so a block that does not raise the max rescales by exactly 1: FMA contraction of
+  // m_old * c - m_new * c would leave a rounding residue that drifts the accumulators block after block.
   const int row0 = q0 + MT * warp * 16 + g;  // row of (mt, h): row0 + 16 mt + 8 h
   float m[MT][2], l[MT][2];
   float o[MT][DT][4];
@@ -130,10 +133,10 @@ __global__ void __launch_bounds__(threads_for<MT>())
 
     // Mask, new row max; rescale what was accumulated so far.
     if (!full) mask_rows<MT, NT>(s, p.mask, row0, k0 + 2 * t, N);
-    float base[MT][2];  // the new max times c (0 for a row that has seen no key yet)
+    float base[MT][2];  // the new m (0 for a row that has seen no key yet)
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float mx[2] = {m[mt][0], m[mt][1]};
+      float mx[2] = {-INFINITY, -INFINITY};  // this block's raw max
       #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
@@ -144,9 +147,10 @@ __global__ void __launch_bounds__(threads_for<MT>())
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         // A row that has seen no key yet keeps m = -inf: its p and alpha must not become NaN.
-        base[mt][h] = mx[h] == -INFINITY ? 0.f : mx[h] * c;
-        alpha[h] = ptx::exp2_approx(m[mt][h] * c - base[mt][h]);
-        m[mt][h] = mx[h];
+        const float mc = fmaxf(m[mt][h], __fmul_rn(mx[h], c));
+        base[mt][h] = mc == -INFINITY ? 0.f : mc;
+        alpha[h] = ptx::exp2_approx(__fsub_rn(m[mt][h], base[mt][h]));
+        m[mt][h] = mc;
         l[mt][h] *= alpha[h];
       }
       #pragma unroll
@@ -168,7 +172,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
           float* st = s[mt][2 * kk + half];
           #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            st[i] = ptx::exp2_approx(st[i] * c - base[mt][i / 2]);
+            st[i] = ptx::exp2_approx(__fmaf_rn(st[i], c, -base[mt][i / 2]));
             l[mt][i / 2] += st[i];
           }
           pa[mt][2 * half] = pack2<T>(st[0], st[1]);
@@ -179,7 +183,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
-  // l over the 4 threads of each row; out = O / l, lse = (m c + log2 l) ln 2.
+  // l over the 4 threads of each row; out = O / l, lse = (m + log2 l) ln 2 (m is already times c).
   T* O = out + bh * N * D;
   #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -195,7 +199,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
       for (int dt = 0; dt < DT; ++dt)
         store2<T>(O + static_cast<int64_t>(r) * D + dt * 8 + 2 * t, o[mt][dt][2 * h] * inv,
                   o[mt][dt][2 * h + 1] * inv);
-      if (t == 0) lse[bh * N + r] = (m[mt][h] * c + log2f(lh)) * static_cast<float>(M_LN2);
+      if (t == 0) lse[bh * N + r] = (m[mt][h] + log2f(lh)) * static_cast<float>(M_LN2);
     }
 }
 

@@ -105,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
                                                              int64_t text_len, int64_t image_size,
                                                              int64_t kernel_size, double scale) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_qkv(q_in, k_in, v_in, m);
   check_cuda_inputs(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -125,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, c10::string_view kind, int64_t text_len, int64_t image_size,
     int64_t kernel_size, double scale) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_qkv(q_in, k_in, v_in, m);
   check_cuda_inputs(q_in);
   check_same(grad_out_in, "grad_out", q_in, "q");
@@ -153,6 +155,7 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
                                        c10::string_view kind, int64_t text_len, int64_t image_size,
                                        int64_t kernel_size, double scale, int64_t position) {
   const MaskSpec m = check_mask_spec(std::string(kind), text_len, image_size, kernel_size);
+  check_scale(scale);
   check_decode(q_in, k_in, v_in, m, position);
   TORCH_CHECK(q_in.device().is_cuda(), "dalle_fast: expected CUDA tensors, got ", q_in.device());
   const auto dt = q_in.scalar_type();
