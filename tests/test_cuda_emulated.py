@@ -213,6 +213,7 @@ FAULTS = {
     14: ("launch failure", "a full-warp collective (a shuffle) in warp 1, which has only 16 threads"),
     16: ("invalid value", "dynamic shared memory 65536 bytes > the kernel's limit 49152"),
     17: ("invalid value", "cudaFuncSetAttribute asked for 1048576 bytes of dynamic shared memory"),
+    19: ("launch failure", "thread 0: integer division by zero"),
 }
 
 

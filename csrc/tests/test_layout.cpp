@@ -79,7 +79,7 @@ static void check_predicate_and_intervals(MaskKind kind, int64_t T, int64_t W, i
 // every pair, padding included (tiles run past seq_len), in the kernels' 32-bit arithmetic.
 static void check_split_forms(MaskKind kind, int T, int W, int ks) {
   const MaskSpec m{kind, T, W, ks};
-  const int N = static_cast<int>(m.seq_len()), padded = N + 9;
+  const int N = static_cast<int>(m.seq_len()), padded = N + 64;  // a 64-wide tile reaches N + 63
   const bool conv = kind == MaskKind::kConv;
   for (int i = 0; i < padded; ++i) {
     const QueryRow<int> qr = query_row<int>(m, i, N);

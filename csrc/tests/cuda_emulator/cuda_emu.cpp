@@ -53,12 +53,14 @@ struct Block {
   int or_result = 0;
   size_t smem_bytes = 0;
   ucontext_t scheduler;
-  bool in_thread = false;  // a thread runs (not the scheduler)
   bool failed = false;
   cudaError_t error = cudaSuccess;  // of the fault, when failed
 };
 
 Block* g_block = nullptr;
+// True on the OS thread that runs the emulated threads while one of them runs (not the scheduler): a
+// fault elsewhere (another OS thread, the scheduler itself) is not the kernel's.
+thread_local bool t_in_kernel = false;
 const std::function<void()>* g_body = nullptr;
 std::string g_error;
 cudaError_t g_last = cudaSuccess;
@@ -98,8 +100,11 @@ struct Stacks {
     while (base.size() < n) {
       void* m = mmap(nullptr, page + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (m == MAP_FAILED) throw std::bad_alloc();
+      if (mprotect(m, page, PROT_NONE) != 0) {  // no guard page, no stack: an overflow must not go unseen
+        munmap(m, page + kStackBytes);
+        throw std::bad_alloc();
+      }
       base.push_back(static_cast<char*>(m));
-      mprotect(base.back(), page, PROT_NONE);
     }
   }
   char* stack(size_t i) const { return base[i] + page; }
@@ -131,9 +136,9 @@ void resume(int i) {
   b.current = i;
   threadIdx = uint3{static_cast<unsigned>(i) % blockDim.x, static_cast<unsigned>(i) / blockDim.x % blockDim.y,
                     static_cast<unsigned>(i) / (blockDim.x * blockDim.y)};
-  b.in_thread = true;
+  t_in_kernel = true;
   swapcontext(&b.scheduler, &b.threads[i].ctx);
-  b.in_thread = false;
+  t_in_kernel = false;
 }
 
 // Runs warp w's ready lanes (in b.lane_order) until each reaches a barrier or ends. Returns true when
@@ -327,20 +332,25 @@ cudaError_t host_error(cudaError_t err, const char* what) {
 namespace {
 
 
-// A fault in kernel code (SIGSEGV, SIGBUS; SIGILL from a sanitizer trap) ends the launch with an error:
-// the handler, on its own stack, switches to the scheduler, which never resumes the faulting thread.
-// Faults anywhere else keep their old handling.
-struct sigaction g_old_actions[3];
-constexpr int kFaultSignals[3] = {SIGSEGV, SIGBUS, SIGILL};
+// A fault in kernel code (SIGSEGV, SIGBUS; SIGILL from a sanitizer trap; SIGFPE from an integer division
+// by zero, which a GPU does not trap but which is a bug all the same) ends the launch with an error: the
+// handler, on its own stack, switches to the scheduler, which never resumes the faulting thread. Faults
+// anywhere else (the scheduler, another OS thread) keep their old handling.
+constexpr int kNumFaultSignals = 4;
+constexpr int kFaultSignals[kNumFaultSignals] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+struct sigaction g_old_actions[kNumFaultSignals];
 void on_fault(int sig, siginfo_t* info, void* /*context*/) {
   Block* b = g_block;
-  if (b == nullptr || !b->in_thread || b->failed) {
-    for (int i = 0; i < 3; ++i)
+  if (b == nullptr || !t_in_kernel || b->failed) {
+    for (int i = 0; i < kNumFaultSignals; ++i)
       if (kFaultSignals[i] == sig) sigaction(sig, &g_old_actions[i], nullptr);
     return;  // the instruction faults again, under the old handler
   }
   const unsigned t = static_cast<unsigned>(b->current);
-  if (sig == SIGILL) {
+  if (sig == SIGFPE) {
+    snprintf(g_fault_message, sizeof g_fault_message, "thread %u: integer division by zero (or INT_MIN / -1)", t);
+    b->error = cudaErrorLaunchFailure;
+  } else if (sig == SIGILL) {
     snprintf(g_fault_message, sizeof g_fault_message,
              "thread %u: a misaligned access or an index past a fixed-size array (sanitizer trap)", t);
     b->error = cudaErrorLaunchFailure;
@@ -368,10 +378,10 @@ struct FaultHandlers {
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &sa, &g_old_actions[i]);
+    for (int i = 0; i < kNumFaultSignals; ++i) sigaction(kFaultSignals[i], &sa, &g_old_actions[i]);
   }
   ~FaultHandlers() {
-    for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &g_old_actions[i], nullptr);
+    for (int i = 0; i < kNumFaultSignals; ++i) sigaction(kFaultSignals[i], &g_old_actions[i], nullptr);
     sigaltstack(&old_stack, nullptr);
   }
 };

@@ -138,6 +138,12 @@ __global__ void shuffle_lane_mask_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, v, 1) + 1000.f * __shfl_xor_sync(0xffffffffu, v, 32);
 }
 
+// An integer division by a zero the compiler cannot see.
+__global__ void divide_by_zero_kernel(float* out) {
+  volatile int zero = 0;
+  out[threadIdx.x] = static_cast<float>(static_cast<int>(threadIdx.x + 1) / zero);
+}
+
 // 64 KiB of shared memory: one instance launched without cudaFuncSetAttribute, one with it.
 template <int Instance>
 __global__ void large_smem_kernel(float* out) {
@@ -153,7 +159,7 @@ __global__ void large_smem_kernel(float* out) {
 // shared memory, 9 mixed collectives, 10 misaligned global load, 11 wild pointer, 12 local array
 // overflow, 13 stack overflow, 14 full-warp shuffle in a partial warp, 15 shuffle lane masks, 16 64 KiB
 // of shared memory without cudaFuncSetAttribute, 17 cudaFuncSetAttribute above the device's limit, 18
-// 64 KiB with it. out: kN floats. Returns the launch's cudaError_t.
+// 64 KiB with it, 19 integer division by zero. out: kN floats. Returns the launch's cudaError_t.
 extern "C" int emu_selftest(int which, float* out) {
   const size_t smem = kN * sizeof(float);
   switch (which) {
@@ -217,6 +223,9 @@ extern "C" int emu_selftest(int which, float* out) {
       DALLE_FAST_LAUNCH(large_smem_kernel<1>, 1, kN, 64 * 1024, nullptr)(out);
       break;
     }
+    case 19:
+      DALLE_FAST_LAUNCH(divide_by_zero_kernel, 1, kN, 0, nullptr)(out);
+      break;
     default:
       return cudaErrorInvalidValue;
   }
