@@ -165,41 +165,40 @@ __device__ __forceinline__ void mask_rows(float (&s)[MT][NT][4], const MaskSpec&
   }
 }
 
-// The mask of a 16-row x 16-column chunk of a partial tile in the backward passes: on[half][i] for
-// accumulator element i of n-tile half, that is row r0 + 8 (i / 2) (rows[i / 2]) and column
-// c0 + 8 half + i % 2. Rows are queries (dQ pass: columns are keys) or keys (dK/dV pass: columns are
-// queries); for conv each column's position is computed once, for both rows.
-__device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, const QueryRow<int> (&rows)[2],
-                                           int c0) {
-  #pragma unroll
-  for (int half = 0; half < 2; ++half)
-    #pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int key = c0 + 8 * half + b;
-      if (m.kind == MaskKind::kConv) {
-        const TokenPos<int> pos = token_pos<int>(m, key);
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = query_row_sees_conv<int>(m, rows[h], pos);
-      } else {
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = query_row_sees<int>(m, rows[h], key);
-      }
-    }
+// Whether row `r` of a backward chunk (a query row in the dQ pass, a key row in the dK/dV pass) meets
+// column `col` (a key, or a query): the layout.h split forms, named alike for both passes.
+__device__ __forceinline__ bool row_meets(const MaskSpec& m, const QueryRow<int>& r, int col) {
+  return query_row_sees<int>(m, r, col);
+}
+__device__ __forceinline__ bool row_meets(const MaskSpec&, const KeyRow<int>& r, int col) {
+  return key_row_seen_by<int>(r, col);
+}
+__device__ __forceinline__ bool row_meets_conv(const MaskSpec& m, const QueryRow<int>& r, const TokenPos<int>& col) {
+  return query_row_sees_conv<int>(m, r, col);
+}
+__device__ __forceinline__ bool row_meets_conv(const MaskSpec& m, const KeyRow<int>& r, const TokenPos<int>& col) {
+  return key_row_seen_by_conv<int>(m, r, col);
 }
 
-__device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, const KeyRow<int> (&rows)[2], int c0) {
+// The mask of a 16-row x 16-column chunk of a partial tile in the backward passes: on[half][i] for
+// accumulator element i of n-tile half, that is row r0 + 8 (i / 2) (rows[i / 2]) and column
+// c0 + 8 half + i % 2. Rows are queries (Row = QueryRow, dQ pass: columns are keys) or keys (Row =
+// KeyRow, dK/dV pass: columns are queries); for conv each column's position is computed once, for
+// both rows.
+template <typename Row>
+__device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, const Row (&rows)[2], int c0) {
   #pragma unroll
   for (int half = 0; half < 2; ++half)
     #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      const int query = c0 + 8 * half + b;
+      const int col = c0 + 8 * half + b;
       if (m.kind == MaskKind::kConv) {
-        const TokenPos<int> pos = token_pos<int>(m, query);
+        const TokenPos<int> pos = token_pos<int>(m, col);
         #pragma unroll
-        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = key_row_seen_by_conv<int>(m, rows[h], pos);
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = row_meets_conv(m, rows[h], pos);
       } else {
         #pragma unroll
-        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = key_row_seen_by<int>(rows[h], query);
+        for (int h = 0; h < 2; ++h) on[half][2 * h + b] = row_meets(m, rows[h], col);
       }
     }
 }
