@@ -405,7 +405,7 @@ def test_decode_matches_cpu_kernel(emu, kind, dtype):
     T, W, ks = 6, 9, 7
     n = T + W * W
     g = torch.Generator().manual_seed(3)
-    for head_dim in (1, 33, 64, 256):
+    for head_dim in (1, 33, 64, 100, 256):  # every elements-per-lane instantiation (1, 2, 4, 8)
         k, v = (torch.randn(2, 3, n, head_dim, generator=g).to(dtype) for _ in range(2))
         for position in (0, T - 1, T, T + W, n // 2 + 1, n - 1):
             q = torch.randn(2, 3, head_dim, generator=g).to(dtype)

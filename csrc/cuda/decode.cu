@@ -1,12 +1,16 @@
 // CUDA decode attention: one query row per (batch, head) against a key/value cache, for sampling. Only
-// the query's key intervals are read. Each warp takes every kDecodeWarps-th key of each interval, lanes
-// split the head dimension (element d on lane d % 32), a butterfly shuffle sums the dot product, and the
-// warp keeps a flash-style online softmax; the block then merges the warps' partial results.
+// the query's key intervals are read. Lanes split the head dimension (element d on lane d % 32) and a
+// butterfly shuffle sums each dot product. Decode is bound by memory latency, not bandwidth or math: one
+// block per (batch, head) is few threads on a GPU, so each of the kDecodeWarps warps takes kDecodeUnroll
+// keys at a time (keys j, j + kDecodeWarps, ... of an interval), issuing all their K and V loads before
+// it waits on any, and reduces their dot products side by side. Each warp keeps a flash-style online
+// softmax (in base 2, the query prescaled by scale log2 e); the block then merges the warps' results.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "attention_cuda.h"
 #include "launch.cuh"
@@ -14,8 +18,9 @@
 namespace dalle_fast::cuda {
 namespace {
 
-constexpr int kDecodeWarps = 4;
-constexpr int kMaxPerLane = 8;  // head_dim <= 256 = 32 lanes x 8
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeUnroll = 4;  // keys in flight per warp
+constexpr int kMaxPerLane = 8;    // head_dim <= 256 = 32 lanes x 8
 // Shared memory: each warp's running max and sum, then its partial output row.
 constexpr size_t kDecodeSmemBytes = sizeof(float) * kDecodeWarps * (2 + 32 * kMaxPerLane);
 
@@ -26,7 +31,8 @@ __device__ __forceinline__ void store_f(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_f(__half* p, float x) { *p = __float2half_rn(x); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
-template <typename T>
+// E: elements per lane, head_dim <= 32 E (the registers of a larger E would hold only zeros).
+template <typename T, int E>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = p.head_dim;
@@ -35,34 +41,55 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   const T* K = static_cast<const T*>(p.k) + bh * p.seq_len * D;
   const T* V = static_cast<const T*>(p.v) + bh * p.seq_len * D;
 
-  float q[kMaxPerLane], acc[kMaxPerLane];
+  float q[E], acc[E];
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
-    q[e] = d < D ? load_f(Q + d) * p.scale : 0.f;
+    q[e] = d < D ? load_f(Q + d) * (p.scale * static_cast<float>(M_LOG2E)) : 0.f;
     acc[e] = 0.f;
   }
-  float m = -INFINITY, l = 0.f;
+  float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of this warp's keys
   for (int t = 0; t < p.num_intervals; ++t) {
-    for (int64_t j = p.lo[t] + warp; j < p.hi[t]; j += kDecodeWarps) {
-      const T* kj = K + j * D;
-      float s = 0.f;
+    const int64_t hi = p.hi[t];
+    for (int64_t j0 = p.lo[t] + warp; j0 < hi; j0 += kDecodeWarps * kDecodeUnroll) {
+      // Key u of this step is j0 + u kDecodeWarps (the same for every lane: the shuffles stay uniform).
+      float kx[kDecodeUnroll][E], vx[kDecodeUnroll][E];
 #pragma unroll
-      for (int e = 0; e < kMaxPerLane; ++e) {
-        const int d = lane + 32 * e;
-        if (d < D) s += q[e] * load_f(kj + d);
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const int64_t j = j0 + u * kDecodeWarps;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int d = lane + 32 * e;
+          const bool in = j < hi && d < D;
+          kx[u][e] = in ? load_f(K + j * D + d) : 0.f;
+          vx[u][e] = in ? load_f(V + j * D + d) : 0.f;
+        }
+      }
+      float s[kDecodeUnroll];
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        s[u] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) s[u] += q[e] * kx[u][e];
       }
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-      const float m_new = fmaxf(m, s);
-      const float corr = m == -INFINITY ? 0.f : expf(m - m_new);  // no key yet: nothing to rescale
-      const float w = expf(s - m_new);
-      l = l * corr + w;
-      const T* vj = V + j * D;
+      for (int off = 16; off > 0; off /= 2)
 #pragma unroll
-      for (int e = 0; e < kMaxPerLane; ++e) {
-        const int d = lane + 32 * e;
-        if (d < D) acc[e] = acc[e] * corr + w * load_f(vj + d);
+        for (int u = 0; u < kDecodeUnroll; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+      float m_new = m;
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u)
+        if (j0 + u * kDecodeWarps < hi) m_new = fmaxf(m_new, s[u]);
+      const float corr = m == -INFINITY ? 0.f : exp2f(m - m_new);  // no key yet: nothing to rescale
+      l *= corr;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] *= corr;
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        const float w = j0 + u * kDecodeWarps < hi ? exp2f(s[u] - m_new) : 0.f;
+        l += w;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += w * vx[u][e];
       }
       m = m_new;
     }
@@ -77,7 +104,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     s_l[warp] = l;
   }
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
     if (d < D) s_acc[warp][d] = acc[e];
   }
@@ -87,7 +114,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, s_m[w]);
   float weight[kDecodeWarps], total = 0.f;
   for (int w = 0; w < kDecodeWarps; ++w) {
-    weight[w] = s_m[w] == -INFINITY ? 0.f : expf(s_m[w] - mx);
+    weight[w] = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - mx);
     total += s_l[w] * weight[w];
   }
   T* O = static_cast<T*>(p.out) + bh * D;
@@ -106,19 +133,31 @@ cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
       p.num_intervals > kMaxDecodeIntervals)
     return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(p.batch_heads)), block(kDecodeWarps * 32);
-  switch (p.dtype) {
-    case DecodeDType::kFloat:
-      DALLE_FAST_LAUNCH(decode_kernel<float>, grid, block, kDecodeSmemBytes, stream)(p);
-      break;
-    case DecodeDType::kHalf:
-      DALLE_FAST_LAUNCH(decode_kernel<__half>, grid, block, kDecodeSmemBytes, stream)(p);
-      break;
-    case DecodeDType::kBFloat16:
-      DALLE_FAST_LAUNCH(decode_kernel<__nv_bfloat16>, grid, block, kDecodeSmemBytes, stream)(p);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  auto launch = [&](auto per_lane) {
+    constexpr int E = decltype(per_lane)::value;
+    switch (p.dtype) {
+      case DecodeDType::kFloat:
+        DALLE_FAST_LAUNCH((decode_kernel<float, E>), grid, block, kDecodeSmemBytes, stream)(p);
+        return cudaSuccess;
+      case DecodeDType::kHalf:
+        DALLE_FAST_LAUNCH((decode_kernel<__half, E>), grid, block, kDecodeSmemBytes, stream)(p);
+        return cudaSuccess;
+      case DecodeDType::kBFloat16:
+        DALLE_FAST_LAUNCH((decode_kernel<__nv_bfloat16, E>), grid, block, kDecodeSmemBytes, stream)(p);
+        return cudaSuccess;
+    }
+    return cudaErrorInvalidValue;
+  };
+  cudaError_t err;
+  if (p.head_dim <= 32)
+    err = launch(std::integral_constant<int, 1>{});
+  else if (p.head_dim <= 64)
+    err = launch(std::integral_constant<int, 2>{});
+  else if (p.head_dim <= 128)
+    err = launch(std::integral_constant<int, 4>{});
+  else
+    err = launch(std::integral_constant<int, kMaxPerLane>{});
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
