@@ -123,12 +123,12 @@ class Emulator:
         torch.testing.assert_close(_unguard(delta), (grad_out.float() * out.float()).sum(-1), atol=1e-4, rtol=1e-5)
         return _unguard(dq), _unguard(dk), _unguard(dv)
 
-    def decode(self, q, k, v, kind, text_len, image_size, position, kernel_size, scale):
+    def decode(self, q, k, v, kind, text_len, image_size, position, kernel_size, scale, splits=1):
         b, h, n, d = k.shape
         out = _output(q.shape, q.dtype)
         rc = self.lib.emu_attention_decode(
             KIND_ID[kind], _i64(text_len), _i64(image_size), _i64(kernel_size), _i64(position), FLOAT_KIND[q.dtype],
-            _i64(b * h), n, d, ctypes.c_float(scale), *_ptrs(_input(q), _input(k), _input(v), out),
+            _i64(b * h), n, d, ctypes.c_float(scale), *_ptrs(_input(q), _input(k), _input(v), out), splits,
         )  # fmt: skip
         self.check(rc, "decode")
         return _unguard(out)
@@ -405,7 +405,9 @@ def test_decode_matches_cpu_kernel(emu, kind, dtype):
     T, W, ks = 6, 9, 7
     n = T + W * W
     g = torch.Generator().manual_seed(3)
-    for head_dim in (1, 33, 64, 100, 256):  # every elements-per-lane instantiation (1, 2, 4, 8)
+    # Every elements-per-lane instantiation (1, 2, 4, 8); one block per row, or 3 or 7 sharing its keys
+    # (7 splits of a row with fewer keys leave some empty).
+    for head_dim, splits in ((1, 3), (33, 1), (64, 7), (100, 1), (256, 3)):
         k, v = (torch.randn(2, 3, n, head_dim, generator=g).to(dtype) for _ in range(2))
         for position in (0, T - 1, T, T + W, n // 2 + 1, n - 1):
             q = torch.randn(2, 3, head_dim, generator=g).to(dtype)
@@ -416,9 +418,19 @@ def test_decode_matches_cpu_kernel(emu, kind, dtype):
             k_hidden, v_hidden = k.clone(), v.clone()
             k_hidden[:, :, ~allowed] = float("nan")
             v_hidden[:, :, ~allowed] = float("nan")
-            got = emu.decode(q, k_hidden, v_hidden, kind, T, W, position, ks, scale)
+            got = emu.decode(q, k_hidden, v_hidden, kind, T, W, position, ks, scale, splits)
             tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_decode_splits_fill_the_gpu_with_enough_keys_each(emu):
+    splits = emu.lib.emu_decode_splits
+    assert splits(_i64(512), _i64(1280), 132) == 1  # batch 32 x 16 heads fills 132 SMs by itself
+    assert splits(_i64(16), _i64(1280), 132) == 10  # batch 1: as many as 128 keys each allow
+    assert splits(_i64(16), _i64(100_000), 132) == 17  # ceil(2 x 132 / 16)
+    assert splits(_i64(1), _i64(100_000), 132) == 64  # the cap
+    assert splits(_i64(16), _i64(200), 132) == 1  # too few keys to share
+    assert splits(_i64(16), _i64(1280), 1) == 1
 
 
 # ---- per-resblock gradient scaling: bit-exact against the references ----------------------------------

@@ -4,7 +4,7 @@ input. CUDA cases skip cleanly where no GPU (or no CUDA kernel) is present."""
 
 import pytest
 import torch
-from test_sparse_attention import DEVICES, max_err
+from test_sparse_attention import CUDA_ONLY, DEVICES, max_err
 
 from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention_decode
 from dalle_fast.masks import allowed_keys, attention_mask
@@ -73,6 +73,32 @@ def test_reads_only_the_allowed_keys(kind, device):
         a = sparse_attention_decode(q[:, :, i], k, v, kind, T, W, i, ks)
         b = sparse_attention_decode(q[:, :, i], kn, vn, kind, T, W, i, ks)
         assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_cuda_key_splits_agree(_, kind, monkeypatch):
+    """The paper's shape at batch 1: several blocks share a row's keys (flash-decoding) and a second kernel
+    merges them. Split and unsplit (DALLE_FAST_DECODE_SMS=1) results both meet the fp32 reference, and
+    the NaN-hidden keys stay unread."""
+    T, W = 256, 32
+    q, k, v = make_cache(T, W, torch.float16, "cuda", batch=1, heads=2, head_dim=64)
+    for i in (T + 40, T + W * W // 2, T + W * W - 1):
+        want = sparse_attention_decode_reference(q[:, :, i].float(), k.float(), v.float(), kind, T, W, i)
+        hidden = torch.ones(T + W * W, dtype=torch.bool, device="cuda")
+        hidden[torch.tensor(allowed_keys(kind, T, W, 11, i), device="cuda")] = False
+        kn, vn = k.clone(), v.clone()
+        kn[:, :, hidden] = float("nan")
+        vn[:, :, hidden] = float("nan")
+        results = []
+        for sms in ("1", None):
+            if sms is None:
+                monkeypatch.delenv("DALLE_FAST_DECODE_SMS", raising=False)
+            else:
+                monkeypatch.setenv("DALLE_FAST_DECODE_SMS", sms)
+            results.append(sparse_attention_decode(q[:, :, i], kn, vn, kind, T, W, i))
+        for got in results:
+            torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)

@@ -63,7 +63,8 @@ constexpr int kMaxDecodeIntervals = 64;
 enum class DecodeDType : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // q, out [batch_heads, head_dim]; k, v [batch_heads, seq_len, head_dim], contiguous, of dtype `dtype`.
-// The host fills the query's key intervals (key_intervals()).
+// The host fills the query's key intervals (key_intervals()) and, for splits > 1, a float workspace of
+// decode_workspace_floats(p) elements.
 struct DecodeParams {
   const void* q;
   const void* k;
@@ -77,10 +78,21 @@ struct DecodeParams {
   int32_t num_intervals;
   int32_t lo[kMaxDecodeIntervals];
   int32_t hi[kMaxDecodeIntervals];
+  int32_t splits;   // thread blocks per (batch, head), each over an equal share of the keys (>= 1)
+  float* partial;   // splits > 1: [batch_heads, splits, head_dim + 2] (max, sum, unnormalised output)
 };
 
-// One thread block per (batch, head); its warps split the keys, each keeps an online softmax, and the
-// block merges them in a fixed order (deterministic, no atomics).
+// How many blocks share one row's keys: enough that batch_heads * splits fills `sm_count` SMs twice
+// over (a small batch alone leaves most of a GPU idle, and decode is bound by memory latency), with at
+// least kDecodeMinKeysPerSplit keys per split, at most kMaxDecodeSplits. 1 when batch_heads suffices.
+constexpr int kDecodeMinKeysPerSplit = 128;
+constexpr int kMaxDecodeSplits = 64;
+int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count);
+size_t decode_workspace_floats(const DecodeParams& p);
+
+// One thread block per (batch, head, split); its warps split the block's keys, each keeps an online
+// softmax, and the block merges them in a fixed order. With splits > 1 a second kernel merges the
+// splits, again in a fixed order: deterministic, no atomics.
 cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream);
 
 }  // namespace dalle_fast::cuda

@@ -1,14 +1,17 @@
 // CUDA decode attention: one query row per (batch, head) against a key/value cache, for sampling. Only
 // the query's key intervals are read. Lanes split the head dimension (element d on lane d % 32) and a
-// butterfly shuffle sums each dot product. Decode is bound by memory latency, not bandwidth or math: one
-// block per (batch, head) is few threads on a GPU, so each of the kDecodeWarps warps takes kDecodeUnroll
-// keys at a time (keys j, j + kDecodeWarps, ... of an interval), issuing all their K and V loads before
-// it waits on any, and reduces their dot products side by side. Each warp keeps a flash-style online
-// softmax (in base 2, the query prescaled by scale log2 e); the block then merges the warps' results.
+// butterfly shuffle sums each dot product. Decode is bound by memory latency, not bandwidth or math, so
+// the kernel keeps many loads in flight: each of the kDecodeWarps warps takes kDecodeUnroll keys at a
+// time (keys j, j + kDecodeWarps, ... of an interval), issuing all their K and V loads before it waits on
+// any, and reduces their dot products side by side; and when batch * heads blocks would leave SMs idle,
+// `splits` blocks share a row's keys (flash-decoding) and a second kernel merges their results. Every
+// warp keeps a flash-style online softmax in base 2 (the query prescaled by scale log2 e); blocks and
+// splits merge in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -31,12 +34,21 @@ __device__ __forceinline__ void store_f(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_f(__half* p, float x) { *p = __float2half_rn(x); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
+// Split `split` of `splits` takes keys [first, last) of the row's keys counted across its intervals.
+__device__ __forceinline__ void split_range(const DecodeParams& p, int split, int64_t* first, int64_t* last) {
+  int64_t total = 0;
+  for (int t = 0; t < p.num_intervals; ++t) total += p.hi[t] - p.lo[t];
+  *first = total * split / p.splits;
+  *last = total * (split + 1) / p.splits;
+}
+
 // E: elements per lane, head_dim <= 32 E (the registers of a larger E would hold only zeros).
 template <typename T, int E>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = p.head_dim;
-  const int64_t bh = blockIdx.x;
+  const int64_t bh = blockIdx.x / p.splits;
+  const int split = static_cast<int>(blockIdx.x % p.splits);
   const T* Q = static_cast<const T*>(p.q) + bh * D;
   const T* K = static_cast<const T*>(p.k) + bh * p.seq_len * D;
   const T* V = static_cast<const T*>(p.v) + bh * p.seq_len * D;
@@ -48,10 +60,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     q[e] = d < D ? load_f(Q + d) * (p.scale * static_cast<float>(M_LOG2E)) : 0.f;
     acc[e] = 0.f;
   }
+  int64_t first, last;
+  split_range(p, split, &first, &last);
   float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of this warp's keys
-  for (int t = 0; t < p.num_intervals; ++t) {
-    const int64_t hi = p.hi[t];
-    for (int64_t j0 = p.lo[t] + warp; j0 < hi; j0 += kDecodeWarps * kDecodeUnroll) {
+  int64_t before = 0;            // keys in the intervals before t
+  for (int t = 0; t < p.num_intervals; before += p.hi[t] - p.lo[t], ++t) {
+    // This split's part of interval t: [lo, hi).
+    const int64_t lo = p.lo[t] + std::max<int64_t>(0, first - before);
+    const int64_t hi = p.lo[t] + std::min<int64_t>(p.hi[t] - p.lo[t], last - before);
+    for (int64_t j0 = lo + warp; j0 < hi; j0 += kDecodeWarps * kDecodeUnroll) {
       // Key u of this step is j0 + u kDecodeWarps (the same for every lane: the shuffles stay uniform).
       float kx[kDecodeUnroll][E], vx[kDecodeUnroll][E];
 #pragma unroll
@@ -117,48 +134,99 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     weight[w] = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - mx);
     total += s_l[w] * weight[w];
   }
+  if (p.splits == 1) {
+    T* O = static_cast<T*>(p.out) + bh * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float o = 0.f;
+      for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+      store_f(O + d, o / total);
+    }
+  } else {  // this split's max, sum and unnormalised output, for decode_merge_kernel
+    float* part = p.partial + static_cast<int64_t>(blockIdx.x) * (D + 2);
+    if (threadIdx.x == 0) {
+      part[0] = mx;
+      part[1] = total;
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float o = 0.f;
+      for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+      part[2 + d] = o;
+    }
+  }
+}
+
+// One block per (batch, head): the splits' results, rescaled to their common maximum, in split order (a
+// split without keys has max -inf and sum 0).
+template <typename T>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(DecodeParams p) {
+  const int D = p.head_dim;
+  const int64_t bh = blockIdx.x;
+  const float* part = p.partial + bh * p.splits * (D + 2);
+  float mx = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, part[s * (D + 2)]);
+  float total = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = part[s * (D + 2)];
+    total += ms == -INFINITY ? 0.f : part[s * (D + 2) + 1] * exp2f(ms - mx);
+  }
   T* O = static_cast<T*>(p.out) + bh * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
-    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = part[s * (D + 2)];
+      if (ms != -INFINITY) o += part[s * (D + 2) + 2 + d] * exp2f(ms - mx);
+    }
     store_f(O + d, o / total);
   }
 }
 
+template <typename T>
+cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(p.batch_heads * p.splits);
+  const dim3 block(kDecodeWarps * 32);
+  if (p.head_dim <= 32)
+    DALLE_FAST_LAUNCH((decode_kernel<T, 1>), blocks, block, kDecodeSmemBytes, stream)(p);
+  else if (p.head_dim <= 64)
+    DALLE_FAST_LAUNCH((decode_kernel<T, 2>), blocks, block, kDecodeSmemBytes, stream)(p);
+  else if (p.head_dim <= 128)
+    DALLE_FAST_LAUNCH((decode_kernel<T, 4>), blocks, block, kDecodeSmemBytes, stream)(p);
+  else
+    DALLE_FAST_LAUNCH((decode_kernel<T, kMaxPerLane>), blocks, block, kDecodeSmemBytes, stream)(p);
+  if (p.splits == 1) return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  DALLE_FAST_LAUNCH(decode_merge_kernel<T>, static_cast<unsigned>(p.batch_heads), block, 0, stream)(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count) {
+  if (batch_heads <= 0 || num_keys <= 0) return 1;
+  const int64_t want = (2 * static_cast<int64_t>(std::max(sm_count, 1)) + batch_heads - 1) / batch_heads;
+  const int64_t most = std::min<int64_t>(kMaxDecodeSplits, num_keys / kDecodeMinKeysPerSplit);
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+}
+
+size_t decode_workspace_floats(const DecodeParams& p) {
+  return p.splits > 1 ? static_cast<size_t>(p.batch_heads) * p.splits * (p.head_dim + 2) : 0;
+}
 
 cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch_heads == 0) return cudaSuccess;
-  if (p.batch_heads > 0x7fffffffLL || p.head_dim < 1 || p.head_dim > 32 * kMaxPerLane ||
-      p.num_intervals > kMaxDecodeIntervals)
+  if (p.batch_heads > 0x7fffffffLL || p.head_dim < 1 || p.head_dim > 32 * kMaxPerLane || p.num_intervals < 0 ||
+      p.num_intervals > kMaxDecodeIntervals || p.splits < 1 || p.splits > kMaxDecodeSplits ||
+      p.batch_heads * p.splits > 0x7fffffffLL || (p.splits > 1 && p.partial == nullptr))
     return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(p.batch_heads)), block(kDecodeWarps * 32);
-  auto launch = [&](auto per_lane) {
-    constexpr int E = decltype(per_lane)::value;
-    switch (p.dtype) {
-      case DecodeDType::kFloat:
-        DALLE_FAST_LAUNCH((decode_kernel<float, E>), grid, block, kDecodeSmemBytes, stream)(p);
-        return cudaSuccess;
-      case DecodeDType::kHalf:
-        DALLE_FAST_LAUNCH((decode_kernel<__half, E>), grid, block, kDecodeSmemBytes, stream)(p);
-        return cudaSuccess;
-      case DecodeDType::kBFloat16:
-        DALLE_FAST_LAUNCH((decode_kernel<__nv_bfloat16, E>), grid, block, kDecodeSmemBytes, stream)(p);
-        return cudaSuccess;
-    }
-    return cudaErrorInvalidValue;
-  };
-  cudaError_t err;
-  if (p.head_dim <= 32)
-    err = launch(std::integral_constant<int, 1>{});
-  else if (p.head_dim <= 64)
-    err = launch(std::integral_constant<int, 2>{});
-  else if (p.head_dim <= 128)
-    err = launch(std::integral_constant<int, 4>{});
-  else
-    err = launch(std::integral_constant<int, kMaxPerLane>{});
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  switch (p.dtype) {
+    case DecodeDType::kFloat:
+      return launch<float>(p, stream);
+    case DecodeDType::kHalf:
+      return launch<__half>(p, stream);
+    case DecodeDType::kBFloat16:
+      return launch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace dalle_fast::cuda

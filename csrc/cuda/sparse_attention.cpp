@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -151,6 +153,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// The SMs decode fills (cuda::decode_splits): the current device's, or DALLE_FAST_DECODE_SMS when set
+// (1 turns key splitting off; tests use it to compare split and unsplit results).
+int decode_sm_count(const at::Device& device) {
+  if (const char* env = std::getenv("DALLE_FAST_DECODE_SMS")) return std::max(1, std::atoi(env));
+  int sms = 1;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  return sms;
+}
+
 at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                        c10::string_view kind, int64_t text_len, int64_t image_size,
                                        int64_t kernel_size, double scale, int64_t position) {
@@ -172,9 +183,11 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   TORCH_CHECK(n_iv <= cuda::kMaxDecodeIntervals, "dalle_fast: this conv row has ", n_iv, " key intervals; the CUDA "
               "decode kernel takes at most ", cuda::kMaxDecodeIntervals, " (use a smaller kernel_size)");
   p.num_intervals = static_cast<int32_t>(n_iv);
+  int64_t num_keys = 0;
   for (int32_t t = 0; t < p.num_intervals; ++t) {
     p.lo[t] = static_cast<int32_t>(iv[t].lo);
     p.hi[t] = static_cast<int32_t>(iv[t].hi);
+    num_keys += iv[t].hi - iv[t].lo;
   }
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -191,6 +204,12 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   p.dtype = dt == at::kFloat   ? cuda::DecodeDType::kFloat
             : dt == at::kHalf  ? cuda::DecodeDType::kHalf
                                : cuda::DecodeDType::kBFloat16;
+  p.splits = cuda::decode_splits(p.batch_heads, num_keys, decode_sm_count(q.device()));
+  at::Tensor workspace;  // the splits' partial results, when there are several
+  if (p.splits > 1) {
+    workspace = at::empty({static_cast<int64_t>(cuda::decode_workspace_floats(p))}, q.options().dtype(at::kFloat));
+    p.partial = workspace.data_ptr<float>();
+  }
   const cudaError_t err = cuda::attention_decode(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA decode launch failed: ", cudaGetErrorString(err));
   return out;

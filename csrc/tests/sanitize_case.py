@@ -1,5 +1,5 @@
 """A small case of every CUDA kernel (attention forward in both warp layouts, dK/dV, dQ for every kind,
-dtype and head dim; the decode kernel; the gradient-scaling kernels), for
+dtype and head dim; the decode kernels, one block per row and several; the gradient-scaling kernels), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run, and three
 blocks (181 tokens) so the double-buffered tile loads refill a buffer."""
@@ -33,6 +33,13 @@ def main():
             for kind in dalle_fast.MASK_KINDS:
                 for position in (0, T - 1, T, T + 40, n - 1):
                     dalle_fast.sparse_attention_decode(q, k, v, kind, T, W, position, 5)
+    # Decode with several blocks sharing a row's keys (batch 1, one head, >= 256 keys) and the merge kernel.
+    W2 = 16
+    for d in (64, 256):
+        k, v = (torch.randn(1, 1, T + W2 * W2, d, device="cuda", dtype=torch.float16) for _ in range(2))
+        q = torch.randn(1, 1, d, device="cuda", dtype=torch.float16)
+        for kind in ("causal", "row"):
+            dalle_fast.sparse_attention_decode(q, k, v, kind, T, W2, T + W2 * W2 - 1)
     # Per-resblock gradient scaling: boundary ops, multi-tensor unscale + check, scale update, AdamW.
     from torch import nn
 

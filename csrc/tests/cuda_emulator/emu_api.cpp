@@ -77,7 +77,7 @@ int emu_attention_backward(int32_t kind, int64_t text_len, int64_t image_size, i
 
 int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int64_t position,
                          int32_t dtype, int64_t batch_heads, int32_t seq_len, int32_t head_dim, float scale,
-                         const void* q, const void* k, const void* v, void* out) {
+                         const void* q, const void* k, const void* v, void* out, int32_t splits) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
   std::vector<KeyInterval> iv(max_key_intervals(m));
   const int64_t n = key_intervals(m, position, iv.data());
@@ -98,7 +98,14 @@ int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int
     p.lo[t] = static_cast<int32_t>(iv[t].lo);
     p.hi[t] = static_cast<int32_t>(iv[t].hi);
   }
+  p.splits = splits;
+  std::vector<float> workspace(cuda::decode_workspace_floats(p));
+  p.partial = workspace.empty() ? nullptr : workspace.data();
   return cuda::attention_decode(p, nullptr);
+}
+
+int emu_decode_splits(int64_t batch_heads, int64_t num_keys, int32_t sm_count) {
+  return cuda::decode_splits(batch_heads, num_keys, sm_count);
 }
 
 int emu_grad_scale(const void* in, void* out, int64_t n, int32_t kind, const float* scales, int64_t block) {
