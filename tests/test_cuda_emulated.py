@@ -58,12 +58,16 @@ def _cuda_include():
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
+    return _build_emulator(tmp_path_factory)
+
+
+def _build_emulator(tmp_path_factory, *defines):
     include, cxx = _cuda_include(), shutil.which("g++")
     if include is None or cxx is None:
         pytest.skip("the CUDA emulator needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulator") / "libdalle_fast_cuda_emu.so"
     cmd = [
-        cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+        cxx, "-std=c++17", *defines, "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
         # CUDA code reads and writes through reinterpreted pointers (uint4 tile loads, packed stores),
         # which nvcc honours; g++ would optimise them away under strict aliasing.
         "-fno-strict-aliasing",
@@ -227,6 +231,21 @@ def test_emulator_reports_faults(emu, which):
     assert rc == 0 and msg == ""
 
 
+@pytest.mark.slow
+def test_ucontext_fibers(tmp_path_factory):
+    """The portable fiber switch (ucontext, used off x86-64) does what the fast one does: faults are
+    reported and the emulator stays whole, collectives and barriers give their results, races show
+    through the thread order, and a real kernel meets its reference."""
+    emu = _build_emulator(tmp_path_factory, "-DCUDA_EMU_UCONTEXT")
+    for which, (error, message) in FAULTS.items():
+        rc, msg, _ = _selftest(emu, which)
+        assert (rc, message in msg) == (CUDA_ERROR[error], True), (which, msg)
+    rc, msg, out = _selftest(emu, 5)
+    assert rc == 0 and msg == "" and out.tolist() == _LANE_SUMS_PLUS_OR, msg
+    assert not torch.equal(_bits(_selftest(emu, 0, 0)[2]), _bits(_selftest(emu, 0, 1)[2]))
+    check_attention(emu, "conv", 37, 7, torch.float16, 64, seed=1)
+
+
 def test_emulator_poisons_unwritten_shared_memory(emu):
     rc, msg, out = _selftest(emu, 4)
     assert rc == 0 and out.isnan().all(), msg
@@ -248,11 +267,14 @@ def test_emulator_lands_cp_async_early_or_late(emu):
     assert all(a != b for a, b in zip(landed, poisoned, strict=True)) and any(landed) and any(poisoned)
 
 
+# selftest 5: each thread's warp sum (butterfly shuffles) plus 1000 for the block-wide OR.
+_LANE_SUMS_PLUS_OR = [sum(range(32 * (i // 32), 32 * (i // 32) + 32)) + 1000.0 for i in range(64)]
+
+
 def test_emulator_collectives(emu):
     rc, msg, out = _selftest(emu, 5)
     assert rc == 0, msg
-    lane_sums = [sum(range(32 * (i // 32), 32 * (i // 32) + 32)) + 1000.0 for i in range(64)]
-    assert out.tolist() == lane_sums
+    assert out.tolist() == _LANE_SUMS_PLUS_OR
     # shfl.sync.bfly: lane ^ 1 is a neighbour; lane ^ 32 is past the warp, so each lane keeps its value.
     rc, msg, out = _selftest(emu, 15)
     assert rc == 0, msg

@@ -2,8 +2,8 @@
 // a GPU. The .cu files are compiled unchanged as C++ (g++ -x c++ -include cuda_emu.h, with include/ of
 // this folder ahead of the toolkit's headers), and every launch runs on the host:
 //
-//   - each thread block runs alone; each CUDA thread is a fiber (ucontext) with its own stack, so
-//     locals are per thread and shared memory is per block;
+//   - each thread block runs alone; each CUDA thread is a fiber (a register switch on x86-64, ucontext
+//     elsewhere) with its own stack, so locals are per thread and shared memory is per block;
 //   - __syncthreads, __syncwarp, shuffles, mma.sync and ldmatrix (ptx_emu.h) are real barriers: the
 //     scheduler resumes a thread only when every thread the barrier names has arrived, and reports
 //     divergence (a barrier some threads never reach) as a launch failure instead of hanging;
