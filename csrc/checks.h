@@ -24,10 +24,11 @@ inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64
   return m;
 }
 
-// The softmax scale, which the kernels take as float32: finite there (NaN or Inf has no softmax).
+// The softmax scale, which the kernels take as float32: finite (NaN or Inf has no softmax), with room
+// for the CUDA kernels' factor log2(e) (|scale| <= FLT_MAX / 2).
 inline void check_scale(double scale) {
-  TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX,
-              "dalle_fast: scale must be finite in float32 (|scale| <= 3.40282e+38), got ", scale);
+  TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX / 2,
+              "dalle_fast: scale must be finite with |scale| <= 1.70141e+38, got ", scale);
 }
 
 // k and v share q's dtype and device.

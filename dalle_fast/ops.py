@@ -21,7 +21,7 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
-_FLOAT32_MAX = torch.finfo(torch.float32).max
+_SCALE_MAX = torch.finfo(torch.float32).max / 2  # room for the CUDA kernels' factor log2(e)
 
 
 def _check_tensors(q, k, v, q_dims: int, q_layout: str, kv_layout: str, kv_shape) -> None:
@@ -70,16 +70,16 @@ def _check_inputs(
 
 
 def _resolve_scale(q: torch.Tensor, scale) -> float:
-    """scale, or head_dim**-0.5 when it is None; ValueError unless it is a real number that stays finite
-    in float32 (the kernels' precision): a NaN or infinite scale has no softmax to compute."""
+    """scale, or head_dim**-0.5 when it is None; ValueError unless it is a real number well inside
+    float32's range (the kernels' precision): a NaN or infinite scale has no softmax to compute."""
     if scale is None:
         return q.shape[-1] ** -0.5
     try:
         value = float(scale)
     except (TypeError, ValueError):
         raise ValueError(f"scale must be a real number or None, got {scale!r}") from None
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise ValueError(f"scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.6g}), got {value}")
+    if not math.isfinite(value) or abs(value) > _SCALE_MAX:
+        raise ValueError(f"scale must be finite with |scale| <= {_SCALE_MAX:.6g}, got {value}")
     return value
 
 

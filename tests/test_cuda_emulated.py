@@ -445,11 +445,65 @@ def test_decode_matches_cpu_kernel(emu, kind, dtype):
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kind", ["causal", "conv"])
+def test_decode_long_rows_sharp_softmax_every_schedule(emu, kind, splits):
+    """Rows of up to 406 keys: each warp of each split takes several steps, and a large scale keeps the
+    online rescaling far from 1. Bitwise the same under every thread schedule (race-free: the block and
+    split merges run in a fixed order), and within fp16 rounding of the CPU kernel."""
+    T, W, ks = 6, 20, 7
+    n = T + W * W
+    g = torch.Generator().manual_seed(11)
+    k, v = (torch.randn(1, 2, n, 64, generator=g).to(torch.float16) for _ in range(2))
+    q = torch.randn(1, 2, 64, generator=g).to(torch.float16)
+    for position in (n // 2, n - 1):
+        want = sparse_attention_decode(q.float(), k.float(), v.float(), kind, T, W, position, ks, 1.5)
+        results = []
+        try:
+            for schedule in SCHEDULES:
+                emu.schedule(schedule)
+                results.append(emu.decode(q, k, v, kind, T, W, position, ks, 1.5, splits))
+        finally:
+            emu.schedule(0)
+        for other in results[1:]:
+            assert torch.equal(_bits(results[0]), _bits(other)), position
+        torch.testing.assert_close(results[0].float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_overflowing_scores(emu, splits):
+    """Scores that overflow to -inf weigh nothing, also where a warp's or a split's every key has one
+    (its max is still -inf there): the row's one finite score takes all the weight, as on the CPU."""
+    T, W = 6, 16
+    n = T + W * W
+    q = torch.full((1, 1, 64), 1e19)
+    k = torch.full((1, 1, n, 64), -1e19)  # q . k = -6.4e39: -inf in fp32
+    k[:, :, n - 1] = 1e-19
+    v = torch.randn(1, 1, n, 64, generator=torch.Generator().manual_seed(0))
+    want = sparse_attention_decode(q, k, v, "causal", T, W, n - 1, 11, 1.0)
+    torch.testing.assert_close(want, v[:, :, n - 1])  # the CPU kernel's answer, and the test's premise
+    torch.testing.assert_close(emu.decode(q, k, v, "causal", T, W, n - 1, 11, 1.0, splits), want)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_nan_keys_propagate(emu, splits):
+    """NaN in a visible key makes the row NaN, as on the CPU, whether one block or several take the row:
+    a split whose every score is NaN is not mistaken for an empty one."""
+    T, W = 6, 16
+    n = T + W * W
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 1, 64, generator=g), *(torch.randn(1, 1, n, 64, generator=g) for _ in range(2))
+    k[:, :, : n // 2] = float("nan")
+    assert sparse_attention_decode(q, k, v, "causal", T, W, n - 1, 11, 0.125).isnan().all()
+    assert emu.decode(q, k, v, "causal", T, W, n - 1, 11, 0.125, splits).isnan().all()
+
+
 def test_decode_splits_fill_the_gpu_with_enough_keys_each(emu):
     splits = emu.lib.emu_decode_splits
-    assert splits(_i64(512), _i64(1280), 132) == 1  # batch 32 x 16 heads fills 132 SMs by itself
+    assert splits(_i64(1024), _i64(1280), 132) == 1  # batch 64 x 16 heads fills 132 SMs by itself
+    assert splits(_i64(512), _i64(1280), 132) == 2  # batch 32: 4 blocks per SM want 528
     assert splits(_i64(16), _i64(1280), 132) == 10  # batch 1: as many as 128 keys each allow
-    assert splits(_i64(16), _i64(100_000), 132) == 17  # ceil(2 x 132 / 16)
+    assert splits(_i64(16), _i64(100_000), 132) == 33  # ceil(4 blocks per SM x 132 / 16)
     assert splits(_i64(1), _i64(100_000), 132) == 64  # the cap
     assert splits(_i64(16), _i64(200), 132) == 1  # too few keys to share
     assert splits(_i64(16), _i64(1280), 1) == 1

@@ -326,7 +326,7 @@ def test_raw_op_checks_its_arguments():
         torch.ops.dalle_fast.sparse_attention_bwd(q, q, q, q, out, lse, "row", T0, W0, 11, float("inf"))
 
 
-BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e39, "big", [1.0]]
+BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e39, 2e38, "big", [1.0]]  # 2e38: times log2 e, inf
 
 
 @pytest.mark.parametrize("scale", BAD_SCALES, ids=repr)

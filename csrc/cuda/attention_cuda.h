@@ -82,9 +82,12 @@ struct DecodeParams {
   float* partial;   // splits > 1: [batch_heads, splits, head_dim + 2] (max, sum, unnormalised output)
 };
 
-// How many blocks share one row's keys: enough that batch_heads * splits fills `sm_count` SMs twice
-// over (a small batch alone leaves most of a GPU idle, and decode is bound by memory latency), with at
-// least kDecodeMinKeysPerSplit keys per split, at most kMaxDecodeSplits. 1 when batch_heads suffices.
+// How many blocks share one row's keys: enough that batch_heads * splits puts kDecodeBlocksPerSm blocks
+// on each of `sm_count` SMs (a small batch alone leaves most of a GPU idle, and decode is bound by memory
+// latency, so it wants many warps per SM), with at least kDecodeMinKeysPerSplit keys per split, at most
+// kMaxDecodeSplits. 1 when batch_heads suffices. The split count changes the order of the sums, so a row's
+// last bits may differ between batch sizes and GPUs (never between two runs of one call).
+constexpr int kDecodeBlocksPerSm = 4;
 constexpr int kDecodeMinKeysPerSplit = 128;
 constexpr int kMaxDecodeSplits = 64;
 int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count);

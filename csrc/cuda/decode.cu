@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       for (int e = 0; e < E; ++e) acc[e] *= corr;
 #pragma unroll
       for (int u = 0; u < kDecodeUnroll; ++u) {
-        const float w = j0 + u * kDecodeWarps < hi ? exp2f(s[u] - m_new) : 0.f;
+        // A -inf score (overflow) weighs 0, even while the max is still -inf (exp2(-inf + inf) is NaN).
+        const float w = j0 + u * kDecodeWarps < hi && s[u] != -INFINITY ? exp2f(s[u] - m_new) : 0.f;
         l += w;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[e] += w * vx[u][e];
@@ -155,27 +156,27 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   }
 }
 
-// One block per (batch, head): the splits' results, rescaled to their common maximum, in split order (a
-// split without keys has max -inf and sum 0).
+// One block per (batch, head): the splits' results, rescaled to their common maximum, in split order. A
+// split whose sum is 0 saw no key (or only -inf scores) and adds nothing; one with a key has a sum of at
+// least 1 (its top key's weight), or NaN, which propagates as it does with a single block.
 template <typename T>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(DecodeParams p) {
   const int D = p.head_dim;
   const int64_t bh = blockIdx.x;
   const float* part = p.partial + bh * p.splits * (D + 2);
   float mx = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, part[s * (D + 2)]);
+  for (int s = 0; s < p.splits; ++s)
+    if (part[s * (D + 2) + 1] != 0.f) mx = fmaxf(mx, part[s * (D + 2)]);
   float total = 0.f;
   for (int s = 0; s < p.splits; ++s) {
-    const float ms = part[s * (D + 2)];
-    total += ms == -INFINITY ? 0.f : part[s * (D + 2) + 1] * exp2f(ms - mx);
+    const float ls = part[s * (D + 2) + 1];
+    if (ls != 0.f) total += ls * exp2f(part[s * (D + 2)] - mx);
   }
   T* O = static_cast<T*>(p.out) + bh * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ms = part[s * (D + 2)];
-      if (ms != -INFINITY) o += part[s * (D + 2) + 2 + d] * exp2f(ms - mx);
-    }
+    for (int s = 0; s < p.splits; ++s)
+      if (part[s * (D + 2) + 1] != 0.f) o += part[s * (D + 2) + 2 + d] * exp2f(part[s * (D + 2)] - mx);
     store_f(O + d, o / total);
   }
 }
@@ -203,7 +204,8 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
 
 int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count) {
   if (batch_heads <= 0 || num_keys <= 0) return 1;
-  const int64_t want = (2 * static_cast<int64_t>(std::max(sm_count, 1)) + batch_heads - 1) / batch_heads;
+  const int64_t blocks = kDecodeBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t want = (blocks + batch_heads - 1) / batch_heads;
   const int64_t most = std::min<int64_t>(kMaxDecodeSplits, num_keys / kDecodeMinKeysPerSplit);
   return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
 }

@@ -157,9 +157,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
 // (1 turns key splitting off; tests use it to compare split and unsplit results).
 int decode_sm_count(const at::Device& device) {
   if (const char* env = std::getenv("DALLE_FAST_DECODE_SMS")) return std::max(1, std::atoi(env));
-  int sms = 1;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  return sms;
+  static std::mutex mutex;
+  static std::map<int, int> sms_of;  // per device index, asked once
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = sms_of.find(device.index());
+  if (it == sms_of.end()) {
+    int sms = 1;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+    it = sms_of.emplace(device.index(), sms).first;
+  }
+  return it->second;
 }
 
 at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

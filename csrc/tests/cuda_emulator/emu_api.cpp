@@ -99,9 +99,18 @@ int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int
     p.hi[t] = static_cast<int32_t>(iv[t].hi);
   }
   p.splits = splits;
-  std::vector<float> workspace(cuda::decode_workspace_floats(p));
-  p.partial = workspace.empty() ? nullptr : workspace.data();
-  return cuda::attention_decode(p, nullptr);
+  // The splits' workspace as the GPU's would be: garbage (NaN) wherever the kernel does not write, with
+  // guard words on both sides that must still hold their pattern afterwards.
+  constexpr size_t kGuard = 64;
+  constexpr uint32_t kGuardWord = 0x7fc0dead;  // a NaN
+  const size_t n_ws = cuda::decode_workspace_floats(p);
+  std::vector<uint32_t> workspace(n_ws + 2 * kGuard, kGuardWord);
+  p.partial = n_ws == 0 ? nullptr : reinterpret_cast<float*>(workspace.data() + kGuard);
+  const int err = cuda::attention_decode(p, nullptr);
+  for (size_t i = 0; i < kGuard; ++i)
+    if (workspace[i] != kGuardWord || workspace[kGuard + n_ws + i] != kGuardWord)
+      return cuda_emu::host_error(cudaErrorIllegalAddress, "decode: a write outside the splits' workspace");
+  return err;
 }
 
 int emu_decode_splits(int64_t batch_heads, int64_t num_keys, int32_t sm_count) {
