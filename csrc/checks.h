@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <string>
@@ -21,6 +22,9 @@ inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64
               kind, "'");
   const std::string err = validate_mask_spec(m);
   TORCH_CHECK(err.empty(), "dalle_fast: ", err);
+  // A conv window wider than the grid sees what one of width 2 image_size + 1 sees: the same mask, with
+  // sizes (key intervals, 32-bit window radius in the CUDA kernels) bounded by the grid.
+  if (m.kind == MaskKind::kConv) m.kernel_size = std::min<int64_t>(m.kernel_size, 2 * m.image_size + 1);
   return m;
 }
 

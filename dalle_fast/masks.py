@@ -84,7 +84,7 @@ def attention_mask(
     elif kind == "column":
         image_ok = (p % W) == (q % W)
     else:
-        s = kernel_size // 2
+        s = min(kernel_size // 2, W)  # a wider window sees no more than the whole grid
         image_ok = torch.zeros_like(causal)
         for dr in range(s + 1):
             for dc in range(-s, s + 1):
@@ -114,7 +114,7 @@ def allowed_keys(kind: str, text_len: int, image_size: int, kernel_size: int, po
     elif kind == "column":
         image = range(p - p % W, p + 1)
     else:
-        s = kernel_size // 2
+        s = min(kernel_size // 2, W)  # a wider window sees no more than the whole grid
         offsets = {dr * W + dc for dr in range(s + 1) for dc in range(-s, s + 1)}
         image = sorted(p - off for off in offsets if 0 <= off <= p)
     return (*range(T), *(T + q for q in image))

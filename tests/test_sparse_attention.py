@@ -10,6 +10,7 @@ import torch
 
 import dalle_fast
 from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
+from dalle_fast.masks import allowed_keys, attention_mask
 
 # (text_len, image_size): text lengths off block boundaries, grids from 4 to 32 (the big ones are slow).
 SHAPES = [(6, 4), (0, 5), (37, 7), (1, 9), (77, 8), (130, 12)]
@@ -168,6 +169,26 @@ def test_fp16_and_custom_scale_and_kernel_size():
     check_against_reference("conv", 9, 7, torch.float32, "cpu", kernel_size=5)
     for scale in (-0.3, 0.0):  # legal too: a negative scale favours dissimilar keys, zero weighs all alike
         check_against_reference("row", 9, 7, torch.float32, "cpu", scale=scale)
+
+
+def test_conv_window_wider_than_the_grid():
+    """A conv kernel_size past 2 image_size + 1 gives the same mask as that size (every earlier image
+    token), in the dense mask, the decode keys, the layout and the kernels, without sizes that grow with it."""
+    T, W, huge = 5, 4, 10**9 + 1
+    assert torch.equal(attention_mask("conv", T, W, huge), attention_mask("conv", T, W, 2 * W + 1))
+    assert allowed_keys("conv", T, W, huge, T + 13) == allowed_keys("conv", T, W, 2 * W + 1, T + 13)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T + W * W, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(
+        sparse_attention(q, k, v, "conv", T, W, huge), sparse_attention(q, k, v, "causal", T, W), atol=1e-6, rtol=0
+    )
+    i = T + W * W - 2
+    torch.testing.assert_close(
+        dalle_fast.sparse_attention_decode(q[:, :, i], k, v, "conv", T, W, i, huge),
+        dalle_fast.sparse_attention_decode(q[:, :, i], k, v, "causal", T, W, i),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 1.7])
