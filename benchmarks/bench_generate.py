@@ -18,6 +18,7 @@ mask row as a boolean mask over the whole cache (the dense peer).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -77,29 +78,46 @@ def time_decode(
         m = torch.zeros(n, dtype=torch.bool, device=device)
         m[idx] = True
         masks[i] = m.unsqueeze(0)  # (1 query, n keys)
-    paths = {
-        "dalle_fast decode": lambda i: sparse_attention_decode(q, k, v, kind, text_len, image_size, i),
-        "gathered PyTorch": lambda i: gathered_attention(q, k, v, index[i], scale),
-        "SDPA, mask row": lambda i: torch.nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=masks[i]
+    op = lambda i: sparse_attention_decode(q, k, v, kind, text_len, image_size, i)  # noqa: E731
+    paths = {  # name: (call, environment of its sweep)
+        "dalle_fast decode": (op, {}),
+        "gathered PyTorch": (lambda i: gathered_attention(q, k, v, index[i], scale), {}),
+        "SDPA, mask row": (
+            lambda i: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=masks[i]),
+            {},
         ),
     }
+    if device.type == "cuda":  # the CUDA op with one block per row: what its key splits gain
+        paths[NO_SPLITS] = (op, {"DALLE_FAST_DECODE_SMS": "1"})
     best = dict.fromkeys(paths, float("inf"))
     for it in range(iters + 1):  # the first sweep warms up
-        for name, fn in paths.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for i in positions:
-                fn(i)
-            _sync(device)
+        for name, (fn, env) in paths.items():
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in positions:
+                    fn(i)
+                _sync(device)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
             if it:
                 best[name] = min(best[name], (time.perf_counter() - t0) / len(positions) * 1e6)
     return best
 
 
+NO_SPLITS = "dalle_fast, one block per row"
+
+
 DECODE_SHAPES = [  # (label, text_len, image_size, (batch, heads), head_dim)
     ("tiny: 20 + 8x8, 32 images x 6 heads of 32", 20, 8, (32, 6), 32),
     ("paper's sequence: 256 + 32x32, 8 images x 8 heads of 64", 256, 32, (8, 8), 64),
+    ("paper's sequence: 256 + 32x32, 1 image x 16 heads of 64", 256, 32, (1, 16), 64),
 ]
 
 
@@ -169,8 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         "One attention call per image position, averaged over every position of the grid (microseconds, "
         f"best of {args.decode_iters} sweeps, {str(decode_dtype).removeprefix('torch.')}, on {where}):",
         "",
-        "| shape | kind | dalle_fast decode | gathered PyTorch | SDPA, mask row | vs gathered | vs SDPA |",
-        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    cuda = device.type == "cuda"
+    if cuda:
+        lines += [
+            f"`{NO_SPLITS}`: the same op with `DALLE_FAST_DECODE_SMS=1`, so no row's keys are shared between "
+            "blocks; its ratio column is its time over the default's.",
+            "",
+        ]
+    extra = f" {NO_SPLITS} |" if cuda else ""
+    lines += [
+        f"| shape | kind | dalle_fast decode | gathered PyTorch | SDPA, mask row |{extra} vs gathered | vs SDPA |"
+        + (" splits gain |" if cuda else ""),
+        "|---|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|" + ("---:|" if cuda else ""),
     ]
     for label, T, W, bh, hd in DECODE_SHAPES:
         for kind in MASK_KINDS:
@@ -178,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             op, gathered, sdpa = us["dalle_fast decode"], us["gathered PyTorch"], us["SDPA, mask row"]
             print(f"decode {label} {kind}: {op:.1f} us, gathered {gathered:.1f} us, SDPA {sdpa:.1f} us")
             ratios = f"{gathered / op:.2f}x | {sdpa / op:.2f}x"
-            lines.append(f"| {label} | {kind} | {op:.1f} | {gathered:.1f} | {sdpa:.1f} | {ratios} |")
+            if cuda:
+                one = us[NO_SPLITS]
+                lines.append(f"| {label} | {kind} | {op:.1f} | {gathered:.1f} | {sdpa:.1f} | {one:.1f} | {ratios} "
+                             f"| {one / op:.2f}x |")  # fmt: skip
+            else:
+                lines.append(f"| {label} | {kind} | {op:.1f} | {gathered:.1f} | {sdpa:.1f} | {ratios} |")
     lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
