@@ -21,6 +21,9 @@
 namespace dalle_fast {
 namespace {
 
+// The kernels index tokens in 32 bits, tiles running up to two blocks past seq_len included.
+constexpr int64_t kMaxSeqLen = INT32_MAX - 2 * cuda::kBlock;
+
 // Uploaded layouts live as long as the process; there are a handful of (mask, device) pairs per model.
 struct UploadedLayout {
   at::Tensor q_ptr, q_kblock, q_full, k_ptr, k_qblock, k_full;
@@ -71,7 +74,8 @@ void check_cuda_inputs(const at::Tensor& q) {
   const int64_t d = q.size(3);
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "dalle_fast: head_dim (q.shape[3]) must be 32, 64 or 128 on CUDA, got ",
               d);
-  TORCH_CHECK(q.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", q.size(2));
+  TORCH_CHECK(q.size(2) <= kMaxSeqLen, "dalle_fast: seq_len must be at most ", kMaxSeqLen,
+              " for the CUDA kernels, got ", q.size(2));
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
   TORCH_CHECK(major >= 8, "dalle_fast: the CUDA attention kernels need a GPU of compute capability 8.0 or newer "
@@ -181,7 +185,8 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
               "dalle_fast: the CUDA decode kernel takes float32, float16 or bfloat16, got ", dt);
   TORCH_CHECK(q_in.size(2) >= 1 && q_in.size(2) <= 256,
               "dalle_fast: head_dim (q.shape[2]) must be in [1, 256] for decode, got ", q_in.size(2));
-  TORCH_CHECK(k_in.size(2) <= INT32_MAX, "dalle_fast: seq_len too large for the CUDA kernels: ", k_in.size(2));
+  TORCH_CHECK(k_in.size(2) <= kMaxSeqLen, "dalle_fast: seq_len must be at most ", kMaxSeqLen,
+              " for the CUDA kernels, got ", k_in.size(2));
   TORCH_CHECK(q_in.size(0) * q_in.size(1) <= INT32_MAX, "dalle_fast: batch * heads too large for the CUDA decode "
               "kernel (one thread block each, at most 2^31 - 1), got ", q_in.size(0) * q_in.size(1));
   cuda::DecodeParams p{};
