@@ -79,8 +79,8 @@ def time_decode(
         m[idx] = True
         masks[i] = m.unsqueeze(0)  # (1 query, n keys)
     op = lambda i: sparse_attention_decode(q, k, v, kind, text_len, image_size, i)  # noqa: E731
-    paths = {  # name: (call, environment of its sweep)
-        "dalle_fast decode": (op, {}),
+    paths = {  # name: (call, environment of its sweep; None unsets a variable)
+        "dalle_fast decode": (op, {"DALLE_FAST_DECODE_SMS": None}),
         "gathered PyTorch": (lambda i: gathered_attention(q, k, v, index[i], scale), {}),
         "SDPA, mask row": (
             lambda i: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=masks[i]),
@@ -93,7 +93,11 @@ def time_decode(
     for it in range(iters + 1):  # the first sweep warms up
         for name, (fn, env) in paths.items():
             saved = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             try:
                 _sync(device)
                 t0 = time.perf_counter()

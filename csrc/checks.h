@@ -6,7 +6,6 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <string>
@@ -22,14 +21,12 @@ inline MaskSpec check_mask_spec(const std::string& kind, int64_t text_len, int64
               kind, "'");
   const std::string err = validate_mask_spec(m);
   TORCH_CHECK(err.empty(), "dalle_fast: ", err);
-  // A conv window wider than the grid sees what one of width 2 image_size + 1 sees: the same mask, with
-  // sizes (key intervals, 32-bit window radius in the CUDA kernels) bounded by the grid.
-  if (m.kind == MaskKind::kConv) m.kernel_size = std::min<int64_t>(m.kernel_size, 2 * m.image_size + 1);
-  return m;
+  return normalize_mask_spec(m);
 }
 
-// The softmax scale, which the kernels take as float32: finite (NaN or Inf has no softmax), with room
-// for the CUDA kernels' factor log2(e) (|scale| <= FLT_MAX / 2).
+// The softmax scale, which the kernels take as float32: finite (NaN or Inf has no softmax), and at most
+// FLT_MAX / 2, so that the CUDA kernels' |scale| log2(e) is finite too. (Scores times such a scale can
+// still overflow; that is the caller's choice of numbers, not a bad argument.)
 inline void check_scale(double scale) {
   TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX / 2,
               "dalle_fast: scale must be finite with |scale| <= 1.70141e+38, got ", scale);

@@ -229,4 +229,12 @@ std::shared_ptr<const BlockLayout> get_block_layout(const MaskSpec& m, int64_t b
 // Returns an empty string when the spec is valid, else a message naming the bad argument.
 std::string validate_mask_spec(const MaskSpec& m);
 
+// The spec the kernels and layout caches use for a valid one: a conv window wider than the grid sees what
+// one of width 2 image_size + 1 sees (every earlier image token), so kernel_size is clamped to that,
+// which bounds the key intervals and keeps the kernels' 32-bit window radius exact.
+inline MaskSpec normalize_mask_spec(MaskSpec m) {
+  if (m.kind == MaskKind::kConv && m.kernel_size > 2 * m.image_size + 1) m.kernel_size = 2 * m.image_size + 1;
+  return m;
+}
+
 }  // namespace dalle_fast

@@ -74,9 +74,11 @@ def _resolve_scale(q: torch.Tensor, scale) -> float:
     float32's range (the kernels' precision): a NaN or infinite scale has no softmax to compute."""
     if scale is None:
         return q.shape[-1] ** -0.5
+    if isinstance(scale, bool):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}")
     try:
         value = float(scale)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         raise ValueError(f"scale must be a real number or None, got {scale!r}") from None
     if not math.isfinite(value) or abs(value) > _SCALE_MAX:
         raise ValueError(f"scale must be finite with |scale| <= {_SCALE_MAX:.6g}, got {value}")

@@ -10,7 +10,7 @@ import torch
 
 import dalle_fast
 from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
-from dalle_fast.masks import allowed_keys, attention_mask
+from dalle_fast.masks import allowed_keys, attention_mask, block_layout
 
 # (text_len, image_size): text lengths off block boundaries, grids from 4 to 32 (the big ones are slow).
 SHAPES = [(6, 4), (0, 5), (37, 7), (1, 9), (77, 8), (130, 12)]
@@ -175,8 +175,11 @@ def test_conv_window_wider_than_the_grid():
     """A conv kernel_size past 2 image_size + 1 gives the same mask as that size (every earlier image
     token), in the dense mask, the decode keys, the layout and the kernels, without sizes that grow with it."""
     T, W, huge = 5, 4, 10**9 + 1
-    assert torch.equal(attention_mask("conv", T, W, huge), attention_mask("conv", T, W, 2 * W + 1))
-    assert allowed_keys("conv", T, W, huge, T + 13) == allowed_keys("conv", T, W, 2 * W + 1, T + 13)
+    assert torch.equal(attention_mask("conv", T, W, huge), attention_mask("causal", T, W))
+    for i in (T + 2, T + 13):
+        assert allowed_keys("conv", T, W, huge, i) == allowed_keys("causal", T, W, 11, i)
+    layout, causal = block_layout("conv", 70, W, huge, 16), block_layout("causal", 70, W, 11, 16)
+    assert torch.equal(layout.q_kblock, causal.q_kblock) and torch.equal(layout.q_full, causal.q_full)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, T + W * W, 16, generator=g) for _ in range(3))
     torch.testing.assert_close(
@@ -347,7 +350,8 @@ def test_raw_op_checks_its_arguments():
         torch.ops.dalle_fast.sparse_attention_bwd(q, q, q, q, out, lse, "row", T0, W0, 11, float("inf"))
 
 
-BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e39, 2e38, "big", [1.0]]  # 2e38: times log2 e, inf
+# 2e38: |scale| log2(e) overflows float32; True: a flag, not a scale; a tensor of two elements.
+BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e39, 2e38, "big", [1.0], True, torch.ones(2)]
 
 
 @pytest.mark.parametrize("scale", BAD_SCALES, ids=repr)

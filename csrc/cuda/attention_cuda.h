@@ -85,8 +85,9 @@ struct DecodeParams {
 // How many blocks share one row's keys: enough that batch_heads * splits puts kDecodeBlocksPerSm blocks
 // on each of `sm_count` SMs (a small batch alone leaves most of a GPU idle, and decode is bound by memory
 // latency, so it wants many warps per SM), with at least kDecodeMinKeysPerSplit keys per split, at most
-// kMaxDecodeSplits. 1 when batch_heads suffices. The split count changes the order of the sums, so a row's
-// last bits may differ between batch sizes and GPUs (never between two runs of one call).
+// kMaxDecodeSplits. 1 when batch_heads suffices, and for sm_count 1. The split count changes the order
+// of the sums, so a row's last bits may differ between batch sizes and GPUs (never between two runs of
+// one call).
 constexpr int kDecodeBlocksPerSm = 4;
 constexpr int kDecodeMinKeysPerSplit = 128;
 constexpr int kMaxDecodeSplits = 64;

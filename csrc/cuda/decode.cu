@@ -203,7 +203,7 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count) {
-  if (batch_heads <= 0 || num_keys <= 0) return 1;
+  if (batch_heads <= 0 || num_keys <= 0 || sm_count <= 1) return 1;  // one SM (the override): no sharing
   const int64_t blocks = kDecodeBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
   const int64_t want = (blocks + batch_heads - 1) / batch_heads;
   const int64_t most = std::min<int64_t>(kMaxDecodeSplits, num_keys / kDecodeMinKeysPerSplit);

@@ -3,6 +3,7 @@
 
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@ namespace {
 // them from the new one: a few nanoseconds, where swapcontext spends a system call (the signal mask) on
 // each of the millions of switches a test makes. Elsewhere (or built with -DCUDA_EMU_UCONTEXT), ucontext.
 #if defined(__x86_64__) && !defined(CUDA_EMU_UCONTEXT)
+constexpr const char* kFibers = "x86-64 switch";
 struct Fiber {
   void* sp = nullptr;
 };
@@ -85,6 +87,7 @@ void fiber_switch(Fiber* from, Fiber* to) { cuda_emu_switch(&from->sp, to->sp); 
   __builtin_unreachable();
 }
 #else
+constexpr const char* kFibers = "ucontext";
 struct Fiber {
   ucontext_t ctx;
 };
@@ -138,9 +141,12 @@ struct Block {
 };
 
 Block* g_block = nullptr;
-// True on the OS thread that runs the emulated threads while one of them runs (not the scheduler): a
-// fault elsewhere (another OS thread, the scheduler itself) is not the kernel's.
-thread_local bool t_in_kernel = false;
+// Set while an emulated thread runs (not the scheduler), on the OS thread g_kernel_tid that runs the
+// launch: a fault elsewhere (another OS thread, the scheduler itself) is not the kernel's. Plain globals
+// the fault handler can read without touching thread-local storage.
+volatile sig_atomic_t g_in_kernel = 0;
+volatile pid_t g_kernel_tid = 0;
+pid_t current_tid() { return static_cast<pid_t>(syscall(SYS_gettid)); }  // async-signal-safe
 const std::function<void()>* g_body = nullptr;
 std::string g_error;
 cudaError_t g_last = cudaSuccess;
@@ -216,9 +222,9 @@ void resume(int i) {
   b.current = i;
   threadIdx = uint3{static_cast<unsigned>(i) % blockDim.x, static_cast<unsigned>(i) / blockDim.x % blockDim.y,
                     static_cast<unsigned>(i) / (blockDim.x * blockDim.y)};
-  t_in_kernel = true;
+  g_in_kernel = 1;
   fiber_switch(&b.scheduler, &b.threads[i].ctx);
-  t_in_kernel = false;
+  g_in_kernel = 0;
 }
 
 // Runs warp w's ready lanes (in b.lane_order) until each reaches a barrier or ends. Returns true when
@@ -417,14 +423,16 @@ constexpr int kFaultSignals[kNumFaultSignals] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE
 struct sigaction g_old_actions[kNumFaultSignals];
 void on_fault(int sig, siginfo_t* info, void* /*context*/) {
   Block* b = g_block;
-  if (b == nullptr || !t_in_kernel || b->failed) {
+  if (b == nullptr || !g_in_kernel || current_tid() != g_kernel_tid || b->failed) {
     for (int i = 0; i < kNumFaultSignals; ++i)
       if (kFaultSignals[i] == sig) sigaction(sig, &g_old_actions[i], nullptr);
     return;  // the instruction faults again, under the old handler
   }
   const unsigned t = static_cast<unsigned>(b->current);
   if (sig == SIGFPE) {
-    snprintf(g_fault_message, sizeof g_fault_message, "thread %u: integer division by zero (or INT_MIN / -1)", t);
+    const bool integer = info->si_code == FPE_INTDIV || info->si_code == FPE_INTOVF;
+    snprintf(g_fault_message, sizeof g_fault_message, "thread %u: %s", t,
+             integer ? "integer division by zero (or INT_MIN / -1)" : "a floating-point trap");
     b->error = cudaErrorLaunchFailure;
   } else if (sig == SIGILL) {
     snprintf(g_fault_message, sizeof g_fault_message,
@@ -514,6 +522,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body)
   b.smem_bytes = cfg.dynamic_smem;
 
   g_block = &b;
+  g_kernel_tid = current_tid();
   g_body = &body;
   g_stacks = &stacks;
   blockDim = bl;
@@ -578,3 +587,4 @@ extern "C" void emu_set_schedule(int schedule) { cuda_emu::g_schedule = schedule
 extern "C" void emu_set_smem_optin(long long bytes) { cuda_emu::g_smem_optin = static_cast<size_t>(bytes); }
 extern "C" const char* emu_last_error() { return cuda_emu::g_error.c_str(); }
 extern "C" long long emu_last_block_threads() { return static_cast<long long>(cuda_emu::g_last_block_threads); }
+extern "C" const char* emu_fibers() { return cuda_emu::kFibers; }  // which fiber switch this build uses

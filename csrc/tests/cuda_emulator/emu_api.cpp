@@ -14,7 +14,7 @@ using namespace dalle_fast;
 namespace {
 
 MaskSpec spec(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size) {
-  return MaskSpec{static_cast<MaskKind>(kind), text_len, image_size, kernel_size};
+  return normalize_mask_spec(MaskSpec{static_cast<MaskKind>(kind), text_len, image_size, kernel_size});
 }
 
 cuda::AttentionParams params(const MaskSpec& m, int32_t dtype, int64_t batch_heads, int32_t head_dim, float scale,
