@@ -386,16 +386,19 @@ def test_attention_paper_shape(emu, kind):
     check_attention(emu, kind, 256, 32, torch.bfloat16, 64, heads=1)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_attention_is_race_free_and_deterministic(emu, kind):
+def test_attention_is_race_free_and_deterministic(emu, kind, head_dim):
     """Bitwise the same results under eight thread schedules. (The kernels use no atomics, so the bits
     depend on the inputs only, if they are race-free.) 20 + 13 x 13 = 189 tokens: three blocks, the last
-    of which sees three layout entries in every kind, so every double buffer is refilled while in use."""
+    of which sees three layout entries in every kind, so every double buffer is refilled while in use.
+    Every head dim: each has its own warp layout (2 warps of 32 rows up to 64, 4 of 16 at 128) and, in
+    dK/dV, K and V fragments in registers or re-read from shared memory."""
     results = []
     try:
         for schedule in SCHEDULES:
             emu.schedule(schedule)
-            results.append(check_attention(emu, kind, 20, 13, torch.float16, 32, kernel_size=7, batch=2, heads=1))
+            results.append(check_attention(emu, kind, 20, 13, torch.float16, head_dim, kernel_size=7, batch=2, heads=1))
     finally:
         emu.schedule(0)
     for other in results[1:]:
