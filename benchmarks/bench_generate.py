@@ -92,12 +92,7 @@ def time_decode(
     best = dict.fromkeys(paths, float("inf"))
     for it in range(iters + 1):  # the first sweep warms up
         for name, (fn, env) in paths.items():
-            saved = {key: os.environ.get(key) for key in env}
-            for key, value in env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            saved = _set_env(env)
             try:
                 _sync(device)
                 t0 = time.perf_counter()
@@ -105,14 +100,21 @@ def time_decode(
                     fn(i)
                 _sync(device)
             finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+                _set_env(saved)
             if it:
                 best[name] = min(best[name], (time.perf_counter() - t0) / len(positions) * 1e6)
     return best
+
+
+def _set_env(env: dict[str, str | None]) -> dict[str, str | None]:
+    """Sets the variables of env (None: unsets one); returns their previous values, in the same form."""
+    previous = {key: os.environ.get(key) for key in env}
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return previous
 
 
 NO_SPLITS = "dalle_fast, one block per row"

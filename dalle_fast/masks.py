@@ -58,6 +58,12 @@ def transpose_image_index(text_len: int, image_size: int, device: torch.device |
     return torch.cat([torch.arange(text_len, device=device), image])
 
 
+def _conv_radius(kernel_size: int, image_size: int) -> int:
+    """The conv window's radius, at most image_size: a wider window sees no more than the whole grid
+    (every earlier image token; csrc/layout.h normalize_mask_spec clamps the same way)."""
+    return min(kernel_size // 2, image_size)
+
+
 def attention_mask(
     kind: str, text_len: int, image_size: int, kernel_size: int = 11, *, transposed: bool = False
 ) -> torch.Tensor:
@@ -84,7 +90,7 @@ def attention_mask(
     elif kind == "column":
         image_ok = (p % W) == (q % W)
     else:
-        s = min(kernel_size // 2, W)  # a wider window sees no more than the whole grid
+        s = _conv_radius(kernel_size, W)
         image_ok = torch.zeros_like(causal)
         for dr in range(s + 1):
             for dc in range(-s, s + 1):
@@ -114,7 +120,7 @@ def allowed_keys(kind: str, text_len: int, image_size: int, kernel_size: int, po
     elif kind == "column":
         image = range(p - p % W, p + 1)
     else:
-        s = min(kernel_size // 2, W)  # a wider window sees no more than the whole grid
+        s = _conv_radius(kernel_size, W)
         offsets = {dr * W + dc for dr in range(s + 1) for dc in range(-s, s + 1)}
         image = sorted(p - off for off in offsets if 0 <= off <= p)
     return (*range(T), *(T + q for q in image))

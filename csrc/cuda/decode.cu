@@ -135,24 +135,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     weight[w] = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - mx);
     total += s_l[w] * weight[w];
   }
-  if (p.splits == 1) {
-    T* O = static_cast<T*>(p.out) + bh * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float o = 0.f;
-      for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+  // One block per row: the output. Several: this split's max, sum and unnormalised output, for
+  // decode_merge_kernel.
+  T* O = static_cast<T*>(p.out) + bh * D;
+  float* part = p.splits == 1 ? nullptr : p.partial + static_cast<int64_t>(blockIdx.x) * (D + 2);
+  if (part != nullptr && threadIdx.x == 0) {
+    part[0] = mx;
+    part[1] = total;
+  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+    if (part == nullptr)
       store_f(O + d, o / total);
-    }
-  } else {  // this split's max, sum and unnormalised output, for decode_merge_kernel
-    float* part = p.partial + static_cast<int64_t>(blockIdx.x) * (D + 2);
-    if (threadIdx.x == 0) {
-      part[0] = mx;
-      part[1] = total;
-    }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float o = 0.f;
-      for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+    else
       part[2 + d] = o;
-    }
   }
 }
 
@@ -204,7 +201,7 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
 
 int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count) {
   if (batch_heads <= 0 || num_keys <= 0 || sm_count <= 1) return 1;  // one SM (the override): no sharing
-  const int64_t blocks = kDecodeBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t blocks = kDecodeBlocksPerSm * static_cast<int64_t>(sm_count);
   const int64_t want = (blocks + batch_heads - 1) / batch_heads;
   const int64_t most = std::min<int64_t>(kMaxDecodeSplits, num_keys / kDecodeMinKeysPerSplit);
   return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
