@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ g
     memcpy(static_cast<void*>(x), &a, 16);
     memcpy(static_cast<void*>(y), &b, 16);
     #pragma unroll
-    for (int i = 0; i < 8; ++i) sum += Elem<T>::to_float(x[i]) * Elem<T>::to_float(y[i]);
+    for (int i = 0; i < 8; ++i) sum = __fmaf_rn(Elem<T>::to_float(x[i]), Elem<T>::to_float(y[i]), sum);
   }
   #pragma unroll
   for (int off = kPerRow / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
-          pv[i] = on[half][i] ? ptx::exp2_approx(st[half][i] * scale_log2 - sLse[c]) : 0.f;
+          pv[i] = on[half][i] ? ptx::exp2_approx(__fmaf_rn(st[half][i], scale_log2, -sLse[c])) : 0.f;
           dsv[i] = pv[i] * (dpt[half][i] - sDelta[c]);
         }
         pa[2 * half] = pack2<T>(pv[0], pv[1]);
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         float dsv[4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const float pe = on[half][i] ? ptx::exp2_approx(s[half][i] * scale_log2 - lse2[i / 2]) : 0.f;
+          const float pe = on[half][i] ? ptx::exp2_approx(__fmaf_rn(s[half][i], scale_log2, -lse2[i / 2])) : 0.f;
           dsv[i] = pe * (dp[half][i] - dlt[i / 2]);
         }
         dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);

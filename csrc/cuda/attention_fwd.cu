@@ -90,6 +90,8 @@ __global__ void __launch_bounds__(threads_for<MT>())
   // m is rounded once (__fmul_rn) and alpha = exp2(m_old - m_new) subtracts two stored values
   // (__fsub_rn), so a block that does not raise the max rescales by exactly 1: FMA contraction of
   // m_old * c - m_new * c would leave a rounding residue that drifts the accumulators block after block.
+  // Every float operation on m and l names its rounding (the _rn intrinsics), so nvcc fuses nothing of
+  // its own: both warp layouts, and the host emulator, do the same arithmetic in the same order.
   const int row0 = q0 + MT * warp * 16 + g;  // row of (mt, h): row0 + 16 mt + 8 h
   float m[MT][2], l[MT][2];
   float o[MT][DT][4];
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
         base[mt][h] = mc == -INFINITY ? 0.f : mc;
         alpha[h] = ptx::exp2_approx(__fsub_rn(m[mt][h], base[mt][h]));
         m[mt][h] = mc;
-        l[mt][h] *= alpha[h];
+        l[mt][h] = __fmul_rn(l[mt][h], alpha[h]);
       }
       #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(threads_for<MT>())
           #pragma unroll
           for (int i = 0; i < 4; ++i) {
             st[i] = ptx::exp2_approx(__fmaf_rn(st[i], c, -base[mt][i / 2]));
-            l[mt][i / 2] += st[i];
+            l[mt][i / 2] = __fadd_rn(l[mt][i / 2], st[i]);
           }
           pa[mt][2 * half] = pack2<T>(st[0], st[1]);
           pa[mt][2 * half + 1] = pack2<T>(st[2], st[3]);

@@ -26,6 +26,8 @@ constexpr int kDecodeUnroll = 4;  // keys in flight per warp
 constexpr int kMaxPerLane = 8;    // head_dim <= 256 = 32 lanes x 8
 // Shared memory: each warp's running max and sum, then its partial output row.
 constexpr size_t kDecodeSmemBytes = sizeof(float) * kDecodeWarps * (2 + 32 * kMaxPerLane);
+// Multiply-adds are written as __fmaf_rn (what nvcc would contract them to), other products and sums
+// as __fmul_rn / __fadd_rn: the host emulator, which fuses nothing, then rounds as the GPU does.
 
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }
@@ -87,7 +89,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       for (int u = 0; u < kDecodeUnroll; ++u) {
         s[u] = 0.f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) s[u] += q[e] * kx[u][e];
+        for (int e = 0; e < E; ++e) s[u] = __fmaf_rn(q[e], kx[u][e], s[u]);
       }
 #pragma unroll
       for (int off = 16; off > 0; off /= 2)
@@ -98,16 +100,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       for (int u = 0; u < kDecodeUnroll; ++u)
         if (j0 + u * kDecodeWarps < hi) m_new = fmaxf(m_new, s[u]);
       const float corr = m == -INFINITY ? 0.f : exp2f(m - m_new);  // no key yet: nothing to rescale
-      l *= corr;
+      l = __fmul_rn(l, corr);
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] *= corr;
+      for (int e = 0; e < E; ++e) acc[e] = __fmul_rn(acc[e], corr);
 #pragma unroll
       for (int u = 0; u < kDecodeUnroll; ++u) {
         // A -inf score (overflow) weighs 0, even while the max is still -inf (exp2(-inf + inf) is NaN).
         const float w = j0 + u * kDecodeWarps < hi && s[u] != -INFINITY ? exp2f(s[u] - m_new) : 0.f;
-        l += w;
+        l = __fadd_rn(l, w);
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += w * vx[u][e];
+        for (int e = 0; e < E; ++e) acc[e] = __fmaf_rn(w, vx[u][e], acc[e]);
       }
       m = m_new;
     }
@@ -133,7 +135,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   float weight[kDecodeWarps], total = 0.f;
   for (int w = 0; w < kDecodeWarps; ++w) {
     weight[w] = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - mx);
-    total += s_l[w] * weight[w];
+    total = __fmaf_rn(s_l[w], weight[w], total);
   }
   // One block per row: the output. Several: this split's max, sum and unnormalised output, for
   // decode_merge_kernel.
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   }
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
-    for (int w = 0; w < kDecodeWarps; ++w) o += s_acc[w][d] * weight[w];
+    for (int w = 0; w < kDecodeWarps; ++w) o = __fmaf_rn(s_acc[w][d], weight[w], o);
     if (part == nullptr)
       store_f(O + d, o / total);
     else
@@ -167,13 +169,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(DecodeP
   float total = 0.f;
   for (int s = 0; s < p.splits; ++s) {
     const float ls = part[s * (D + 2) + 1];
-    if (ls != 0.f) total += ls * exp2f(part[s * (D + 2)] - mx);
+    if (ls != 0.f) total = __fmaf_rn(ls, exp2f(part[s * (D + 2)] - mx), total);
   }
   T* O = static_cast<T*>(p.out) + bh * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
     for (int s = 0; s < p.splits; ++s)
-      if (part[s * (D + 2) + 1] != 0.f) o += part[s * (D + 2) + 2 + d] * exp2f(part[s * (D + 2)] - mx);
+      if (part[s * (D + 2) + 1] != 0.f)
+        o = __fmaf_rn(part[s * (D + 2) + 2 + d], exp2f(part[s * (D + 2)] - mx), o);
     store_f(O + d, o / total);
   }
 }
