@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_runbook.sh            # everything: build tests sanitizer bench cputests
 #   STEPS="build tests" bash benchmarks/gpu_runbook.sh
+#   SANITIZER_TIMEOUT=600 bash benchmarks/gpu_runbook.sh   # seconds per compute-sanitizer tool (default 300)
 #
 # Python packages the machine lacks (e.g. expecttest, which torch.library.opcheck imports) can be put
 # as wheels in .gpu_wheels/ (pip download expecttest -d .gpu_wheels) and are installed offline.
@@ -34,7 +35,10 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
     cc=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))")
     export DALLE_FAST_CUDA_ARCHS=${DALLE_FAST_CUDA_ARCHS:-$cc}
     run env MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e .
-    run $PY -c "import torch, dalle_fast; assert torch._C._dispatch_has_kernel_for_dispatch_key('dalle_fast::sparse_attention_fwd', 'CUDA')"
+    # Without CUDA kernels every CUDA test would skip and the benchmarks would fail: stop here instead.
+    if ! $PY -c "import torch, dalle_fast; assert torch._C._dispatch_has_kernel_for_dispatch_key('dalle_fast::sparse_attention_fwd', 'CUDA')"; then
+      echo "FATAL: the build has no CUDA kernels (see the build output above)"; echo "runbook status: 1"; exit 1
+    fi
   fi
 
   if [[ " $STEPS " == *" tests "* ]]; then
@@ -46,7 +50,8 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
   if [[ " $STEPS " == *" sanitizer "* ]]; then
     for tool in memcheck racecheck; do
       step "compute-sanitizer --tool $tool"
-      run compute-sanitizer --tool "$tool" --error-exitcode 3 $PY csrc/tests/sanitize_case.py
+      # Time-boxed: a tool that hangs or crawls must not spend the device budget the benchmarks need.
+      run timeout "${SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 3 $PY csrc/tests/sanitize_case.py
     done
   fi
 

@@ -87,8 +87,9 @@ def decode_step(model: DALLE, cache: KVCache, token: torch.Tensor) -> torch.Tens
     if not 0 <= p < cfg.image_size**2:
         raise ValueError(f"the cache is full or holds no text: next position {t}, seq_len {cfg.seq_len}")
     W = cfg.image_size
-    pos = torch.tensor([p], device=token.device)
-    x = model.image_emb(token) + model.row_emb(pos // W) + model.col_emb(pos % W)  # (B, d)
+    # Rows of the position tables by Python index: no per-token host-to-device copy (which would wait
+    # for the GPU and keep the host from queueing the next step's kernels).
+    x = model.image_emb(token) + model.row_emb.weight[p // W] + model.col_emb.weight[p % W]  # (B, d)
     B = x.shape[0]
     for i, layer in enumerate(model.layers):
         attn = layer.attn.branch

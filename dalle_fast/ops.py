@@ -85,9 +85,17 @@ def _resolve_scale(q: torch.Tensor, scale) -> float:
     return value
 
 
-def _require_cuda_kernels(q: torch.Tensor, op: str) -> None:
-    """RuntimeError for a CUDA tensor when the extension was built without CUDA kernels."""
-    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA"):
+# Which ops this build has CUDA kernels for, read once: torch.compile cannot trace the dispatcher query
+# (it returns a bool, not a tensor), so asking it per call would break every compiled graph on CUDA.
+_HAS_CUDA_KERNEL = {
+    op: torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA")
+    for op in ("sparse_attention_fwd", "sparse_attention_decode")
+}
+
+
+def _require_cuda_kernels(device: torch.device, op: str) -> None:
+    """RuntimeError for a CUDA device when the extension was built without CUDA kernels."""
+    if device.type == "cuda" and not _HAS_CUDA_KERNEL[op]:
         raise RuntimeError(
             "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
             "reinstall with a toolkit present, or use reference=True"
@@ -117,7 +125,7 @@ def block_sparse_attention(
     states are already transposed (see to_column_order). Differentiable."""
     _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
     scale = _resolve_scale(q, scale)
-    _require_cuda_kernels(q, "sparse_attention_fwd")
+    _require_cuda_kernels(q.device, "sparse_attention_fwd")
     out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, image_size, kernel_size, scale)
     return out
 
@@ -223,7 +231,7 @@ def sparse_attention_decode(
         return sparse_attention_decode_reference(q, k, v, kind, text_len, image_size, position, kernel_size, scale)
     _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
     scale = _resolve_scale(q, scale)
-    _require_cuda_kernels(q, "sparse_attention_decode")
+    _require_cuda_kernels(q.device, "sparse_attention_decode")
     return torch.ops.dalle_fast.sparse_attention_decode(
         q, k, v, kind, text_len, image_size, kernel_size, scale, position
     )

@@ -275,6 +275,25 @@ def test_torch_compile_fullgraph():
     _compiled_step("aot_eager")
 
 
+def test_cuda_kernel_check_compiles_without_graph_breaks():
+    """The check that a CUDA build is present runs inside compiled graphs on CUDA; here, with no GPU, the
+    same check on a CUDA device is traced with fullgraph=True (a dispatcher query per call would fail)."""
+    from dalle_fast import ops
+
+    def f(x):
+        ops._require_cuda_kernels(torch.device("cuda"), "sparse_attention_fwd")
+        ops._require_cuda_kernels(torch.device("cuda"), "sparse_attention_decode")
+        return x + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    if all(ops._HAS_CUDA_KERNEL.values()):
+        torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    else:  # a build without CUDA kernels: the clear error, not a tracing failure
+        with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+            compiled(torch.ones(2))
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     torch._dynamo.reset()

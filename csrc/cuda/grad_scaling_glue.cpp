@@ -1,6 +1,7 @@
 // CUDA host glue of per-resblock gradient scaling: checks (shared with the CPU kernels), the tensor
 // tables of multi-tensor launches (pinned host memory, copied without blocking the host), launch checks.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -9,10 +10,13 @@
 #include <vector>
 
 #include "../checks.h"
+#include "glue.h"
 #include "grad_scaling.h"
 
 namespace dalle_fast {
 namespace {
+
+using cuda::check_launch;
 
 cuda::FloatKind kind_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -28,10 +32,6 @@ cuda::FloatKind kind_of(const at::Tensor& t) {
   }
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA ", what, " launch failed: ", cudaGetErrorString(err));
-}
-
 // Device copy of a multi-tensor launch's tables: [entries | chunks]. Returned to keep it alive until the
 // launch is queued; the caching allocator only reuses it in stream order.
 struct Tables {
@@ -42,6 +42,10 @@ struct Tables {
 };
 
 Tables upload_tables(const std::vector<cuda::TensorEntry>& entries, const at::Device& device) {
+  // A captured graph would replay the copy from a host buffer that is freed (and reused) after this call.
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "dalle_fast: multi-tensor gradient-scaling ops upload their tensor tables from host memory on every "
+              "call and cannot be captured in a CUDA graph");
   std::vector<cuda::ChunkRef> chunks;
   for (size_t t = 0; t < entries.size(); ++t)
     for (int64_t c = 0; c * cuda::kChunk < entries[t].numel; ++c)

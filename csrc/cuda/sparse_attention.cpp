@@ -17,6 +17,7 @@
 
 #include "../checks.h"
 #include "attention_cuda.h"
+#include "glue.h"
 
 namespace dalle_fast {
 namespace {
@@ -123,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
   if (q.numel() == 0) return {out, lse};
   const cudaError_t err = cuda::attention_forward(params_of(q, k, v, m, scale), out.data_ptr(),
                                                   lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA forward launch failed: ", cudaGetErrorString(err));
+  cuda::check_launch(err, "forward");
   return {out, lse};
 }
 
@@ -153,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
       cuda::attention_backward(params_of(q, k, v, m, scale), g.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
                                delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA backward launch failed: ", cudaGetErrorString(err));
+  cuda::check_launch(err, "backward");
   return {dq, dk, dv};
 }
 
@@ -223,7 +224,7 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
     p.partial = workspace.data_ptr<float>();
   }
   const cudaError_t err = cuda::attention_decode(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dalle_fast: CUDA decode launch failed: ", cudaGetErrorString(err));
+  cuda::check_launch(err, "decode");
   return out;
 }
 
