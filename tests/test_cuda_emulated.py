@@ -288,6 +288,17 @@ def test_emulator_collectives(emu):
     assert out.tolist() == [(i ^ 1) + 1000.0 * i for i in range(64)]
 
 
+@pytest.mark.parametrize("which", [20, 21])
+def test_emulator_fragment_layouts_follow_the_ptx_isa(emu, which):
+    """selftest 20: ldmatrix .x4, plain and .trans; 21: mma.m16n8k16 with fp16 and bf16 inputs. Their
+    kernels place and read elements by the PTX ISA's fragment tables, written element by element and
+    independently of the emulator's (and the attention kernels') index arithmetic: a misreading of the
+    tables shared by the emulator and the kernels would fail here, not only on a GPU."""
+    rc, msg, out = _selftest(emu, which)
+    assert rc == 0, msg
+    assert out.tolist() == [0.0] * 64, out
+
+
 def test_emulator_enforces_shared_memory_limits(emu):
     rc, msg, out = _selftest(emu, 18)  # 64 KiB after cudaFuncSetAttribute
     assert rc == 0 and (out == 1).all(), msg

@@ -3,6 +3,9 @@
 // kernels mean something. Compiled for the emulator only.
 #include <cuda_runtime.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 
 #include "../../cuda/launch.cuh"
@@ -152,6 +155,78 @@ __global__ void large_smem_kernel(float* out) {
   out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x];
 }
 
+// Correct, and written from the PTX ISA's tables rather than from the emulator: an ldmatrix .x4 (plain
+// and .trans) of 4 matrices of known ids must hand each lane the elements the ISA names. Lane 8 i + r
+// posts row r of matrix i; lane l gets, in register i, row l / 4 and columns 2 (l % 4), 2 (l % 4) + 1 of
+// matrix i (plain) or of its transpose (.trans), the lower column in the low half. out[l]: plain
+// mismatches of lane l, out[32 + l]: transposed ones.
+__global__ void ldmatrix_layout_kernel(float* out) {
+  DALLE_FAST_DYNAMIC_SMEM(smem);
+  auto* ids = reinterpret_cast<uint16_t*>(smem);  // matrix i, row r, column c at (8 i + r) * 8 + c
+  const int l = threadIdx.x;
+  for (int c = 0; c < 8; ++c) ids[l * 8 + c] = static_cast<uint16_t>(l * 8 + c);
+  __syncthreads();
+  uint32_t plain[4], trans[4];
+  dalle_fast::cuda::ptx::ldmatrix_x4(plain, ids + l * 8);
+  dalle_fast::cuda::ptx::ldmatrix_x4_trans(trans, ids + l * 8);
+  int bad_plain = 0, bad_trans = 0;
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const int row = l / 4, col = 2 * (l % 4) + h;
+      bad_plain += static_cast<uint16_t>(plain[i] >> (16 * h)) != (8 * i + row) * 8 + col;
+      bad_trans += static_cast<uint16_t>(trans[i] >> (16 * h)) != (8 * i + col) * 8 + row;
+    }
+  out[l] = static_cast<float>(bad_plain);
+  out[32 + l] = static_cast<float>(bad_trans);
+}
+
+// Small integers: exact in fp16 and bf16, and their products' sums exact in fp32.
+__device__ float mat_a(int r, int k) { return static_cast<float>((3 * r + 5 * k) % 7 - 3); }
+__device__ float mat_b(int k, int n) { return static_cast<float>((2 * k + 3 * n) % 5 - 2); }
+__device__ float mat_c(int r, int n) { return static_cast<float>(r - 2 * n); }
+
+__device__ uint32_t pack(__half lo, __half hi) {
+  return __half_as_ushort(lo) | static_cast<uint32_t>(__half_as_ushort(hi)) << 16;
+}
+__device__ uint32_t pack(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return __bfloat16_as_ushort(lo) | static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16;
+}
+__device__ __half to_t(float x, __half) { return __float2half_rn(x); }
+__device__ __nv_bfloat16 to_t(float x, __nv_bfloat16) { return __float2bfloat16_rn(x); }
+
+// Correct, and written from the PTX ISA's fragment tables for mma.m16n8k16 (.f16/.bf16 inputs, .f32
+// accumulators), element by element: with g = lane / 4 and t = lane % 4, A's element a_i (i = 0..7, two
+// per register, low half first) is at row g + 8 ((i / 2) % 2), column 2 t + i % 2 + 8 (i / 4); B's b_i
+// (i = 0..3) at row 2 t + i % 2 + 8 (i / 2), column g; C's and D's c_i at row g + 8 (i / 2), column
+// 2 t + i % 2. Each lane checks its 4 results of D = A B + C against the sums. out[l]: mismatches of
+// lane l with fp16 inputs, out[32 + l]: with bf16.
+template <typename T>
+__device__ int mma_mismatches() {
+  const int l = threadIdx.x % 32, g = l / 4, t = l % 4;
+  float a_el[8], b_el[4];
+  for (int i = 0; i < 8; ++i) a_el[i] = mat_a(g + 8 * ((i / 2) % 2), 2 * t + i % 2 + 8 * (i / 4));
+  for (int i = 0; i < 4; ++i) b_el[i] = mat_b(2 * t + i % 2 + 8 * (i / 2), g);
+  uint32_t a[4], b[2];
+  for (int j = 0; j < 4; ++j) a[j] = pack(to_t(a_el[2 * j], T()), to_t(a_el[2 * j + 1], T()));
+  for (int j = 0; j < 2; ++j) b[j] = pack(to_t(b_el[2 * j], T()), to_t(b_el[2 * j + 1], T()));
+  float d[4];
+  for (int i = 0; i < 4; ++i) d[i] = mat_c(g + 8 * (i / 2), 2 * t + i % 2);
+  dalle_fast::cuda::ptx::mma16816<T>(d, a, b);
+  int bad = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i / 2), n = 2 * t + i % 2;
+    float want = mat_c(r, n);
+    for (int k = 0; k < 16; ++k) want += mat_a(r, k) * mat_b(k, n);
+    bad += d[i] != want;
+  }
+  return bad;
+}
+
+__global__ void mma_layout_kernel(float* out) {
+  out[threadIdx.x] = static_cast<float>(mma_mismatches<__half>());
+  out[32 + threadIdx.x] = static_cast<float>(mma_mismatches<__nv_bfloat16>());
+}
+
 }  // namespace
 
 // which: 0 race, 1 divergent barrier, 2 divergent shuffle, 3 shared-memory overflow, 4 uninitialized
@@ -159,7 +234,8 @@ __global__ void large_smem_kernel(float* out) {
 // shared memory, 9 mixed collectives, 10 misaligned global load, 11 wild pointer, 12 local array
 // overflow, 13 stack overflow, 14 full-warp shuffle in a partial warp, 15 shuffle lane masks, 16 64 KiB
 // of shared memory without cudaFuncSetAttribute, 17 cudaFuncSetAttribute above the device's limit, 18
-// 64 KiB with it, 19 integer division by zero. out: kN floats. Returns the launch's cudaError_t.
+// 64 KiB with it, 19 integer division by zero, 20 ldmatrix layouts, 21 mma layouts. out: kN floats.
+// Returns the launch's cudaError_t.
 extern "C" int emu_selftest(int which, float* out) {
   const size_t smem = kN * sizeof(float);
   switch (which) {
@@ -225,6 +301,12 @@ extern "C" int emu_selftest(int which, float* out) {
     }
     case 19:
       DALLE_FAST_LAUNCH(divide_by_zero_kernel, 1, kN, 0, nullptr)(out);
+      break;
+    case 20:
+      DALLE_FAST_LAUNCH(ldmatrix_layout_kernel, 1, 32, 32 * 8 * sizeof(uint16_t), nullptr)(out);
+      break;
+    case 21:
+      DALLE_FAST_LAUNCH(mma_layout_kernel, 1, 32, 0, nullptr)(out);
       break;
     default:
       return cudaErrorInvalidValue;
