@@ -100,20 +100,20 @@ def cuda_counts(fn, model, saved):
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.cuda.set_sync_debug_mode("warn")  # only around the step: our own synchronize is not counted
+            try:
                 fn()
-                torch.cuda.synchronize()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message).lower() for w in caught) - 1  # minus our own synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+    syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
     launches = sum(
         1
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name and "Memset" not in e.name
     )
-    return launches, max(syncs, 0)
+    return launches, syncs
 
 
 def main():

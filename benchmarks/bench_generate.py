@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         f"--iters {args.iters} --threads {args.threads} --device {args.device}` on {where}, "
         f"torch {torch.__version__}. Preset `{args.preset}`: {cfg.text_len} text + {cfg.image_size}x{cfg.image_size} "
         f"image tokens, {cfg.n_layers} layers, d_model {cfg.d_model}, {model.num_params() / 1e6:.1f}M parameters, "
-        f"random weights. One run samples every image token of the batch (the cache's prefill included); "
-        f"best of {args.iters}, the paths taking turns.",
+        f"random weights{', sampled under bf16 autocast' if device.type == 'cuda' else ''}. One run samples "
+        f"every image token of the batch (the cache's prefill included); best of {args.iters}, the paths "
+        "taking turns.",
         "",
         "| batch | path | seconds | image tokens/s | speed-up |",
         "|---:|---|---:|---:|---:|",

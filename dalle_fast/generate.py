@@ -9,8 +9,10 @@ numbers in the same order, so for a seed they give the same tokens (up to fp32 r
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sampling_autocast(model: DALLE, device: torch.device | str):
+    """The autocast sampling runs under: bf16 on CUDA for a sparse-attention model outside any autocast
+    (the CUDA attention kernels take fp16 and bf16; an fp32 model would be refused there), else none.
+    The logits stay fp32 either way."""
+    device = torch.device(device)
+    if device.type != "cuda" or model.cfg.attention == "dense" or torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    with warnings.catch_warnings():  # built without a GPU (tests), torch warns that it disables itself
+        warnings.simplefilter("ignore")
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def sample_tokens(
     model: DALLE,
@@ -56,7 +70,14 @@ def sample_tokens(
 
     guidance > 1 (classifier-free guidance; for a model trained with caption dropout): each token's logits
     become u + guidance * (c - u), c given the caption and u given the empty one (a second sequence per
-    sample, decoded alongside), which pushes samples toward what the caption adds."""
+    sample, decoded alongside), which pushes samples toward what the caption adds.
+
+    On CUDA an fp32 model samples under bf16 autocast (see sampling_autocast)."""
+    with sampling_autocast(model, text.device):
+        return _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache)
+
+
+def _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache) -> torch.Tensor:
     cfg = model.cfg
     n = cfg.image_size**2
     if temperature <= 0:

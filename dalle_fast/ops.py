@@ -18,8 +18,8 @@ from dalle_fast.masks import allowed_keys, attention_mask, check_mask_args
 
 # Head dims and dtypes each backend's kernels take.
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA attention kernels take
+CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
 _SCALE_MAX = torch.finfo(torch.float32).max / 2  # room for the CUDA kernels' factor log2(e)
 
@@ -56,10 +56,10 @@ def _check_inputs(
         )
     head_dim = q.shape[3]
     if q.device.type == "cuda":
-        if q.dtype not in _CUDA_DTYPES:
-            raise ValueError(f"q.dtype must be one of {_CUDA_DTYPES} on CUDA, got {q.dtype}")
-        if head_dim not in _CUDA_HEAD_DIMS:
-            raise ValueError(f"head_dim (q.shape[3]) must be one of {_CUDA_HEAD_DIMS} on CUDA, got {head_dim}")
+        if q.dtype not in CUDA_DTYPES:
+            raise ValueError(f"q.dtype must be one of {CUDA_DTYPES} on CUDA, got {q.dtype}")
+        if head_dim not in CUDA_HEAD_DIMS:
+            raise ValueError(f"head_dim (q.shape[3]) must be one of {CUDA_HEAD_DIMS} on CUDA, got {head_dim}")
     elif q.device.type in ("cpu", "meta"):
         if q.dtype not in _CPU_DTYPES:
             raise ValueError(f"q.dtype must be one of {_CPU_DTYPES} on CPU, got {q.dtype}")

@@ -45,6 +45,7 @@ from dalle_fast.distributed import (
 )
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.generate import sample_tokens, save_captioned_grid
+from dalle_fast.ops import CUDA_HEAD_DIMS
 from dalle_fast.tokenizer import PAD, CaptionTokenizer
 from dalle_fast.transformer import ATTENTION_MODES, DALLE, PRESETS, TransformerConfig, preset
 
@@ -329,6 +330,12 @@ def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
         raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")
     if device.type == "cuda" and precision == "fp32" and cfg.attention != "dense":
         raise ValueError("precision fp32 on CUDA: the CUDA attention kernels take fp16/bf16; use bf16 or fp16")
+    head_dim = PRESETS[cfg.preset].head_dim
+    if device.type == "cuda" and cfg.attention != "dense" and head_dim not in CUDA_HEAD_DIMS:
+        raise ValueError(
+            f"preset {cfg.preset}'s head_dim {head_dim} has no CUDA attention kernel (head dims {CUDA_HEAD_DIMS}): "
+            "use another preset, --attention dense, or --device cpu"
+        )
     return device, precision
 
 

@@ -138,6 +138,11 @@ class Attention(nn.Module):
         if cfg.attention == "dense":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
+            if q.device.type == "cuda" and q.dtype == torch.float32:
+                raise ValueError(
+                    "the CUDA sparse-attention kernels take fp16 or bf16: run the model under "
+                    "torch.autocast('cuda', dtype=torch.bfloat16) (or float16), or build it with attention='dense'"
+                )
             o = block_sparse_attention(q, k, v, self.kind, cfg.text_len, cfg.image_size, cfg.kernel_size)
         o = self.proj(o.transpose(1, 2).reshape(B, N, -1))  # (B, N, d)
         if self.kind == "column":

@@ -18,7 +18,7 @@ from dalle_fast.transformer import DALLE, preset
 
 ARGS = [
     "--preset", "micro", "--batch-size", "4", "--max-items", "32", "--val-items", "8", "--samples", "1",
-    "--bpe-dropout", "0", "--vocab-size", "300", "--text-len", "48", "--threads", "1",
+    "--bpe-dropout", "0", "--vocab-size", "300", "--text-len", "48", "--threads", "1", "--device", "cpu",
 ]  # fmt: skip
 
 
@@ -178,7 +178,13 @@ def test_distributed_flags_are_checked(vae_run, tmp_path):
         DALLETrainConfig(powersgd_rank=-1)
     # One process: --shard and --powersgd-rank have nothing to do and the run is a plain one.
     cfg = DALLETrainConfig(
-        vae=str(vae_run), out=str(tmp_path / "p"), preset="micro", powersgd_rank=4, max_items=16, val_items=4
+        vae=str(vae_run),
+        out=str(tmp_path / "p"),
+        preset="micro",
+        powersgd_rank=4,
+        max_items=16,
+        val_items=4,
+        device="cpu",
     )
     t = Trainer(cfg)  # 16 items: encoding the whole built-in set (100,000 images) would take minutes
     assert t.powersgd is None and not t.dist.enabled

@@ -4,7 +4,7 @@ and the generate CLI's errors. (The decode op itself: tests/test_decode.py.)"""
 import pytest
 import torch
 
-from dalle_fast.generate import sample_tokens
+from dalle_fast.generate import sample_tokens, sampling_autocast
 from dalle_fast.kv_cache import cached_image_logits, decode_step, kernel_position, prefill
 from dalle_fast.masks import MASK_KINDS
 from dalle_fast.tokenizer import PAD
@@ -87,6 +87,33 @@ def test_cache_and_recompute_sample_the_same_tokens():
     assert not torch.equal(a, d)
 
 
+def test_sampling_autocast_is_bf16_on_cuda_for_sparse_models_only():
+    """The CUDA attention kernels take fp16/bf16: an fp32 sparse model samples under bf16 autocast there.
+    (Only the choice is checked here: without a GPU, the autocast it returns is disabled.)"""
+    sparse, dense = model_of(), model_of(attention="dense")
+    ctx = sampling_autocast(sparse, "cuda")
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    for model, device in ((sparse, "cpu"), (dense, "cuda"), (dense, "cpu")):
+        assert not isinstance(sampling_autocast(model, device), torch.autocast)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_sampling_of_an_fp32_model():
+    """An fp32 sparse model samples on CUDA (under bf16 autocast) with and without the cache; its plain
+    forward outside autocast is refused with what to do."""
+    model = model_of(head_dim=32).cuda()
+    text, image = tokens(model.cfg, batch=2)
+    text, image = text.cuda(), image.cuda()
+    for cache in (True, False):
+        out = sample_tokens(model, text, top_k=5, cache=cache, generator=torch.Generator("cuda").manual_seed(0))
+        assert out.shape == image.shape and out.is_cuda and 0 <= int(out.min()) <= int(out.max()) < 12
+    with pytest.raises(ValueError, match="torch.autocast"):
+        model.loss(text, image)
+
+
 def test_guidance_mixes_caption_and_empty_caption_logits():
     """Greedy guided decoding against a hand-written loop over the full forward pass: each token is the
     argmax of u + g (c - u), c given the caption and u given the all-padding caption."""
@@ -139,6 +166,7 @@ def runs(tmp_path_factory):
     train_dalle(DALLETrainConfig(
         vae=str(root / "vae"), out=str(root / "dalle"), preset="micro", steps=2, batch_size=4, ckpt_every=2,
         log_every=2, max_items=32, val_items=8, samples=0, warmup=1, bpe_variants=0, vocab_size=300, text_len=24,
+        device="cpu",
     ))  # fmt: skip
     train_clip(CLIPTrainConfig(
         dalle=str(root / "dalle"), out=str(root / "clip"), width=16, embed_dim=8, max_items=32, val_items=8,

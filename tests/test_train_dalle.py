@@ -19,6 +19,7 @@ from dalle_fast.train_dalle import (
     Trainer,
     cpu_has_native_bf16,
     load_transformer,
+    resolve_device,
     train_dalle,
 )
 from dalle_fast.transformer import DALLE, preset
@@ -35,6 +36,7 @@ def _cfg(vae_run, out, **kw):
     base = dict(
         vae=str(vae_run), out=str(out), preset="micro", steps=6, batch_size=4, ckpt_every=3, log_every=3,
         max_items=48, val_items=8, samples=0, warmup=2, bpe_variants=2, vocab_size=300, text_len=48, seed=3,
+        device="cpu",  # also where a GPU is present: micro's head_dim 16 has no CUDA kernel
     )  # fmt: skip
     base.update(kw)
     return DALLETrainConfig(**base)
@@ -132,6 +134,7 @@ def test_cli_errors(vae_run, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["dalle", "--vae", str(vae_run), "--out", str(out), "--preset", "micro", "--steps", "2"]
     args += ["--batch-size", "2", "--max-items", "16", "--val-items", "4", "--samples", "0", "--vocab-size", "300"]
+    args += ["--device", "cpu"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     with pytest.raises(SystemExit):  # an existing run needs --resume
@@ -259,9 +262,28 @@ def test_resblock_scaling_path_resumes_exactly(vae_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training(vae_run, tmp_path):
-    metrics = train_dalle(_cfg(vae_run, tmp_path / "compiled", steps=2, compile=True))
+@pytest.mark.parametrize("resblock_scaling", [False, True])  # True: what fp16 on CUDA always runs
+def test_compiled_training(vae_run, tmp_path, resblock_scaling):
+    cfg = _cfg(vae_run, tmp_path / "compiled", steps=2, compile=True, resblock_scaling=resblock_scaling)
+    metrics = train_dalle(cfg)
     assert metrics["step"] == 2 and metrics["loss"] == metrics["loss"]
+
+
+def test_cuda_device_checks_without_a_gpu(monkeypatch):
+    """The device checks that apply on CUDA, reached here by pretending one is present (resolve_device
+    touches no GPU): a preset whose head_dim has no CUDA kernel is refused up front, with what to do."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"preset micro's head_dim 16 has no CUDA attention kernel.*--device cpu"):
+        resolve_device(DALLETrainConfig(preset="micro", device="cuda"))
+    assert resolve_device(DALLETrainConfig(preset="micro", device="cuda", attention="dense")) == (
+        torch.device("cuda"),
+        "fp16",
+    )
+    assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
+    with pytest.raises(ValueError, match="precision fp32 on CUDA"):
+        resolve_device(DALLETrainConfig(preset="tiny", device="cuda", precision="fp32"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

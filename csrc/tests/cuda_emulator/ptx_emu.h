@@ -5,6 +5,7 @@
 // and wait again before any lane may change its operands.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -87,8 +88,12 @@ inline void ldmatrix(uint32_t (&r)[4], const void* row, bool trans) {
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emu::ldmatrix(r, row, false); }
 
-// The special-function unit's 2^x is within 2 ulp of the exact one; the host's exp2f stands in.
-inline float exp2_approx(float x) { return exp2f(x); }
+// The special-function unit's 2^x is within 2 ulp of the exact one; the host's exp2f stands in, with
+// .ftz's flush of subnormal results to +0 (arguments in (-150, -126)).
+inline float exp2_approx(float x) {
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
