@@ -146,7 +146,10 @@ class ScaledResidual(nn.Module):
         if not torch.is_grad_enabled():
             return x + self.branch(x)
         inner = _UnscaleGradOut.apply(x, s._scales, self.index, s.found_inf)
-        return x + _ScaleGradIn.apply(self.branch(inner), s._scales, self.index)
+        # The branch's output joins the stream in x's dtype (fp32) before the scale: under fp16 autocast the
+        # branch returns fp16, and autograd would otherwise round the stream's gradient to fp16 (flushing
+        # what lies below fp16's range) before the scale could lift it.
+        return x + _ScaleGradIn.apply(self.branch(inner).to(x.dtype), s._scales, self.index)
 
 
 # ---- the scaler -------------------------------------------------------------------------------------

@@ -83,6 +83,8 @@ def load_state(out: Path, what: str = "--resume") -> dict:
     if not path.exists():
         raise ValueError(f"{what}: no complete checkpoint in {Path(out)} (state.pt is missing)")
     try:
-        return torch.load(path, weights_only=False)
+        # To the CPU: each process then moves what it needs to its own device (optimizer state goes to
+        # its parameters' device), so N ranks do not all land on cuda:0, and a CUDA run resumes on a CPU.
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"{what}: the checkpoint in {Path(out)} is unreadable: {type(e).__name__}: {e}") from e

@@ -50,11 +50,15 @@ def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
-        )
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if device_type == "cuda":  # each rank on its own GPU before NCCL starts, bound to it
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -113,7 +117,13 @@ def wrap_ddp(
         # With gloo, PowerSGD's chained all-reduces of different buckets can interleave in a different order
         # on each rank (a collective mismatch): one bucket for everything keeps them in step.
         bucket_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
-    ddp = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+    # broadcast_buffers=False: the model's only buffer (token positions) is a constant.
+    ddp = DDP(
+        wrapper,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=bucket_mb,
+        broadcast_buffers=False,
+    )
     state = None
     if powersgd_rank:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -126,13 +136,49 @@ def wrap_ddp(
             use_error_feedback=True,
             warm_start=True,
         )
-        hook = powersgd.powerSGD_hook
+        hook = finite_guard(powersgd.powerSGD_hook)
         if fp16_comm:
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_wrapper
 
             hook = fp16_compress_wrapper(hook)
         ddp.register_comm_hook(state, hook)
     return ddp, held_out, state
+
+
+def finite_guard(hook):
+    """Wraps PowerSGD's DDP communication hook so that an overflow cannot poison its state.
+
+    Under fp16 with per-resblock scaling, gradients overflow now and then by design (the scaler raises
+    its scales until they do, then skips the block and backs off). PowerSGD keeps state across steps:
+    error feedback (input - approximation) and the warm-start Q. An Inf that entered either would stay
+    there, NaN every later step of that tensor, and keep its block skipped for good. So the guard zeroes
+    the non-finite entries of the bucket before the hook sees them; repairs any non-finite state the
+    hook itself produced (an fp16 product that overflowed: error feedback dropped, Q entries redrawn); and
+    marks as +Inf, in the result, the entries that came in non-finite or came out so. The scaler then
+    still finds the overflow and skips exactly those blocks (agreed across ranks), as without PowerSGD.
+    Element-wise work only: no host synchronisation."""
+
+    def guarded(state, bucket):
+        buf = bucket.buffer()
+        bad = ~torch.isfinite(buf)
+        buf.masked_fill_(bad, 0.0)
+        fut = hook(state, bucket)
+
+        def restore(fut):
+            out = fut.value()
+            out = out[0] if isinstance(out, list) else out
+            i = bucket.index()
+            if i in state.error_dict:
+                state.error_dict[i].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if i in state.q_memory_dict:
+                q = state.q_memory_dict[i]
+                q.copy_(torch.where(torch.isfinite(q), q, torch.randn_like(q)))
+            out.masked_fill_(bad | ~torch.isfinite(out), float("inf"))
+            return out
+
+        return fut.then(restore)
+
+    return guarded
 
 
 def wrap_fsdp(model: nn.Module) -> nn.Module:

@@ -211,14 +211,17 @@ def encode_images(
     if not isinstance(dataset, torch.utils.data.IterableDataset):
         n_items = min(limit, len(dataset)) if limit else len(dataset)
         dataset, limit = _ItemsWithCaptions(dataset, list(range(part[0], n_items, part[1]))), 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_collate)
+    device = next(dvae.parameters()).device  # the training device: a GPU encodes far faster than the CPU
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=256, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda"
+    )
     codes, lines, index, counter = [], [], [], SkipCounter(desc)
     for images, caps, idx, skipped in loader:
         if caps and isinstance(caps[0], str):  # a streamed source: one caption per item
             caps = [[c] for c in caps]
         counter.add(len(caps) + skipped, skipped)
         if caps:
-            codes.append(dvae.encode(images).flatten(1).to(torch.int16))
+            codes.append(dvae.encode(images.to(device, non_blocking=True)).flatten(1).to(torch.int16).cpu())
             lines += caps
             index += idx
         if limit and len(lines) >= limit:
@@ -365,7 +368,7 @@ class Trainer:
             )
         if cfg.shard and (self.precision == "fp16" or cfg.resblock_scaling):
             raise ValueError("--shard does not combine with per-resblock gradient scaling (fp16) yet; use bf16")
-        self.dvae = load_dvae(cfg.vae)
+        self.dvae = load_dvae(cfg.vae).to(self.device)  # encodes the data, decodes the samples
         self._prepare_data()
         base = PRESETS[cfg.preset]
         self.mcfg = preset(
@@ -509,7 +512,9 @@ class Trainer:
             text = text.masked_fill((torch.rand(len(text), generator=g) < self.cfg.caption_dropout)[:, None], PAD)
         if self.dist.enabled:  # every rank draws the global batch and keeps its own slice
             text, image = (t.chunk(self.dist.world)[self.dist.rank] for t in (text, image))
-        return text.to(self.device), image.to(self.device)
+        if self.device.type == "cuda":  # pinned and asynchronous: the host does not wait for the GPU here
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (text, image))
+        return text, image
 
     # checkpoints
 
@@ -653,7 +658,7 @@ class Trainer:
             tokens = sample_tokens(model, self.sample_text.to(self.device), top_k=0, generator=g)
             model.train()
         W = self.mcfg.image_size
-        images = self.dvae.decode(tokens.cpu().view(-1, W, W))
+        images = self.dvae.decode(tokens.view(-1, W, W)).cpu()
         save_captioned_grid(path, images, self.tok.decode(self.sample_text))
 
     # training
@@ -700,8 +705,11 @@ class Trainer:
                 self.scaler.update()
             with torch.no_grad():  # EMA with a warm-up, so short runs are not sampled from their init
                 decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
-                for e, v in ema_pairs:
-                    e.lerp_(v.to(e.dtype), 1 - decay)
+                if self.sharded:  # shards (DTensors): one at a time
+                    for e, v in ema_pairs:
+                        e.lerp_(v, 1 - decay)
+                else:  # one multi-tensor launch per dtype and device
+                    torch._foreach_lerp_([e for e, _ in ema_pairs], [v for _, v in ema_pairs], 1 - decay)
             self.step += 1
             window_tokens += image.numel()
             if bar:

@@ -223,17 +223,24 @@ class DALLE(nn.Module):
             raise ValueError(f"text must be a LongTensor [batch, text_len], got {_describe(text)}")
         if text.shape[1] != cfg.text_len:
             raise ValueError(f"text.shape[1] must be text_len={cfg.text_len}, got {text.shape[1]}")
-        checking_values = not torch.compiler.is_compiling()  # data-dependent: eager mode only
-        if checking_values and text.numel() and (text.min() < PAD or text.max() >= cfg.text_vocab):
-            raise ValueError(f"text ids must be in [0, {cfg.text_vocab}) or PAD ({PAD})")
-        if image is None:
+        if image is not None:
+            n = cfg.image_size**2 if image_len is None else image_len
+            if not isinstance(image, torch.Tensor) or image.dtype != torch.long or image.dim() != 2:
+                raise ValueError(f"image must be a LongTensor [batch, image_size**2], got {_describe(image)}")
+            if image.shape != (text.shape[0], n):
+                raise ValueError(f"image must have shape ({text.shape[0]}, {n}), got {tuple(image.shape)}")
+        if torch.compiler.is_compiling():  # the id ranges depend on the data: eager mode only
             return
-        n = cfg.image_size**2 if image_len is None else image_len
-        if not isinstance(image, torch.Tensor) or image.dtype != torch.long or image.dim() != 2:
-            raise ValueError(f"image must be a LongTensor [batch, image_size**2], got {_describe(image)}")
-        if image.shape != (text.shape[0], n):
-            raise ValueError(f"image must have shape ({text.shape[0]}, {n}), got {tuple(image.shape)}")
-        if checking_values and image.numel() and (image.min() < 0 or image.max() >= cfg.image_vocab):
+        # Both ranges in one host read (on a GPU, one synchronisation per call rather than four).
+        flags = [torch.zeros((), dtype=torch.bool, device=text.device)] * 2
+        if text.numel():
+            flags[0] = (text.min() < PAD) | (text.max() >= cfg.text_vocab)
+        if image is not None and image.numel():
+            flags[1] = (image.min() < 0) | (image.max() >= cfg.image_vocab)
+        bad_text, bad_image = torch.stack(flags).tolist()
+        if bad_text:
+            raise ValueError(f"text ids must be in [0, {cfg.text_vocab}) or PAD ({PAD})")
+        if bad_image:
             raise ValueError(f"image ids must be in [0, {cfg.image_vocab})")
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:

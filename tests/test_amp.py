@@ -379,6 +379,34 @@ def test_per_resblock_scaling_keeps_gradients_that_one_loss_scale_loses():
     assert zeros_block < 0.05
 
 
+def test_the_scale_lifts_the_gradient_before_it_meets_fp16():
+    """Under fp16 autocast a branch returns fp16 into the fp32 residual stream. The block's scale must
+    multiply the stream's gradient while it is fp32: a gradient below fp16's range (1e-8 per element)
+    reaches the branch's parameters scaled by 2^13, not flushed to zero, and unscale_ recovers it."""
+
+    class HalfBranch(nn.Module):  # fp16 compute and output, fp32 parameters: what autocast does
+        def __init__(self, width):
+            super().__init__()
+            self.fc = nn.Linear(width, width)
+
+        def forward(self, x):
+            return nn.functional.linear(x.half(), self.fc.weight.half(), self.fc.bias.half())
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    scaler = ResblockGradScaler(1)
+    branch = HalfBranch(16)
+    (scaler.residual(branch, 0)(x) * 1e-8).sum().backward()
+    scaler.unscale_([(p, 0) for p in branch.parameters()])
+    assert not scaler.found_inf.any()
+    ref = nn.Linear(16, 16)
+    ref.load_state_dict(branch.fc.state_dict())
+    (ref(x) * 1e-8).sum().backward()  # fp32 throughout
+    assert (branch.fc.weight.grad != 0).float().mean() > 0.99
+    torch.testing.assert_close(branch.fc.weight.grad, ref.weight.grad, rtol=2e-2, atol=1e-12)
+    torch.testing.assert_close(branch.fc.bias.grad, ref.bias.grad, rtol=2e-2, atol=1e-12)
+
+
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(

@@ -156,6 +156,48 @@ def test_powersgd_error_shrinks_as_rank_grows(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("overflow", ["inf", "fp16 products"])
+def test_an_overflow_does_not_poison_powersgd(overflow):
+    """One gloo process, fp16 PowerSGD. An overflowing gradient (an Inf entry; or finite fp16 values whose
+    products overflow inside PowerSGD) comes out non-finite that step, so the resblock scaler skips its
+    block, and leaves PowerSGD's error feedback and warm start finite: the next steps are clean (without
+    the guard that tensor stayed non-finite for good)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        cfg = preset("micro", d_model=64, n_heads=4, head_dim=16)
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), generator=g)
+        image = torch.randint(0, cfg.image_vocab, (4, cfg.image_size**2), generator=g)
+        torch.manual_seed(0)
+        model = DALLE(cfg)
+        ddp, _, _ = wrap_ddp(model, _single(), torch.device("cpu"), 4, fp16_comm=True)
+        target = model.layers[0].mlp.branch.fc.weight
+
+        def nonfinite():
+            model.zero_grad()
+            ddp(text, image)["loss"].backward()
+            return [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+
+        def inject(grad):
+            grad = grad.clone()
+            if overflow == "inf":
+                grad[0, 0] = float("inf")
+            else:
+                grad.fill_(6e4)  # fp16 holds it; its sums in PowerSGD's products do not
+            return grad
+
+        for _ in range(3):  # steps 0, 1 plain all-reduce; 2 compressed
+            assert nonfinite() == []
+        handle = target.register_hook(inject)
+        assert nonfinite() == ["layers.0.mlp.branch.fc.weight"]
+        handle.remove()
+        for _ in range(3):
+            assert nonfinite() == []
+    finally:
+        dist.destroy_process_group()
+
+
 def _single():
     from dalle_fast.distributed import DistInfo
 
