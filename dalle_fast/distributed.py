@@ -224,13 +224,13 @@ def mean_over_ranks(values: list[float], info: DistInfo, device: torch.device) -
     return (t / info.world).tolist()
 
 
-def rank0_decides(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """Rank 0's value of a flag, on every rank (e.g. "the time is up": each rank has its own clock)."""
+def rank0_value(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's value of a number, on every rank (e.g. the seconds trained: each rank has its own clock)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
-    return bool(t.item())
+    return float(t.item())
 
 
 def paper_compression_rate(rank: int, d_model: int) -> float:

@@ -37,7 +37,7 @@ from dalle_fast.distributed import (
     init_from_env,
     mean_over_ranks,
     paper_compression_rate,
-    rank0_decides,
+    rank0_value,
     shutdown,
     sync_uncompressed,
     wrap_ddp,
@@ -683,7 +683,7 @@ class Trainer:
         self.model.train()
         while self.step < cfg.steps:
             text, image = self.batch(self.step)
-            lr = learning_rate(self.step, cfg, time.time() - started)
+            lr = learning_rate(self.step, cfg, self.seconds)  # the same on every rank (see below)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             with self.autocast():
@@ -715,16 +715,16 @@ class Trainer:
             if bar:
                 bar.update(1)
             self.seconds = time.time() - started
+            if cfg.time_limit:  # rank 0's clock, on every rank: the same learning rates, the same last step
+                self.seconds = rank0_value(self.seconds, self.dist, self.device)
             timed_out = bool(cfg.time_limit) and self.seconds > cfg.time_limit
-            if cfg.time_limit:  # rank 0's clock decides, so every rank stops at the same step
-                timed_out = rank0_decides(timed_out, self.dist, self.device)
             done = self.step == cfg.steps or self.step == stop_at or timed_out
             ckpt = self.step % cfg.ckpt_every == 0 or done
             if self.step % cfg.log_every == 0 or ckpt:
-                now = time.time()
                 losses = mean_over_ranks(
                     [float(parts[k].detach()) for k in ("loss", "text", "image")], self.dist, self.device
                 )
+                now = time.time()  # after the losses' host read: the window's work is done, not just queued
                 metrics = {"step": self.step, **dict(zip(("loss", "text", "image"), losses, strict=True))}
                 metrics.update(
                     val_image=self.validate() if ckpt else math.nan,

@@ -73,6 +73,15 @@ def test_two_process_ddp_equals_one_process(vae_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_under_a_time_limit(vae_run, tmp_path):
+    """With --time-limit every rank takes rank 0's clock (broadcast each step) for its learning rate and
+    its stopping step: the replicas stay the single process's."""
+    _train(vae_run, tmp_path / "one", 3, 1, "--time-limit", "3600")
+    _train(vae_run, tmp_path / "two", 3, 2, "--time-limit", "3600")
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
+@pytest.mark.slow
 def test_two_processes_with_per_resblock_scaling(vae_run, tmp_path):
     """Scales start at M x 2^13 and the nonfinite flags are agreed across ranks; the unscaled updates are
     the single process's (the scales are powers of two, so scaling is exact)."""
