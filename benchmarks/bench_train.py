@@ -56,22 +56,28 @@ def make_step(name: str, batch: int, mode: str, device: str, precision: str):
     return step, cfg, model
 
 
-def attention_share(step) -> float:
-    """Fraction of one step's CPU time inside attention ops (forward and backward)."""
+def attention_share(step, device: str = "cpu") -> float:
+    """Fraction of one step's time inside attention ops (forward and backward): CPU time on the CPU; on
+    CUDA, the GPU time of the kernels the attention ops launched over the GPU time of all kernels (the
+    CPU time of an op there is only its launch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         step()
         total_us = (time.perf_counter() - t0) * 1e6
-    attn = 0.0
-    for ev in prof.key_averages():
+    attn, events = 0.0, prof.key_averages()
+    for ev in events:
         backward = ev.key.startswith("autograd::engine::evaluate_function") and any(
             k in ev.key for k in ATTENTION_BACKWARD
         )
         if ev.key in ATTENTION_FORWARD or backward:
-            attn += ev.cpu_time_total
-    return attn / total_us
+            attn += ev.device_time_total if cuda else ev.cpu_time_total
+    if cuda:
+        total_us = sum(ev.self_device_time_total for ev in events)
+    return attn / max(total_us, 1e-9)
 
 
 def run(args) -> list[dict]:
@@ -100,7 +106,7 @@ def run(args) -> list[dict]:
                     "params_m": model.num_params() / 1e6,
                     "step_ms": best[m] * 1e3,
                     "image_tok_s": tokens / best[m],
-                    "attn_share": attention_share(step),
+                    "attn_share": attention_share(step, args.device),
                 }
             )
             print(rows[-1], file=sys.stderr)
@@ -114,8 +120,13 @@ def write_results(rows: list[dict], args) -> None:
         f"`python -m benchmarks.bench_train --iters {args.iters}` on {platform.processor() or platform.machine()}, "
         f"device {args.device}, precision {args.precision}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}. One step = forward + backward + AdamW on synthetic tokens; best of {args.iters}, "
-        "the two modes taking turns. Attention share: CPU time of the attention ops (forward and backward) in "
-        "one profiled step.",
+        "the two modes taking turns. Attention share: "
+        + (
+            "GPU time of the kernels the attention ops launched"
+            if args.device == "cuda"
+            else "CPU time of the attention ops"
+        )
+        + " (forward and backward) in one profiled step.",
         "",
         "| preset | sequence | params | batch | attention | step ms | image tokens/s | attention share | speed-up |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
