@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <tuple>
 
 namespace dalle_fast {
@@ -40,7 +41,8 @@ const char* mask_kind_name(MaskKind kind) {
 
 std::string validate_mask_spec(const MaskSpec& m) {
   if (m.text_len < 0) return "text_len must be >= 0, got " + std::to_string(m.text_len);
-  if (m.image_size < 1) return "image_size must be >= 1, got " + std::to_string(m.image_size);
+  if (m.image_size < 1 || m.image_size > kMaxImageSize)
+    return "image_size must be in [1, " + std::to_string(kMaxImageSize) + "], got " + std::to_string(m.image_size);
   if (m.kernel_size < 1 || m.kernel_size % 2 == 0)
     return "kernel_size must be a positive odd number, got " + std::to_string(m.kernel_size);
   return "";
@@ -120,6 +122,9 @@ BlockLayout build_block_layout(const MaskSpec& m, int64_t block) {
       by_key[kb].push_back({static_cast<int32_t>(qb), full});
       L.allowed_pairs += covered[kb];
     }
+    if (L.q_kblock.size() > static_cast<size_t>(INT32_MAX))  // offsets are 32-bit in the kernels
+      throw std::length_error("dalle_fast: the block layout of this mask has more than 2^31 - 1 entries; the "
+                              "sequence is too long for the attention kernels");
     L.q_ptr.push_back(static_cast<int32_t>(L.q_kblock.size()));
   }
   L.k_ptr.push_back(0);

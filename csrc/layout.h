@@ -33,6 +33,9 @@ enum class MaskKind : int32_t { kCausal = 0, kRow = 1, kColumn = 2, kConv = 3 };
 bool parse_mask_kind(const std::string& name, MaskKind* kind);
 const char* mask_kind_name(MaskKind kind);
 
+// The largest image side: image_size^2 tokens must fit the kernels' 32-bit token indices.
+constexpr int64_t kMaxImageSize = 46340;
+
 struct MaskSpec {
   MaskKind kind;
   int64_t text_len;
@@ -166,7 +169,7 @@ DF_HOST_DEVICE KeyRow<I> key_row(const MaskSpec& m, I j, I seq_len) {
     case MaskKind::kConv:
       break;
     case MaskKind::kRow:
-      k.hi = j + W < seq_len ? j + W : seq_len - 1;
+      k.hi = j < seq_len - W ? j + W : seq_len - 1;  // (j + W could overflow I)
       break;
     case MaskKind::kColumn:
       k.hi = j - (j - T) % W + W - 1;  // the end of its (transposed) row, never past seq_len - 1

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 MASK_KINDS = ("causal", "row", "column", "conv")
+MAX_IMAGE_SIZE = 46340  # image_size**2 tokens fit 32-bit indices (kMaxImageSize in csrc/layout.h)
 
 
 def check_mask_args(kind: str, text_len: int, image_size: int, kernel_size: int = 11) -> None:
@@ -33,8 +34,8 @@ def check_mask_args(kind: str, text_len: int, image_size: int, kernel_size: int 
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
     if not isinstance(text_len, int) or text_len < 0:
         raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
+    if not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an int in [1, {MAX_IMAGE_SIZE}], got {image_size!r}")
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
 

@@ -93,6 +93,22 @@ _HAS_CUDA_KERNEL = {
 }
 
 
+def cuda_unusable_reason(device: torch.device | str = "cuda") -> str | None:
+    """None when this build's CUDA kernels can run on `device`; else why not, in words (no GPU, a build
+    without CUDA kernels, or a GPU older than compute capability 8.0). Trainers use it to pick a device."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if not all(_HAS_CUDA_KERNEL.values()):
+        return (
+            "dalle_fast was built without CUDA kernels (at install time no nvcc matched torch's CUDA "
+            f"{torch.version.cuda}; see README, Install)"
+        )
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        return f"the CUDA kernels need compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    return None
+
+
 def _require_cuda_kernels(device: torch.device, op: str) -> None:
     """RuntimeError for a CUDA device when the extension was built without CUDA kernels."""
     if device.type == "cuda" and not _HAS_CUDA_KERNEL[op]:

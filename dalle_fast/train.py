@@ -424,6 +424,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from dalle_fast.clip import CLIPScorer, CLIPTrainConfig, load_clip, train_clip
     from dalle_fast.data import ShapesDataset
     from dalle_fast.generate import generate, save_captioned_grid
+    from dalle_fast.ops import cuda_unusable_reason
     from dalle_fast.train_dalle import DALLETrainConfig, cpu_has_native_bf16, load_transformer, train_dalle
 
     if cfg.threads:
@@ -439,7 +440,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         data="shapes", vae=vae_cfg.out, preset="tiny", d_model=cfg.width, out=str(run / "dalle"),
         steps=cfg.dalle_steps, batch_size=cfg.dalle_batch, max_items=cfg.items, time_limit=cfg.dalle_minutes * 60,
         seed=cfg.seed, threads=cfg.threads,
-        precision="bf16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "auto",
+        precision="bf16" if cuda_unusable_reason() is not None and cpu_has_native_bf16() else "auto",
     )  # fmt: skip
     _run_stage("[2/4] tokenizer and transformer", dalle_cfg, train_dalle)
     clip_cfg = CLIPTrainConfig(

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from dalle_fast.distributed import (
 )
 from dalle_fast.dvae import DVAE, DVAEConfig
 from dalle_fast.generate import sample_tokens, save_captioned_grid
-from dalle_fast.ops import CUDA_HEAD_DIMS
+from dalle_fast.ops import CUDA_HEAD_DIMS, cuda_unusable_reason
 from dalle_fast.tokenizer import PAD, CaptionTokenizer
 from dalle_fast.transformer import ATTENTION_MODES, DALLE, PRESETS, TransformerConfig, preset
 
@@ -319,7 +320,14 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
     """(device, precision) with "auto" resolved; ValueError for combinations that cannot run."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.device == "auto":
+        # The GPU when this build's kernels can run there; the CPU otherwise (saying why, if a GPU is present).
+        why_not = cuda_unusable_reason()
+        if why_not is not None and torch.cuda.is_available():
+            warnings.warn(f"device auto: training on the CPU, since {why_not}", stacklevel=2)
+        name = "cuda" if why_not is None else "cpu"
+    else:
+        name = cfg.device
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -328,6 +336,8 @@ def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r}: no CUDA device is available")
+    if device.type == "cuda" and (why_not := cuda_unusable_reason(device)) is not None:
+        raise ValueError(f"device {cfg.device!r}: {why_not}")
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")

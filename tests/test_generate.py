@@ -7,6 +7,7 @@ import torch
 from dalle_fast.generate import sample_tokens, sampling_autocast
 from dalle_fast.kv_cache import cached_image_logits, decode_step, kernel_position, prefill
 from dalle_fast.masks import MASK_KINDS
+from dalle_fast.ops import cuda_unusable_reason
 from dalle_fast.tokenizer import PAD
 from dalle_fast.transformer import DALLE, Layer, TransformerConfig
 
@@ -97,7 +98,7 @@ def test_sampling_autocast_is_bf16_on_cuda_for_sparse_models_only():
         assert not isinstance(sampling_autocast(model, device), torch.autocast)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.mark.skipif(cuda_unusable_reason() is not None, reason="needs a GPU this build's CUDA kernels run on")
 
 
 @CUDA

@@ -134,6 +134,7 @@ def test_layer_schedule():
         (lambda: attention_mask("diagonal", 6, 4), "kind"),
         (lambda: attention_mask("row", -1, 4), "text_len"),
         (lambda: attention_mask("row", 6, 0), "image_size"),
+        (lambda: attention_mask("row", 6, 46341), "image_size"),  # 46341**2 tokens overflow 32-bit indices
         (lambda: attention_mask("conv", 6, 4, 4), "kernel_size"),
         (lambda: block_layout("row", 6, 4, 11, 0), "block"),
         (lambda: layer_kinds(0), "n_layers"),
@@ -150,6 +151,8 @@ def test_cpp_layout_op_rejects_bad_arguments():
         torch.ops.dalle_fast.block_layout("diagonal", 6, 4, 11, 4)
     with pytest.raises(RuntimeError, match="kernel_size"):
         torch.ops.dalle_fast.block_layout("conv", 6, 4, 10, 4)
+    with pytest.raises(RuntimeError, match=r"image_size must be in \[1, 46340\]"):
+        torch.ops.dalle_fast.block_layout("row", 6, 46341, 11, 4)
 
 
 def test_mask_pngs(tmp_path):

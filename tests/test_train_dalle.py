@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dalle_fast.data import ShapesDataset
 from dalle_fast.generate import filter_logits, sample_tokens
+from dalle_fast.ops import cuda_unusable_reason
 from dalle_fast.train import PipelineConfig, VAETrainConfig, main, run_pipeline, train_vae
 from dalle_fast.train_dalle import (
     DALLETrainConfig,
@@ -178,7 +179,7 @@ def test_main_job_smoke(tmp_path):
     for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json", "clip/config.json"):
         assert (run / f).exists(), f
     # The transformer trains in bf16 on a CPU that multiplies bf16 in hardware, else in the trainer's auto.
-    native = not torch.cuda.is_available() and cpu_has_native_bf16()
+    native = cuda_unusable_reason() is not None and cpu_has_native_bf16()  # the stage runs on the CPU
     precision = json.loads((run / "dalle" / "config.json").read_text())["train"]["precision"]
     assert precision == ("bf16" if native else "auto") and isinstance(cpu_has_native_bf16(), bool)
     # A second call finds every stage done and only draws the samples again.
@@ -272,7 +273,11 @@ def test_compiled_training(vae_run, tmp_path, resblock_scaling):
 def test_cuda_device_checks_without_a_gpu(monkeypatch):
     """The device checks that apply on CUDA, reached here by pretending one is present (resolve_device
     touches no GPU): a preset whose head_dim has no CUDA kernel is refused up front, with what to do."""
+    from dalle_fast import ops
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", dict.fromkeys(ops._HAS_CUDA_KERNEL, True))
     with pytest.raises(ValueError, match=r"preset micro's head_dim 16 has no CUDA attention kernel.*--device cpu"):
         resolve_device(DALLETrainConfig(preset="micro", device="cuda"))
     assert resolve_device(DALLETrainConfig(preset="micro", device="cuda", attention="dense")) == (
@@ -282,11 +287,21 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch):
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
     with pytest.raises(ValueError, match="precision fp32 on CUDA"):
         resolve_device(DALLETrainConfig(preset="tiny", device="cuda", precision="fp32"))
+    # A GPU the kernels cannot use: auto trains on the CPU and says why; an explicit cuda is refused.
+    for why in ("compute capability 8.0", "built without CUDA kernels"):
+        if why.startswith("compute"):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        else:
+            monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", {"sparse_attention_fwd": False})
+        with pytest.warns(UserWarning, match=why):
+            assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cpu"), "fp32")
+        with pytest.raises(ValueError, match=why):
+            resolve_device(DALLETrainConfig(preset="tiny", device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_unusable_reason() is not None, reason="needs a GPU this build's CUDA kernels run on")
 def test_cuda_fp16_training(vae_run, tmp_path):
     metrics = train_dalle(_cfg(vae_run, tmp_path / "cuda", steps=4, device="cuda", preset="tiny"))
     assert metrics["step"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))

@@ -91,7 +91,8 @@ __global__ void __launch_bounds__(threads_for<MT>())
   // (__fsub_rn), so a block that does not raise the max rescales by exactly 1: FMA contraction of
   // m_old * c - m_new * c would leave a rounding residue that drifts the accumulators block after block.
   // Every float operation on m and l names its rounding (the _rn intrinsics), so nvcc fuses nothing of
-  // its own: both warp layouts, and the host emulator, do the same arithmetic in the same order.
+  // its own: both warp layouts do the same arithmetic in the same order, and the host emulator rounds
+  // these steps as the GPU does (ex2.approx, log2f and the tensor cores' sums may differ slightly).
   const int row0 = q0 + MT * warp * 16 + g;  // row of (mt, h): row0 + 16 mt + 8 h
   float m[MT][2], l[MT][2];
   float o[MT][DT][4];

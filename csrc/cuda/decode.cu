@@ -27,7 +27,8 @@ constexpr int kMaxPerLane = 8;    // head_dim <= 256 = 32 lanes x 8
 // Shared memory: each warp's running max and sum, then its partial output row.
 constexpr size_t kDecodeSmemBytes = sizeof(float) * kDecodeWarps * (2 + 32 * kMaxPerLane);
 // Multiply-adds are written as __fmaf_rn (what nvcc would contract them to), other products and sums
-// as __fmul_rn / __fadd_rn: the host emulator, which fuses nothing, then rounds as the GPU does.
+// as __fmul_rn / __fadd_rn: the host emulator, which fuses nothing, then rounds these steps as the GPU
+// does (exp2f itself may differ by an ulp or two).
 
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }

@@ -181,6 +181,10 @@ int main() {
          "negative text_len accepted");
   EXPECT(validate_mask_spec(MaskSpec{MaskKind::kRow, 3, 0, 11}).find("image_size") != std::string::npos,
          "empty image accepted");
+  EXPECT(validate_mask_spec(MaskSpec{MaskKind::kRow, 3, kMaxImageSize + 1, 11}).find("image_size") !=
+             std::string::npos,
+         "an image side whose square overflows 32 bits accepted");
+  EXPECT(validate_mask_spec(MaskSpec{MaskKind::kRow, 3, kMaxImageSize, 11}).empty(), "the largest image refused");
   if (failures) {
     std::fprintf(stderr, "%d failures\n", failures);
     return 1;
