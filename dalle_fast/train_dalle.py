@@ -92,7 +92,9 @@ class DALLETrainConfig:
     weight_decay: float = field(default=4.5e-2, metadata={"help": "AdamW weight decay (the paper's 4.5e-2)"})
     grad_clip: float = field(default=4.0, metadata={"help": "gradient-norm clip (the paper's 4); 0: none"})
     ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for sampling"})
-    precision: str = field(default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16) | fp32 | bf16 | fp16"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16; bf16 with --shard) | fp32 | bf16 | fp16"}
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     shard: bool = field(default=False, metadata={"help": "under torchrun: FSDP (sharded parameters) instead of DDP"})
     powersgd_rank: int = field(
@@ -338,7 +340,12 @@ def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
         raise ValueError(f"device {cfg.device!r}: no CUDA device is available")
     if device.type == "cuda" and (why_not := cuda_unusable_reason(device)) is not None:
         raise ValueError(f"device {cfg.device!r}: {why_not}")
-    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    if cfg.precision != "auto":
+        precision = cfg.precision
+    elif device.type == "cuda":  # fp16 with per-resblock scaling (the paper's); bf16 when sharded (FSDP)
+        precision = "bf16" if cfg.shard else "fp16"
+    else:
+        precision = "fp32"
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")
     if device.type == "cuda" and precision == "fp32" and cfg.attention != "dense":
@@ -566,6 +573,7 @@ class Trainer:
             "optimizer_format": optim_format,  # "names" (sharded runs) or "ids" (torch's own format)
             "torch_rng": torch.get_rng_state(),
             "world": self.dist.world,
+            "precision": self.precision,  # resolved ("auto" may mean fp16 on a GPU and fp32 on a CPU)
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -577,6 +585,16 @@ class Trainer:
         saved = load_config(self.out).get("transformer")
         if saved != dataclasses.asdict(self.mcfg):
             raise ValueError(f"--resume: {self.out} holds a different model configuration: {saved}")
+        if ("scaler" in state) != (self.scaler is not None):
+            # Per-resblock scaling changes the optimizer's parameter groups and state: no switching mid-run.
+            was = state.get("precision", "fp16 or --resblock-scaling" if "scaler" in state else "fp32 or bf16")
+            raise ValueError(
+                f"--resume: {self.out} was trained with precision {was} "
+                f"({'with' if 'scaler' in state else 'without'} per-resblock gradient scaling), but this run "
+                f"resolves to precision {self.precision} on {self.device.type} "
+                f"({'with' if self.scaler is not None else 'without'} it): pass the --precision, --device and "
+                "--resblock-scaling it was trained with"
+            )
         try:
             weights = load_weights(self.out / "model.safetensors", "--resume")
             ema = load_weights(self.out / "ema.safetensors", "--resume")

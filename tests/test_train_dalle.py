@@ -254,6 +254,9 @@ def test_resblock_scaling_path_resumes_exactly(vae_run, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train_dalle(_cfg(vae_run, a, resblock_scaling=True, bpe_dropout=0.0))
     train_dalle(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0), stop_at=3)
+    # Resumed without the scaling (as a fp16 GPU run resumed in fp32 on a CPU would be): a clear refusal.
+    with pytest.raises(ValueError, match=r"trained with precision fp32 \(with per-resblock gradient scaling\)"):
+        Trainer(_cfg(vae_run, b, bpe_dropout=0.0, resume=True))
     trainer = Trainer(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0, resume=True))
     assert trainer.scaler is not None and trainer.step == 3
     assert (trainer.scaler.scales > 2.0**13).all()  # three clean updates grew every scale
@@ -285,6 +288,8 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch):
         "fp16",
     )
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
+    # Sharded (FSDP) runs take bf16: per-resblock scaling does not combine with sharding.
+    assert resolve_device(DALLETrainConfig(preset="tiny", device="auto", shard=True)) == (torch.device("cuda"), "bf16")
     with pytest.raises(ValueError, match="precision fp32 on CUDA"):
         resolve_device(DALLETrainConfig(preset="tiny", device="cuda", precision="fp32"))
     # A GPU the kernels cannot use: auto trains on the CPU and says why; an explicit cuda is refused.
