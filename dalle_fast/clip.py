@@ -222,6 +222,7 @@ class CLIPTrainConfig:
         default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds; 0: none"}
     )
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    device: str = field(default="auto", metadata={"help": "auto (a GPU when present) | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the init and the batches"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out where it stopped"})
 
@@ -233,6 +234,9 @@ class CLIPTrainConfig:
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
         if self.lr <= 0 or self.weight_decay < 0 or self.time_limit < 0 or self.threads < 0:
             raise ValueError("need lr > 0 and weight_decay, time_limit, threads >= 0")
+        from dalle_fast.train import parse_device
+
+        parse_device(self.device, check_available=False)
 
 
 def _read_items(dataset, limit: int, hard_negatives: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
@@ -267,7 +271,7 @@ def _batch_index(n: int, batch_size: int, pairs: bool, g: torch.Generator) -> to
 
 def _batch(images, lines, tok, index: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     caps = [lines[i][int(torch.randint(len(lines[i]), (1,), generator=g))] for i in index.tolist()]
-    return images[index].float() / 255, tok.encode(caps)
+    return images[index.to(images.device)].float() / 255, tok.encode(caps)
 
 
 LOG_COLUMNS = ["step", "loss", "accuracy", "val_accuracy", "val_near_miss", "lr", "seconds"]
@@ -276,7 +280,9 @@ LOG_COLUMNS = ["step", "loss", "accuracy", "val_accuracy", "val_near_miss", "lr"
 def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
     """Trains (or resumes) a CLIP run; returns the last metrics (loss, retrieval accuracy on held-out items)."""
     from dalle_fast.data import open_datasets
+    from dalle_fast.train import parse_device
 
+    device = parse_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -304,17 +310,22 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
         f"{' (each item with its near miss)' if pairs else ''} in {time.time() - t0:.0f} s",
         file=sys.stderr,
     )
-    val_text = tok.encode([c[0] for c in val_lines])
+    # The images stay uint8 (a quarter of fp32) on the training device; batches are indexed there.
+    images, val_images = images.to(device), val_images.to(device)
+    val_text = tok.encode([c[0] for c in val_lines]).to(device)
 
     torch.manual_seed(cfg.seed)
-    model = CLIP(ccfg)
+    model = CLIP(ccfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = 0, 0.0
     if cfg.resume:
         state = load_state(out)
         if load_config(out).get("clip") != dataclasses.asdict(ccfg):
             raise ValueError(f"--resume: {out} holds a different CLIP configuration")
-        model.load_state_dict(load_weights(out / "model.safetensors", "--resume"))
+        try:
+            model.load_state_dict(load_weights(out / "model.safetensors", "--resume"))
+        except RuntimeError as e:
+            raise ValueError(f"--resume: the weights in {out} do not fit this run: {e}") from e
         opt.load_state_dict(state["optimizer"])
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +345,7 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
         model.train()
         own = slice(0, None, 2 if near else 1)
         sims = img[own] @ txt[own].t()
-        out = {"val_accuracy": float((sims.argmax(1) == torch.arange(len(sims))).float().mean())}
+        out = {"val_accuracy": float((sims.argmax(1) == torch.arange(len(sims), device=device)).float().mean())}
         out["val_near_miss"] = float("nan")
         if near:  # rows 2i and 2i + 1: an item and its near miss
             hit = (img[0::2] * txt[0::2]).sum(-1) > (img[1::2] * txt[0::2]).sum(-1)
@@ -348,6 +359,7 @@ def train_clip(cfg: CLIPTrainConfig, stop_at: int | None = None) -> dict:
     while step < cfg.steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         x, text = _batch(images, lines, tok, _batch_index(len(images), cfg.batch_size, pairs, g), g)
+        text = text.to(device, non_blocking=True)
         t = min(1.0, max(0.0, (step - warmup) / max(1, cfg.steps - warmup)))
         lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t))
         for group in opt.param_groups:

@@ -169,6 +169,9 @@ class EvaluateConfig:
     out: str = field(default="", metadata={"help": "output folder; empty: RUN/eval"})
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
     seed: int = field(default=0, metadata={"help": "seed of the captions, the classifier and the sampling"})
+    device: str = field(
+        default="auto", metadata={"help": "where to sample: auto (the GPU when the model runs there) | cpu | cuda:N"}
+    )
 
     def __post_init__(self):
         if not self.run:
@@ -178,13 +181,18 @@ class EvaluateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.guidance >= 1:
             raise ValueError(f"guidance must be >= 1 (1: none), got {self.guidance}")
+        from dalle_fast.train import parse_device
+
+        parse_device(self.device, check_available=False)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from dalle_fast.generate import generate
+    from dalle_fast.generate import generate, sampling_device
     from dalle_fast.train_dalle import load_transformer
 
     model, tok, dvae = load_transformer(cfg.run)
+    device = sampling_device(cfg.device, model)  # the sampling only: the classifier is small
+    model.to(device)
     if dvae.cfg.image_size < 8:
         raise ValueError(f"--run: its dVAE's images are {dvae.cfg.image_size} px; the classifier needs >= 8")
     scorer = None
@@ -197,7 +205,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     judge = train_classifier(dvae.cfg.image_size, steps=cfg.classifier_steps, seed=cfg.seed)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= cfg.draws]
     results: dict = {"classifier_accuracy": judge["accuracy"], "N": ns, "top_k": cfg.top_k, "guidance": cfg.guidance}
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator(device).manual_seed(cfg.seed)
     for name, split in (("held-out pairs", "heldout"), ("seen pairs", "val")):
         # The ceiling: real images of the split, and the dVAE's reconstructions of them (no sampler can
         # beat what the dVAE can draw).

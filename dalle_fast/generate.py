@@ -169,7 +169,9 @@ class GenerateConfig:
     out: str = field(default="", metadata={"help": "output folder; empty: RUN/generated"})
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
     no_cache: bool = field(default=False, metadata={"help": "recompute the sequence per token (the slow reference)"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda | cuda:N"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (the GPU when the model's attention runs there) | cpu | cuda | cuda:N"}
+    )
 
     def __post_init__(self):
         if not self.run:
@@ -186,6 +188,31 @@ class GenerateConfig:
             raise ValueError(f"--guidance must be >= 1 (1: none), got {self.guidance}")
         if self.prime_rows and not self.prime:
             raise ValueError("--prime-rows needs --prime IMAGE")
+
+
+def sampling_device(name: str, model: DALLE) -> torch.device:
+    """--device for sampling `model`: auto is the GPU when the model's attention can run there (a dense
+    model: any GPU; a sparse one: this build's CUDA kernels on the GPU, with a head dim they cover), else
+    the CPU. An explicit cuda that cannot run it is a ValueError that says why."""
+    from dalle_fast.ops import CUDA_HEAD_DIMS, cuda_unusable_reason
+    from dalle_fast.train import parse_device
+
+    def why_not(device: torch.device) -> str | None:
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if model.cfg.attention == "dense":
+            return None
+        if model.cfg.head_dim not in CUDA_HEAD_DIMS:
+            dims = CUDA_HEAD_DIMS
+            return f"the model's head_dim {model.cfg.head_dim} has no CUDA attention kernel (head dims {dims})"
+        return cuda_unusable_reason(device)
+
+    if name == "auto":
+        return torch.device("cuda" if why_not(torch.device("cuda")) is None else "cpu")
+    device = parse_device(name, check_available=False)
+    if device.type == "cuda" and (why := why_not(device)) is not None:
+        raise ValueError(f"--device {name}: {why}; sample with --device cpu")
+    return device
 
 
 def check_captions(captions: list[str], tok) -> torch.Tensor:
@@ -297,12 +324,7 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
         model, tok, dvae = load_transformer(cfg.run)
     except OSError as e:  # e.g. a run folder without its tokenizer.json
         raise ValueError(f"--run: {cfg.run} is incomplete: {e}") from e
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA device is available")
+    device = sampling_device(cfg.device, model)
     model.to(device)
     if cfg.guidance != 1 and not load_config(cfg.run).get("train", {}).get("caption_dropout", 0):
         print(

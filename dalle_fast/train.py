@@ -84,6 +84,8 @@ class VAETrainConfig:
     )
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    # The dVAE is plain PyTorch layers (no custom kernels), so any CUDA GPU runs it, in fp32.
+    device: str = field(default="auto", metadata={"help": "auto (a GPU when present) | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, the init and the gumbel noise"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
 
@@ -101,6 +103,7 @@ class VAETrainConfig:
             raise ValueError("kl_ramp and tau_anneal must be in (0, 1]")
         if self.workers < 0 or self.threads < 0 or self.time_limit < 0:
             raise ValueError("workers, threads and time_limit must be >= 0")
+        parse_device(self.device, check_available=False)
         self.dvae_config()  # a grid the preset cannot make fails here, before any work
 
     def dvae_config(self) -> DVAEConfig:
@@ -114,6 +117,21 @@ class VAETrainConfig:
                 f"grid must divide the preset's image_size ({dcfg.image_size}) by a power of two, got {self.grid}"
             )
         return dataclasses.replace(dcfg, groups=factor.bit_length())
+
+
+def parse_device(name: str, check_available: bool = True) -> torch.device:
+    """--device for stages of plain PyTorch layers: auto is the GPU when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if check_available and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return device
 
 
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
@@ -151,7 +169,7 @@ class StepBatches(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def _train_batches(train_ds, cfg: VAETrainConfig, start: int, counter: SkipCounter):
+def _train_batches(train_ds, cfg: VAETrainConfig, start: int, counter: SkipCounter, pin: bool = False):
     """(images, captions, skipped) batches for the updates from `start` on.
 
     A map-style source draws them with StepBatches, so a resumed run sees exactly what an uninterrupted
@@ -161,7 +179,12 @@ def _train_batches(train_ds, cfg: VAETrainConfig, start: int, counter: SkipCount
     return to."""
     # Its own generator: the loader must not draw from the global RNG, which the gumbel noise uses and
     # the checkpoint restores.
-    common = dict(collate_fn=collate_skip, num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+    common = dict(
+        collate_fn=collate_skip,
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=pin,  # page-locked batches, copied to the GPU without blocking
+    )
     if not isinstance(train_ds, torch.utils.data.IterableDataset):
         sampler = StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, cfg.steps)
         yield from torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **common)
@@ -192,6 +215,9 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
     }
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the gumbel noise is drawn there
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     meta = {"train": dataclasses.asdict(cfg), "dvae": dataclasses.asdict(dcfg), "step": step}
     save_run(out, {"model": model.state_dict(), "ema": ema}, state, meta)
 
@@ -204,10 +230,13 @@ def load_checkpoint(out: Path, model, ema: dict, opt) -> tuple[int, float]:
         model.load_state_dict(load_file(out / "model.safetensors"))
         for k, v in load_file(out / "ema.safetensors").items():
             ema[k].copy_(v)
-        state = torch.load(out / "state.pt", weights_only=False)
+        state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        device = next(model.parameters()).device
+        if device.type == "cuda" and "cuda_rng" in state:  # a run that started on a CPU has none
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         return int(state["step"]), float(state.get("seconds", 0.0))
     except FileNotFoundError as e:
         raise ValueError(f"--resume: no complete checkpoint in {out} ({e.filename} is missing)") from e
@@ -262,11 +291,14 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     dcfg = cfg.dvae_config()
+    device = parse_device(cfg.device)
+    if device.index is not None:  # cuda:N: N is where the DataLoader pins and the RNG state is read
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     # channels_last: the convolutions run about 1.5x faster on CPU (oneDNN's preferred layout); the
     # checkpoints store ordinary contiguous tensors.
-    model = DVAE(dcfg).to(memory_format=torch.channels_last)
+    model = DVAE(dcfg).to(device=device, memory_format=torch.channels_last)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     step, seconds = 0, 0.0
@@ -282,10 +314,10 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
     val_images = [it[0] for it in (val_ds[i] for i in range(n_eval)) if it]
     if not val_images:
         raise ValueError(f"no readable held-out image among the first {n_eval} of {cfg.val_data or cfg.data}")
-    val_images = torch.stack(val_images).contiguous(memory_format=torch.channels_last)
+    val_images = torch.stack(val_images).to(device).contiguous(memory_format=torch.channels_last)
     counter = SkipCounter(cfg.data)
     streamed = isinstance(train_ds, torch.utils.data.IterableDataset)
-    loader = _train_batches(train_ds, cfg, step, counter)
+    loader = _train_batches(train_ds, cfg, step, counter, pin=device.type == "cuda")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.csv"
     new_log = not log_path.exists() or not cfg.resume
@@ -319,7 +351,8 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
         lr = cosine_anneal(at, cfg.steps, cfg.lr, cfg.lr_end)
         for g in opt.param_groups:
             g["lr"] = lr
-        parts = model(images.contiguous(memory_format=torch.channels_last), tau, beta)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        parts = model(images, tau, beta)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()
@@ -344,7 +377,7 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
                         tb.add_scalar(f"vae/{k}", v, step)
             if ev:
                 save_checkpoint(out, model, ema, opt, step, cfg, dcfg, seconds=time.time() - started)
-                save_recon_grid(out / f"recon_{step:07d}.png", val_images[:8], ev["recon"][:8])
+                save_recon_grid(out / f"recon_{step:07d}.png", val_images[:8].cpu(), ev["recon"][:8].cpu())
                 msg = f"step {step}: loss {metrics['loss']:.4f} psnr {ev['psnr']:.2f} dB codebook {ev['usage']:.0%}"
                 (bar.write if bar else print)(msg)
         if done:
@@ -388,6 +421,7 @@ class PipelineConfig:
     captions: int = field(default=8, metadata={"help": "held-out captions in samples.png"})
     per_caption: int = field(default=2, metadata={"help": "samples per caption"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    device: str = field(default="auto", metadata={"help": "every stage's --device: auto | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
 
     def __post_init__(self):
@@ -400,6 +434,7 @@ class PipelineConfig:
             raise ValueError("vae_minutes, dalle_minutes, clip_minutes and threads must be >= 0")
         if self.rerank < self.per_caption:
             raise ValueError(f"rerank ({self.rerank}) must be >= per_caption ({self.per_caption})")
+        parse_device(self.device, check_available=False)
 
 
 def _stage_state(out: Path, steps: int) -> str:
@@ -423,7 +458,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Runs (or continues) every stage; returns where everything is."""
     from dalle_fast.clip import CLIPScorer, CLIPTrainConfig, load_clip, train_clip
     from dalle_fast.data import ShapesDataset
-    from dalle_fast.generate import generate, save_captioned_grid
+    from dalle_fast.generate import generate, sampling_device, save_captioned_grid
     from dalle_fast.ops import cuda_unusable_reason
     from dalle_fast.train_dalle import DALLETrainConfig, cpu_has_native_bf16, load_transformer, train_dalle
 
@@ -433,30 +468,34 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     started = time.time()
     vae_cfg = VAETrainConfig(
         data="shapes", preset="tiny", grid=cfg.grid, out=str(run / "vae"), steps=cfg.vae_steps,
-        time_limit=cfg.vae_minutes * 60, seed=cfg.seed, threads=cfg.threads,
+        time_limit=cfg.vae_minutes * 60, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
     )  # fmt: skip
     _run_stage("[1/4] dVAE", vae_cfg, train_vae)
+    # Where the transformer trains (resolve_device's rule): on a CPU, bf16 where it multiplies bf16 natively.
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and cuda_unusable_reason() is not None)
     dalle_cfg = DALLETrainConfig(
         data="shapes", vae=vae_cfg.out, preset="tiny", d_model=cfg.width, out=str(run / "dalle"),
         steps=cfg.dalle_steps, batch_size=cfg.dalle_batch, max_items=cfg.items, time_limit=cfg.dalle_minutes * 60,
-        seed=cfg.seed, threads=cfg.threads,
-        precision="bf16" if cuda_unusable_reason() is not None and cpu_has_native_bf16() else "auto",
+        seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+        precision="bf16" if on_cpu and cpu_has_native_bf16() else "auto",
     )  # fmt: skip
     _run_stage("[2/4] tokenizer and transformer", dalle_cfg, train_dalle)
     clip_cfg = CLIPTrainConfig(
         data="shapes", dalle=dalle_cfg.out, out=str(run / "clip"), steps=cfg.clip_steps, max_items=min(cfg.items, 8000),
-        time_limit=cfg.clip_minutes * 60, seed=cfg.seed, threads=cfg.threads,
+        time_limit=cfg.clip_minutes * 60, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
     )  # fmt: skip
     _run_stage("[3/4] CLIP reranker", clip_cfg, train_clip)
 
     print(f"[4/4] samples for held-out colour-shape pairs (best {cfg.per_caption} of {cfg.rerank})", file=sys.stderr)
     model, tok, dvae = load_transformer(dalle_cfg.out)
+    device = sampling_device(cfg.device, model)
+    model.to(device)
     heldout = ShapesDataset("heldout", cfg.captions, dvae.cfg.image_size, cfg.seed)
     caps = [heldout.captions(i)[0] for i in range(cfg.captions)]
     scorer = CLIPScorer(*load_clip(clip_cfg.out))
     drawn = generate(
         model, tok.encode(caps), dvae, draws=cfg.rerank, keep=cfg.per_caption, scorer=scorer, captions=caps,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator(device).manual_seed(cfg.seed),
     )  # fmt: skip
     captions = [c for c in caps for _ in range(cfg.per_caption)]
     images = drawn["images"].flatten(0, 1)  # (captions * per_caption, 3, H, W), each caption's best first

@@ -87,6 +87,20 @@ def test_training_learns_and_resumes(dalle_run, tmp_path):
     assert s.shape == (4,) and ((s >= -1.0001) & (s <= 1.0001)).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training(dalle_run, tmp_path):
+    cfg = CLIPTrainConfig(
+        dalle=str(dalle_run), out=str(tmp_path / "g"), width=32, embed_dim=32, max_items=64, val_items=16,
+        steps=4, batch_size=16, ckpt_every=2, seed=1, device="cuda",
+    )  # fmt: skip
+    train_clip(cfg, stop_at=2)
+    last = train_clip(dataclasses.replace(cfg, resume=True))
+    assert last["step"] == 4 and 0 <= last["val_accuracy"] <= 1
+    model, _ = load_clip(tmp_path / "g")  # read back on the CPU
+    assert next(model.parameters()).device.type == "cpu"
+
+
 def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
     from dalle_fast.train import main
 
@@ -102,8 +116,11 @@ def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
         main([*args, "--out", str(tmp_path / "d"), "--batch-size", "1"])
     with pytest.raises(SystemExit):
         main(["clip", "--dalle", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "f"), "--device", "cuda:one"])
     err = capsys.readouterr().err
     assert "batch_size must be >= 2" in err and "is not a run directory" in err and "Traceback" not in err
+    assert "device must be auto, cpu, cuda or cuda:N, got 'cuda:one'" in err
     for spec, msg in [(str(tmp_path / "none"), "not a run directory"), ("open_clip:x", "open_clip:ARCH")]:
         with pytest.raises(ValueError, match=msg):
             load_scorer(spec)

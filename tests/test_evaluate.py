@@ -78,7 +78,14 @@ def test_report(tmp_path):
     assert png.stat().st_size > 0
 
 
-@pytest.mark.parametrize("args, message", [([], "--run is required"), (["--run", "{tmp}/x"], "not a run directory")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--run is required"),
+        (["--run", "{tmp}/x"], "not a run directory"),
+        (["--run", "{tmp}/x", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ],
+)
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main([a.format(tmp=tmp_path) for a in args])

@@ -205,10 +205,16 @@ def test_main_job_grid_width_and_batch(tmp_path):
     256 image tokens, and samples drawn from them."""
     cfg = PipelineConfig(
         root=str(tmp_path), name="g16", vae_steps=1, dalle_steps=1, clip_steps=1, items=16, captions=1, rerank=2,
-        per_caption=1, grid=16, width=64, dalle_batch=4,
+        per_caption=1, grid=16, width=64, dalle_batch=4, device="cpu",
     )  # fmt: skip
     run_pipeline(cfg)
     run = tmp_path / "g16"
+    for stage in ("vae", "dalle", "clip"):  # --device reaches every stage
+        assert json.loads((run / stage / "config.json").read_text())["train"]["device"] == "cpu", stage
+    precision = json.loads((run / "dalle" / "config.json").read_text())["train"]["precision"]
+    assert precision == ("bf16" if cpu_has_native_bf16() else "auto")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        dataclasses.replace(cfg, device="cuda:first")
     assert json.loads((run / "vae" / "config.json").read_text())["dvae"]["groups"] == 2
     assert json.loads((run / "dalle" / "config.json").read_text())["train"]["batch_size"] == 4
     model, _, _ = load_transformer(run / "dalle")
