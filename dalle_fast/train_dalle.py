@@ -822,7 +822,15 @@ def _progress(total: int, initial: int, desc: str):
 def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
     """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it).
     Under torchrun, every rank runs this; the process group is closed at the end."""
-    trainer = Trainer(cfg)
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        # Refused after joining torchrun's group (a bad --vae, a batch size that does not split): leave no
+        # process group behind (one this call did not create is the caller's to close).
+        if not joined and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     try:
         return trainer.train(stop_at)
     finally:

@@ -222,6 +222,31 @@ def test_uncompressed_parameters_are_the_embeddings_and_heads():
     assert paper_compression_rate(896, 3968) == pytest.approx(1 - 5 * 896 / (8 * 3968))  # ~85% for the 12B model
 
 
+def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path):
+    """A run refused after joining the process group (here: a --vae that is not a run) closes the group it
+    joined, so the process can exit or start again; a group the caller made stays the caller's."""
+    from dalle_fast import train_dalle as td
+    from dalle_fast.distributed import DistInfo
+
+    def join(device_type, timeout_s):  # torchrun's group, as one process of one
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        return DistInfo()
+
+    monkeypatch.setattr(td, "init_from_env", join)
+    cfg = DALLETrainConfig(vae=str(tmp_path / "none"), out=str(tmp_path / "r"), preset="micro", device="cpu")
+    with pytest.raises(ValueError, match="--vae"):
+        td.train_dalle(cfg)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store2", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="--vae"):
+            td.train_dalle(cfg)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_distributed_flags_are_checked(vae_run, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         DALLETrainConfig(shard=True, powersgd_rank=2)
