@@ -178,6 +178,14 @@ class DVAE(nn.Module):
             output=nn.Conv2d(rev[-1], 6 if cfg.likelihood == "logit_laplace" else 3, 1),
         ))  # fmt: skip
 
+    def batch_limit(self, budget_bytes: int = 2 << 30, cap: int = 256) -> int:
+        """Images per encode()/decode() call that keep the activations near budget_bytes. Per image, the
+        peak is a few fp32 maps of `hidden` channels at full resolution: on the CPU about 4 in encode()
+        and 5.5 in decode() (hidden 64, 128 px: 16.4 and 22.3 MiB an image), so 6 are counted. The
+        paper's dVAE (256 px, hidden 256): 5 images; the tiny one: `cap`."""
+        per_image = 6 * self.cfg.hidden * self.cfg.image_size**2 * 4
+        return max(1, min(cap, budget_bytes // per_image))
+
     def _check_images(self, images: torch.Tensor) -> None:
         s = self.cfg.image_size
         if (

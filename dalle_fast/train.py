@@ -262,8 +262,9 @@ def evaluate(model: DVAE, ema: dict, images: torch.Tensor) -> dict:
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema)
     try:
-        codes = torch.cat([model.encode(b) for b in images.split(64)])
-        recon = torch.cat([model.decode(c) for c in codes.split(64)])
+        n = model.batch_limit()
+        codes = torch.cat([model.encode(b) for b in images.split(n)])
+        recon = torch.cat([model.decode(c) for c in codes.split(n)])
     finally:
         model.load_state_dict(live)
     used, ppl = codebook_usage(codes, model.cfg.codebook)

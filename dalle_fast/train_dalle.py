@@ -216,7 +216,11 @@ def encode_images(
         dataset, limit = _ItemsWithCaptions(dataset, list(range(part[0], n_items, part[1]))), 0
     device = next(dvae.parameters()).device  # the training device: a GPU encodes far faster than the CPU
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=256, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=dvae.batch_limit(),  # 256 for small dVAEs; 5 for the paper's (256 px)
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
     )
     codes, lines, index, counter = [], [], [], SkipCounter(desc)
     for images, caps, idx, skipped in loader:

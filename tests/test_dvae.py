@@ -105,6 +105,24 @@ def test_presets_and_metrics():
     assert used == 3 / 8 and ppl == pytest.approx(math.exp(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5))))
 
 
+def test_batch_limit_keeps_large_dvaes_in_small_batches(monkeypatch):
+    with torch.device("meta"):  # the paper's dVAE, without allocating it
+        paper = DVAE(PRESETS["paper"])
+    tiny = DVAE(PRESETS["tiny"])
+    assert paper.batch_limit() == 5 and tiny.batch_limit() == 256
+    per_image = 6 * 32 * 32**2 * 4  # six fp32 maps of 32 channels at 32x32
+    assert tiny.batch_limit(budget_bytes=5 * per_image) == 5 and tiny.batch_limit(budget_bytes=1) == 1
+    # Stage 2's encoding in batches of 3 gives the codes of one large batch.
+    from dalle_fast.data import ShapesDataset
+    from dalle_fast.train_dalle import encode_images
+
+    ds = ShapesDataset("train", 10, 32, seed=1)
+    whole = tiny.encode(torch.stack([ds[i][0] for i in range(10)])).flatten(1).to(torch.int16)
+    monkeypatch.setattr(DVAE, "batch_limit", lambda self, *a, **k: 3)
+    codes, lines, index = encode_images(ds, tiny, 0, 0, "shapes")
+    assert torch.equal(codes, whole) and len(lines) == 10 and index == list(range(10))
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
