@@ -41,6 +41,7 @@ FLOAT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FloatKin
 SCHEDULES = [0, 1, 2, 3, 4, 5, 6, 7]
 CUDA_ERROR = {"invalid value": 1, "illegal address": 700, "misaligned address": 716, "launch failure": 719}
 SM80_SMEM_OPTIN = 166912  # bytes of shared memory per block an A100 (sm_80) allows
+SM86_SMEM_OPTIN = 101376  # ... an RTX 3090 / 4090 (sm_86, sm_89): 99 KiB
 GUARD = 64  # elements of guard before and after every buffer handed to a kernel
 
 
@@ -98,6 +99,7 @@ class Emulator:
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_forward_smem_bytes.restype = ctypes.c_size_t
         lib.emu_backward_smem_bytes.restype = ctypes.c_size_t
+        lib.emu_backward_smem_bytes.argtypes = [ctypes.c_int32, ctypes.c_size_t]
         lib.emu_last_block_threads.restype = ctypes.c_longlong
         lib.emu_fibers.restype = ctypes.c_char_p
         self.schedule(0)
@@ -433,10 +435,35 @@ def test_attention_matches_cpu_kernel(emu, kind):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_shared_memory_fits_sm80(emu):
+def test_shared_memory_fits_sm80_and_sm86(emu):
+    """Every pass fits both per-block limits; the backward double-buffers where it fits, which on a 99 KiB
+    GPU is every head dim but 128 (103 KiB double-buffered)."""
     for d in (32, 64, 128):
-        assert emu.lib.emu_forward_smem_bytes(d) <= SM80_SMEM_OPTIN
-        assert emu.lib.emu_backward_smem_bytes(d) <= SM80_SMEM_OPTIN
+        assert emu.lib.emu_forward_smem_bytes(d) <= SM86_SMEM_OPTIN
+        two = emu.lib.emu_backward_smem_bytes(d, SM80_SMEM_OPTIN)
+        assert two <= SM80_SMEM_OPTIN and emu.lib.emu_backward_smem_bytes(d, two) == two
+        small = emu.lib.emu_backward_smem_bytes(d, SM86_SMEM_OPTIN)
+        assert small <= SM86_SMEM_OPTIN and (small == two) == (d != 128)
+        if d == 128:  # one byte short: single-buffered (the smaller head dims fit every sm_80+ GPU)
+            assert emu.lib.emu_backward_smem_bytes(d, two - 1) < two
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_single_buffered_backward_on_99_kib_gpus(emu, kind):
+    """Head dim 128 on a GPU allowing 99 KiB per block: the backward runs single-buffered (the emulator
+    refuses a launch over the limit), matches the reference, and gives the double-buffered passes' bits
+    (the same arithmetic, only the loads move) under every thread schedule."""
+    want = check_attention(emu, kind, 20, 13, torch.float16, 128, kernel_size=7, batch=2, heads=1)
+    emu.lib.emu_set_smem_optin(ctypes.c_longlong(SM86_SMEM_OPTIN))
+    try:
+        for schedule in SCHEDULES:
+            emu.schedule(schedule)
+            got = check_attention(emu, kind, 20, 13, torch.float16, 128, kernel_size=7, batch=2, heads=1)
+            for a, b in zip(want, got, strict=True):
+                assert torch.equal(_bits(a), _bits(b)), schedule
+    finally:
+        emu.schedule(0)
+        emu.lib.emu_set_smem_optin(ctypes.c_longlong(SM80_SMEM_OPTIN))
 
 
 # ---- decode ------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
 // Queries (in dkdv) and keys (in dq) are taken 16 at a time, so a step's probabilities, packed from its two
 // 16 x 8 accumulator tiles, are exactly the A fragment of the next product. A small first kernel computes
 // delta = rowsum(dO * O) in fp32.
+// Stages: 2 streams the next block's tiles in while this one is computed (double buffers); 1 loads them
+// between blocks, for GPUs whose per-block shared memory cannot hold the double buffers (head dim 128 on
+// sm_86 / sm_89: 103 KiB double-buffered, 68.5 KiB single, 99 KiB allowed). The launcher picks 2 when it fits.
 #include <cmath>
 
 #include "tile.cuh"
@@ -15,16 +18,44 @@
 namespace dalle_fast::cuda {
 namespace {
 
-template <int D>
+template <int D, int Stages = 2>
 struct BwdSmem {
+  static_assert(Stages == 1 || Stages == 2, "one or two buffers per streamed tile");
   static constexpr int ld = D + kPadT;  // rows of the T tiles
-  // Two resident tiles, two streamed ones twice (the next block loads during this one), and lse and
-  // delta of the streamed query blocks twice.
+  // Two resident tiles, two streamed ones Stages times, and lse and delta of the streamed query blocks
+  // Stages times.
   template <typename T>
   static constexpr size_t bytes() {
-    return sizeof(T) * 6 * kBlock * ld + sizeof(float) * 4 * kBlock;
+    return sizeof(T) * (2 + 2 * Stages) * kBlock * ld + sizeof(float) * 2 * Stages * kBlock;
   }
 };
+
+template <int D>
+using BwdSmem2 = BwdSmem<D, 2>;
+template <int D>
+using BwdSmem1 = BwdSmem<D, 1>;
+
+// Before step e: block e's tiles are in shared memory. Stages 2 also starts block e + 1's loads into the
+// other buffer (next_tiles); stages 1 waits for the loads done_step() started.
+template <int Stages, typename Fetch>
+__device__ __forceinline__ void begin_step(int e, int e_end, Fetch&& fetch) {
+  if constexpr (Stages == 2) {
+    next_tiles(e, e_end, fetch);
+  } else {
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
+}
+
+// After step e: every warp is done with its buffer; stages 1 then starts block e + 1's loads into it.
+template <int Stages, typename Fetch>
+__device__ __forceinline__ void done_step(int e, int e_end, Fetch&& fetch) {
+  __syncthreads();
+  if constexpr (Stages == 1) {
+    if (e + 1 < e_end) fetch(e + 1);
+    ptx::cp_async_commit();
+  }
+}
 
 // ---- delta = rowsum(dO * O) in fp32 -------------------------------------------------------------------
 
@@ -53,11 +84,11 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ g
 
 // ---- dK, dV: key-block parallel ---------------------------------------------------------------------
 
-template <typename T, int D>
+template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(kThreads, 2)
     dkdv_kernel(AttentionParams p, const T* __restrict__ grad_out, const float* __restrict__ lse,
                 const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
-  using L = BwdSmem<D>;
+  using L = BwdSmem<D, Stages>;
   constexpr int KS = D / 16, DT = D / 8;
   const int nb = p.layout.num_blocks;
   const int kb = blockIdx.x % nb;
@@ -73,17 +104,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   // would live in local memory when indexed by a runtime buffer number.
   constexpr int kTile = kBlock * L::ld;
   T* sQs = sV + kTile;
-  T* sdOs = sV + 3 * kTile;
-  float* sLses = reinterpret_cast<float*>(sV + 5 * kTile);  // lse in log2 units
-  float* sDeltas = sLses + 2 * kBlock;
+  T* sdOs = sQs + Stages * kTile;
+  float* sLses = reinterpret_cast<float*>(sdOs + Stages * kTile);  // lse in log2 units
+  float* sDeltas = sLses + Stages * kBlock;
 
   const int64_t base = bh * N * D;
   const T* Q = static_cast<const T*>(p.q) + base;
   const T* dO = grad_out + base;
   const int e_begin = p.layout.k_ptr[kb], e_end = p.layout.k_ptr[kb + 1];
-  // Query block e's Q and dO go to buffer (e - e_begin) % 2 by cp.async; its lse and delta by plain loads.
+  // Query block e's Q and dO go to buffer (e - e_begin) % Stages by cp.async; its lse and delta by plain loads.
   auto fetch = [&](int e) {
-    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
+    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     load_tile_async<T, D>(sQs + buf * kTile, L::ld, Q, q0, N);
     load_tile_async<T, D>(sdOs + buf * kTile, L::ld, dO, q0, N);
     for (int r = threadIdx.x; r < kBlock; r += kThreads) {
@@ -121,9 +152,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int i = 0; i < 4; ++i) acc_dk[dt][i] = acc_dv[dt][i] = 0.f;
 
   for (int e = e_begin; e < e_end; ++e) {
-    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & 1;
+    const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     const bool full = tile_full(p.layout.k_full[e], q0, k0, N);
-    next_tiles(e, e_end, fetch);  // (K and V came with the first group)
+    begin_step<Stages>(e, e_end, fetch);  // (K and V came with the first group)
     const T* sQ = sQs + buf * kTile;
     const T* sdO = sdOs + buf * kTile;
     const float* sLse = sLses + buf * kBlock;
@@ -172,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       mma_a_rows<T>(acc_dv, pa, sdO, L::ld, kk * 16, lane);
       mma_a_rows<T>(acc_dk, dsa, sQ, L::ld, kk * 16, lane);
     }
-    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
+    done_step<Stages>(e, e_end, fetch);
   }
 
   #pragma unroll
@@ -190,11 +221,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---- dQ: query-block parallel -----------------------------------------------------------------------
 
-template <typename T, int D>
+template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(kThreads, 2)
     dq_kernel(AttentionParams p, const T* __restrict__ grad_out, const float* __restrict__ lse,
               const float* __restrict__ delta, T* __restrict__ dq) {
-  using L = BwdSmem<D>;
+  using L = BwdSmem<D, Stages>;
   constexpr int KS = D / 16, DT = D / 8;
   const int nb = p.layout.num_blocks;
   const int qb = blockIdx.x % nb;
@@ -208,15 +239,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* sdO = sQ + kBlock * L::ld;
   constexpr int kTile = kBlock * L::ld;  // buffer b of K / V: sKs / sVs + b * kTile
   T* sKs = sdO + kTile;
-  T* sVs = sdO + 3 * kTile;
+  T* sVs = sKs + Stages * kTile;
 
   const int64_t base = bh * N * D;
   const T* K = static_cast<const T*>(p.k) + base;
   const T* V = static_cast<const T*>(p.v) + base;
   const int e_begin = p.layout.q_ptr[qb], e_end = p.layout.q_ptr[qb + 1];
-  // Key block e's K and V go to buffer (e - e_begin) % 2, as one cp.async group.
+  // Key block e's K and V go to buffer (e - e_begin) % Stages, as one cp.async group.
   auto fetch = [&](int e) {
-    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     load_tile_async<T, D>(sKs + buf * kTile, L::ld, K, k0, N);
     load_tile_async<T, D>(sVs + buf * kTile, L::ld, V, k0, N);
   };
@@ -251,9 +282,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int i = 0; i < 4; ++i) acc_dq[dt][i] = 0.f;
 
   for (int e = e_begin; e < e_end; ++e) {
-    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
+    const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    next_tiles(e, e_end, fetch);
+    begin_step<Stages>(e, e_end, fetch);
     const T* sK = sKs + buf * kTile;
     const T* sV = sVs + buf * kTile;
 
@@ -287,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // B(k = key, n = d) = K[key][d]: rows of sK, read transposed.
       mma_a_rows<T>(acc_dq, dsa, sK, L::ld, kk * 16, lane);
     }
-    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
+    done_step<Stages>(e, e_end, fetch);
   }
 
   #pragma unroll
@@ -301,9 +332,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+template <typename T, int D, int Stages>
+cudaError_t launch_passes(const AttentionParams& p, const T* g, const float* lse, const float* delta, void* dq,
+                          void* dk, void* dv, cudaStream_t stream) {
+  const size_t smem = BwdSmem<D, Stages>::template bytes<T>();
+  auto k1 = dkdv_kernel<T, D, Stages>;
+  auto k2 = dq_kernel<T, D, Stages>;
+  cudaError_t err = prepare_launch(k1, smem);
+  if (err == cudaSuccess) err = prepare_launch(k2, smem);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = static_cast<unsigned>(p.batch_heads * p.layout.num_blocks);
+  DALLE_FAST_LAUNCH(k1, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  DALLE_FAST_LAUNCH(k2, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dq));
+  return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* out, const float* lse, float* delta,
-                   void* dq, void* dk, void* dv, cudaStream_t stream) {
+                   void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream) {
   const int64_t blocks = p.batch_heads * p.layout.num_blocks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -313,34 +361,31 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* o
   auto k0 = delta_kernel<T, D>;
   DALLE_FAST_LAUNCH(k0, static_cast<unsigned>(delta_blocks), kThreads, 0, stream)(
       static_cast<const T*>(grad_out), static_cast<const T*>(out), delta, rows);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const size_t smem = BwdSmem<D>::template bytes<T>();
-  auto k1 = dkdv_kernel<T, D>;
-  auto k2 = dq_kernel<T, D>;
-  err = prepare_launch(k1, smem);
-  if (err == cudaSuccess) err = prepare_launch(k2, smem);
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
-  const unsigned grid = static_cast<unsigned>(blocks);
-  DALLE_FAST_LAUNCH(k1, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  DALLE_FAST_LAUNCH(k2, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dq));
-  return cudaGetLastError();
+  if constexpr (D >= 128) {  // below 128 every sm_80+ GPU holds the double buffers: no single-buffered build
+    if (BwdSmem<D, 2>::template bytes<T>() > smem_limit)
+      return launch_passes<T, D, 1>(p, g, lse, delta, dq, dk, dv, stream);
+  }
+  return launch_passes<T, D, 2>(p, g, lse, delta, dq, dk, dv, stream);
 }
 
 }  // namespace
 
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
-                               float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
+                               float* delta, void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream) {
   return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
-    return p.dtype == DType::kHalf ? launch<__half, D>(p, grad_out, out, lse, delta, dq, dk, dv, stream)
-                                   : launch<__nv_bfloat16, D>(p, grad_out, out, lse, delta, dq, dk, dv, stream);
+    return p.dtype == DType::kHalf
+               ? launch<__half, D>(p, grad_out, out, lse, delta, dq, dk, dv, smem_limit, stream)
+               : launch<__nv_bfloat16, D>(p, grad_out, out, lse, delta, dq, dk, dv, smem_limit, stream);
   });
 }
 
-size_t backward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<BwdSmem>(head_dim); }
+size_t backward_smem_bytes(DType, int head_dim, size_t smem_limit) {
+  const size_t two = smem_bytes_for_head_dim<BwdSmem2>(head_dim);
+  return two <= smem_limit || head_dim < 128 ? two : smem_bytes_for_head_dim<BwdSmem1>(head_dim);
+}
 
 }  // namespace dalle_fast::cuda

@@ -42,17 +42,19 @@ struct AttentionParams {
 };
 
 // Dynamic shared memory per thread block of each pass (the host checks it against the device's limit).
+// The backward's depends on the limit, smem_limit (cudaDevAttrMaxSharedMemoryPerBlockOptin): its
+// double-buffered passes where they fit, else single-buffered ones (head dim 128 on 99 KiB GPUs).
 size_t forward_smem_bytes(DType dtype, int head_dim);
-size_t backward_smem_bytes(DType dtype, int head_dim);
+size_t backward_smem_bytes(DType dtype, int head_dim, size_t smem_limit);
 
 // out (same dtype as q), lse (fp32).
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream);
 
 // grad_out and out like q. Writes delta = rowsum(grad_out * out) in fp32 ([batch_heads, seq_len], a
 // workspace), then dq, dk, dv (dtype of q) in two deterministic passes: key-block parallel for dk/dv,
-// query-block parallel for dq; no atomics.
+// query-block parallel for dq; no atomics. smem_limit as for backward_smem_bytes.
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
-                               float* delta, void* dq, void* dk, void* dv, cudaStream_t stream);
+                               float* delta, void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream);
 
 // ---- decode: one query row per (batch, head) against a key/value cache ----
 

@@ -83,14 +83,18 @@ void check_cuda_inputs(const at::Tensor& q) {
               "(bf16 mma.sync, ldmatrix, cp.async); this one is ", major, ".x");
 }
 
-// Clear error instead of a failed launch on GPUs whose per-block shared memory is too small.
-void check_shared_memory(size_t need, const char* pass, int64_t head_dim) {
+// The current device's opt-in shared memory per block.
+size_t shared_memory_limit() {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(need <= static_cast<size_t>(limit), "dalle_fast: the CUDA ", pass, " kernel for head_dim ", head_dim,
-              " needs ", need, " bytes of shared memory per block; this GPU allows ", limit,
-              ". Use a smaller head_dim on this GPU.");
+  return static_cast<size_t>(limit);
+}
+
+// Clear error instead of a failed launch on GPUs whose per-block shared memory is too small.
+void check_shared_memory(size_t need, size_t limit, const char* pass, int64_t head_dim) {
+  TORCH_CHECK(need <= limit, "dalle_fast: the CUDA ", pass, " kernel for head_dim ", head_dim, " needs ", need,
+              " bytes of shared memory per block; this GPU allows ", limit, ". Use a smaller head_dim on this GPU.");
 }
 
 cuda::AttentionParams params_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& m,
@@ -118,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = prepared(q_in), k = prepared(k_in), v = prepared(v_in);
   const auto dtype = q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16;
-  check_shared_memory(cuda::forward_smem_bytes(dtype, q.size(3)), "forward", q.size(3));
+  check_shared_memory(cuda::forward_smem_bytes(dtype, q.size(3)), shared_memory_limit(), "forward", q.size(3));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
@@ -144,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
                    o = prepared(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const auto dtype = q.scalar_type() == at::kHalf ? cuda::DType::kHalf : cuda::DType::kBFloat16;
-  check_shared_memory(cuda::backward_smem_bytes(dtype, q.size(3)), "backward", q.size(3));
+  const size_t smem_limit = shared_memory_limit();
+  check_shared_memory(cuda::backward_smem_bytes(dtype, q.size(3), smem_limit), smem_limit, "backward", q.size(3));
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
              dv = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv};
@@ -152,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const cudaError_t err =
       cuda::attention_backward(params_of(q, k, v, m, scale), g.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                               delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                               delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), smem_limit,
                                c10::cuda::getCurrentCUDAStream());
   cuda::check_launch(err, "backward");
   return {dq, dk, dv};

@@ -578,6 +578,8 @@ cudaError_t set_func_max_dynamic_smem(const void* kernel, int bytes) {
   return cudaSuccess;
 }
 
+size_t smem_optin() { return g_smem_optin; }
+
 }  // namespace cuda_emu
 
 extern "C" cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(); }

@@ -112,6 +112,7 @@ Launcher<Kernel> launch(Kernel* kernel, dim3 grid, dim3 block, size_t smem) {
 // Error of the last launch and the emulated device (cuda_emu.cpp).
 cudaError_t take_last_error();
 cudaError_t set_func_max_dynamic_smem(const void* kernel, int bytes);
+size_t smem_optin();  // the emulated device's cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 }  // namespace cuda_emu
 

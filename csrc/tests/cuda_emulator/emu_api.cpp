@@ -57,7 +57,9 @@ std::vector<cuda::TensorEntry> entries_of(int n, int buffers, void* const* ptrs,
 extern "C" {
 
 size_t emu_forward_smem_bytes(int32_t head_dim) { return cuda::forward_smem_bytes(cuda::DType::kHalf, head_dim); }
-size_t emu_backward_smem_bytes(int32_t head_dim) { return cuda::backward_smem_bytes(cuda::DType::kHalf, head_dim); }
+size_t emu_backward_smem_bytes(int32_t head_dim, size_t smem_limit) {
+  return cuda::backward_smem_bytes(cuda::DType::kHalf, head_dim, smem_limit);
+}
 
 int emu_attention_forward(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int32_t dtype,
                           int64_t batch_heads, int32_t head_dim, float scale, const void* q, const void* k,
@@ -72,7 +74,7 @@ int emu_attention_backward(int32_t kind, int64_t text_len, int64_t image_size, i
                            void* dq, void* dk, void* dv) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
   return cuda::attention_backward(params(m, dtype, batch_heads, head_dim, scale, q, k, v), grad_out, out, lse, delta,
-                                  dq, dk, dv, nullptr);
+                                  dq, dk, dv, cuda_emu::smem_optin(), nullptr);
 }
 
 int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int64_t position,
