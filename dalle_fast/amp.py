@@ -226,6 +226,8 @@ class ResblockGradScaler:
                         "unscale_ got float16 gradients: unscaling them in place would underflow them again; keep "
                         "parameters (and so gradients) in float32 or bfloat16 and run the branches in fp16"
                     )
+                if not p.grad.is_contiguous():  # e.g. a transposed or channels-last gradient: the fused
+                    p.grad = p.grad.contiguous()  # pass works in place on dense rows, so it gets one
                 grads.append(p.grad)
                 blocks.append(b)
         if grads:

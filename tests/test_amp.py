@@ -77,6 +77,23 @@ def test_multi_unscale_check_bit_exact_mixed_dtypes():
     assert found.tolist() == [False, False, True, False] == found_ref.tolist()
 
 
+def test_unscale_takes_non_contiguous_gradients():
+    """A transposed gradient (and a channels-last one) is unscaled and checked like any other, with the
+    values of its contiguous copy."""
+    scaler = ResblockGradScaler(2)
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.zeros(3, 4))
+    c = nn.Parameter(torch.zeros(2, 3, 4, 5))
+    p.grad = (torch.randn(4, 3) * 8192).t()
+    c.grad = (torch.randn(2, 3, 4, 5) * 8192).contiguous(memory_format=torch.channels_last)
+    c.grad[1, 2, 3, 4] = float("inf")
+    want_p, want_c = p.grad.clone() / scaler.scales[0], c.grad.clone() / scaler.scales[1]
+    assert not p.grad.is_contiguous() and not c.grad.is_contiguous()
+    scaler.unscale_([(p, 0), (c, 1)])
+    assert torch.equal(p.grad, want_p) and torch.equal(c.grad.nan_to_num(posinf=0), want_c.nan_to_num(posinf=0))
+    assert scaler.found_inf[:2].tolist() == [False, True]
+
+
 def test_scale_rules():
     s = ResblockGradScaler(3, replicas=2)
     assert s.scales.tolist() == [2 * 2.0**13] * 3
