@@ -10,8 +10,10 @@
 // delta = rowsum(dO * O) in fp32.
 // Stages: 2 streams the next block's tiles in while this one is computed (double buffers); 1 loads them
 // between blocks, for GPUs whose per-block shared memory cannot hold the double buffers (head dim 128 on
-// sm_86 / sm_89: 103 KiB double-buffered, 68.5 KiB single, 99 KiB allowed). The launcher picks 2 when it fits.
+// sm_86 / sm_89: 103 KiB double-buffered, 68.5 KiB single, 99 KiB allowed). The launcher picks 2 when it fits;
+// DALLE_FAST_BWD_STAGES=1 picks 1 at head dim 128 anyway (to test that path on a larger GPU).
 #include <cmath>
+#include <cstdlib>
 
 #include "tile.cuh"
 
@@ -365,7 +367,8 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* o
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
   if constexpr (D >= 128) {  // below 128 every sm_80+ GPU holds the double buffers: no single-buffered build
-    if (BwdSmem<D, 2>::template bytes<T>() > smem_limit)
+    const char* forced = std::getenv("DALLE_FAST_BWD_STAGES");
+    if (BwdSmem<D, 2>::template bytes<T>() > smem_limit || (forced != nullptr && std::atoi(forced) == 1))
       return launch_passes<T, D, 1>(p, g, lse, delta, dq, dk, dv, stream);
   }
   return launch_passes<T, D, 2>(p, g, lse, delta, dq, dk, dv, stream);

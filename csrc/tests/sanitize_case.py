@@ -1,6 +1,7 @@
 """A small case of every CUDA kernel (attention forward in both warp layouts, dK/dV, dQ for every kind,
-dtype and head dim; the decode kernels, one block per row and several; the gradient-scaling kernels), for
-compute-sanitizer: `compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
+dtype and head dim, double-buffered and at head dim 128 single-buffered too; the decode kernels, one
+block per row and several; the gradient-scaling kernels), for compute-sanitizer:
+`compute-sanitizer --tool memcheck python csrc/tests/sanitize_case.py`.
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run, and three
 blocks (181 tokens) so the double-buffered tile loads refill a buffer."""
 
@@ -21,6 +22,11 @@ def main():
                 q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                 out.backward(torch.randn_like(out))
+                if d == 128:  # the single-buffered backward of GPUs with 99 KiB per block
+                    os.environ["DALLE_FAST_BWD_STAGES"] = "1"
+                    out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
+                    out.backward(torch.randn_like(out))
+                    del os.environ["DALLE_FAST_BWD_STAGES"]
                 if d <= 64:  # the forward's other warp layout (4 warps of 16 rows)
                     os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"] = "16"
                     dalle_fast.sparse_attention(q, k, v, kind, T, W)
