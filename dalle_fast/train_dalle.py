@@ -326,24 +326,31 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
     """(device, precision) with "auto" resolved; ValueError for combinations that cannot run."""
+    from dalle_fast.train import parse_device
+
+    head_dim = PRESETS[cfg.preset].head_dim
+
+    def cuda_refusal(device: torch.device | str) -> str | None:
+        """Why this run cannot train on `device` (a GPU), or None."""
+        if (why := cuda_unusable_reason(device)) is not None:  # also the scaling kernels of fp16 need it
+            return why
+        if cfg.attention != "dense" and head_dim not in CUDA_HEAD_DIMS:
+            return (
+                f"preset {cfg.preset}'s head_dim {head_dim} has no CUDA attention kernel (head dims "
+                f"{CUDA_HEAD_DIMS}): use another preset, --attention dense, or --device cpu"
+            )
+        return None
+
     if cfg.device == "auto":
-        # The GPU when this build's kernels can run there; the CPU otherwise (saying why, if a GPU is present).
-        why_not = cuda_unusable_reason()
+        # The GPU when this run can train there; the CPU otherwise (saying why, if a GPU is present).
+        why_not = cuda_refusal("cuda")
         if why_not is not None and torch.cuda.is_available():
             warnings.warn(f"device auto: training on the CPU, since {why_not}", stacklevel=2)
-        name = "cuda" if why_not is None else "cpu"
+        device = torch.device("cuda" if why_not is None else "cpu")
     else:
-        name = cfg.device
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from e
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r}: no CUDA device is available")
-    if device.type == "cuda" and (why_not := cuda_unusable_reason(device)) is not None:
-        raise ValueError(f"device {cfg.device!r}: {why_not}")
+        device = parse_device(cfg.device)
+        if device.type == "cuda" and (why_not := cuda_refusal(device)) is not None:
+            raise ValueError(f"device {cfg.device!r}: {why_not}")
     if cfg.precision != "auto":
         precision = cfg.precision
     elif device.type == "cuda":  # fp16 with per-resblock scaling (the paper's); bf16 when sharded (FSDP)
@@ -354,12 +361,6 @@ def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
         raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")
     if device.type == "cuda" and precision == "fp32" and cfg.attention != "dense":
         raise ValueError("precision fp32 on CUDA: the CUDA attention kernels take fp16/bf16; use bf16 or fp16")
-    head_dim = PRESETS[cfg.preset].head_dim
-    if device.type == "cuda" and cfg.attention != "dense" and head_dim not in CUDA_HEAD_DIMS:
-        raise ValueError(
-            f"preset {cfg.preset}'s head_dim {head_dim} has no CUDA attention kernel (head dims {CUDA_HEAD_DIMS}): "
-            "use another preset, --attention dense, or --device cpu"
-        )
     return device, precision
 
 

@@ -294,6 +294,8 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch):
         "fp16",
     )
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
+    with pytest.warns(UserWarning, match="training on the CPU, since preset micro's head_dim 16"):
+        assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
     # Sharded (FSDP) runs take bf16: per-resblock scaling does not combine with sharding.
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto", shard=True)) == (torch.device("cuda"), "bf16")
     with pytest.raises(ValueError, match="precision fp32 on CUDA"):
