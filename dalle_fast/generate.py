@@ -190,7 +190,7 @@ class GenerateConfig:
             raise ValueError("--prime-rows needs --prime IMAGE")
 
 
-def sampling_device(name: str, model: DALLE) -> torch.device:
+def sampling_device(name: str, model: DALLE, cache: bool = True) -> torch.device:
     """--device for sampling `model`: auto is the GPU when the model's attention can run there (a dense
     model: any GPU; a sparse one: this build's CUDA kernels on the GPU, with a head dim they cover), else
     the CPU. An explicit cuda that cannot run it is a ValueError that says why."""
@@ -200,16 +200,18 @@ def sampling_device(name: str, model: DALLE) -> torch.device:
     def why_not(device: torch.device) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-        if model.cfg.attention == "dense":
+        if model.cfg.attention == "dense" and not cache:  # torch's own attention only
             return None
-        if model.cfg.head_dim not in CUDA_HEAD_DIMS:
+        if (why := cuda_unusable_reason(device)) is not None:  # the cache's decode kernel, the sparse kernels
+            return why
+        if model.cfg.attention != "dense" and model.cfg.head_dim not in CUDA_HEAD_DIMS:
             dims = CUDA_HEAD_DIMS
             return f"the model's head_dim {model.cfg.head_dim} has no CUDA attention kernel (head dims {dims})"
-        return cuda_unusable_reason(device)
+        return None
 
     if name == "auto":
         return torch.device("cuda" if why_not(torch.device("cuda")) is None else "cpu")
-    device = parse_device(name, check_available=False)
+    device = parse_device(name)
     if device.type == "cuda" and (why := why_not(device)) is not None:
         raise ValueError(f"--device {name}: {why}; sample with --device cpu")
     return device
@@ -324,7 +326,7 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
         model, tok, dvae = load_transformer(cfg.run)
     except OSError as e:  # e.g. a run folder without its tokenizer.json
         raise ValueError(f"--run: {cfg.run} is incomplete: {e}") from e
-    device = sampling_device(cfg.device, model)
+    device = sampling_device(cfg.device, model, cache=not cfg.no_cache)
     model.to(device)
     if cfg.guidance != 1 and not load_config(cfg.run).get("train", {}).get("caption_dropout", 0):
         print(

@@ -129,8 +129,12 @@ def parse_device(name: str, check_available: bool = True) -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if check_available and device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cpu":
+        return torch.device("cpu")  # cpu:N names the same CPU
+    if check_available and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is available")
+    if check_available and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -293,7 +297,7 @@ def train_vae(cfg: VAETrainConfig, stop_at: int | None = None) -> dict:
     out = Path(cfg.out)
     dcfg = cfg.dvae_config()
     device = parse_device(cfg.device)
-    if device.index is not None:  # cuda:N: N is where the DataLoader pins and the RNG state is read
+    if device.type == "cuda" and device.index is not None:  # cuda:N: where batches pin, the RNG state is read
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -691,7 +691,8 @@ class Trainer:
             tokens = sample_tokens(model, self.sample_text.to(self.device), top_k=0, generator=g)
             model.train()
         W = self.mcfg.image_size
-        images = self.dvae.decode(tokens.view(-1, W, W)).cpu()
+        codes = tokens.view(-1, W, W).split(self.dvae.batch_limit())
+        images = torch.cat([self.dvae.decode(c).cpu() for c in codes])
         save_captioned_grid(path, images, self.tok.decode(self.sample_text))
 
     # training
@@ -826,20 +827,22 @@ def _progress(total: int, initial: int, desc: str):
 
 def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
     """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it).
-    Under torchrun, every rank runs this; the process group is closed at the end."""
+    Under torchrun, every rank runs this; the process group it joins is closed at the end (one the caller
+    made stays the caller's to close)."""
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         trainer = Trainer(cfg)
     except BaseException:
         # Refused after joining torchrun's group (a bad --vae, a batch size that does not split): leave no
-        # process group behind (one this call did not create is the caller's to close).
+        # process group behind.
         if not joined and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise
     try:
         return trainer.train(stop_at)
     finally:
-        shutdown(trainer.dist)
+        if not joined:
+            shutdown(trainer.dist)
 
 
 def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:

@@ -222,9 +222,10 @@ def test_uncompressed_parameters_are_the_embeddings_and_heads():
     assert paper_compression_rate(896, 3968) == pytest.approx(1 - 5 * 896 / (8 * 3968))  # ~85% for the 12B model
 
 
-def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path):
+def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path, vae_run):
     """A run refused after joining the process group (here: a --vae that is not a run) closes the group it
-    joined, so the process can exit or start again; a group the caller made stays the caller's."""
+    joined, so the process can exit or start again; a group the caller made stays the caller's, whether
+    the run fails or finishes."""
     from dalle_fast import train_dalle as td
     from dalle_fast.distributed import DistInfo
 
@@ -243,6 +244,11 @@ def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="--vae"):
             td.train_dalle(cfg)
         assert dist.is_initialized()
+        done = DALLETrainConfig(
+            vae=str(vae_run), out=str(tmp_path / "ok"), preset="micro", device="cpu", steps=1, max_items=8,
+            val_items=4, samples=0, vocab_size=300, text_len=48,
+        )  # fmt: skip
+        assert td.train_dalle(done)["step"] == 1 and dist.is_initialized()
     finally:
         dist.destroy_process_group()
 

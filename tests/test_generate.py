@@ -103,9 +103,12 @@ def test_sampling_device(monkeypatch):
     with pytest.raises(ValueError, match="no CUDA device is available"):
         sampling_device("cuda", dense16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", dict.fromkeys(ops._HAS_CUDA_KERNEL, True))
-    assert sampling_device("auto", dense16) == torch.device("cuda")  # dense attention: any GPU
+    assert sampling_device("auto", dense16) == torch.device("cuda")
+    with pytest.raises(ValueError, match="this machine has 1 CUDA device"):
+        sampling_device("cuda:3", dense16)
     assert sampling_device("auto", sparse32) == torch.device("cuda")
     assert sampling_device("auto", sparse16) == torch.device("cpu")  # head dim 16: no CUDA kernel
     with pytest.raises(ValueError, match="head_dim 16 has no CUDA attention kernel.*--device cpu"):
@@ -114,6 +117,9 @@ def test_sampling_device(monkeypatch):
     assert sampling_device("auto", sparse32) == torch.device("cpu")
     with pytest.raises(ValueError, match="compute capability 8.0"):
         sampling_device("cuda", sparse32)
+    # A dense model: the cache's decode kernel needs the build's kernels too; without the cache, any GPU.
+    assert sampling_device("auto", dense16) == torch.device("cpu")
+    assert sampling_device("auto", dense16, cache=False) == torch.device("cuda")
 
 
 def test_sampling_autocast_is_bf16_on_cuda_for_sparse_models_only():

@@ -159,7 +159,7 @@ def test_grid_sets_the_groups(tmp_path):
     out = tmp_path / "g16"
     assert VAETrainConfig(grid=16).dvae_config().grid == 16
     assert VAETrainConfig(grid=8).dvae_config() == VAETrainConfig().dvae_config()
-    train_vae(_cfg(out, grid=16, steps=2, ckpt_every=2))
+    train_vae(_cfg(out, grid=16, steps=2, ckpt_every=2, device="cpu:0"))  # cpu:N is the CPU
     saved = json.loads((out / "config.json").read_text())["dvae"]
     assert saved["groups"] == 2
     from dalle_fast.train_dalle import load_dvae

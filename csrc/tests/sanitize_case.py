@@ -24,13 +24,17 @@ def main():
                 out.backward(torch.randn_like(out))
                 if d == 128:  # the single-buffered backward of GPUs with 99 KiB per block
                     os.environ["DALLE_FAST_BWD_STAGES"] = "1"
-                    out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
-                    out.backward(torch.randn_like(out))
-                    del os.environ["DALLE_FAST_BWD_STAGES"]
+                    try:
+                        out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
+                        out.backward(torch.randn_like(out))
+                    finally:
+                        del os.environ["DALLE_FAST_BWD_STAGES"]
                 if d <= 64:  # the forward's other warp layout (4 warps of 16 rows)
                     os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"] = "16"
-                    dalle_fast.sparse_attention(q, k, v, kind, T, W)
-                    del os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"]
+                    try:
+                        dalle_fast.sparse_attention(q, k, v, kind, T, W)
+                    finally:
+                        del os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"]
     # Decode: one query row against a cache, every kind, fp32/fp16/bf16, head dims on and off 32.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for d in (16, 64, 100):
