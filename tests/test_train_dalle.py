@@ -315,6 +315,21 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(cuda_unusable_reason() is not None, reason="needs a GPU this build's CUDA kernels run on")
+def test_cuda_main_job(tmp_path):
+    """Every stage of the main job on the GPU: dVAE, transformer (fp16, per-resblock scaling), reranker,
+    and the reranked samples."""
+    cfg = PipelineConfig(
+        root=str(tmp_path), name="gpu", vae_steps=2, dalle_steps=2, clip_steps=2, items=32, captions=2, rerank=3,
+        device="cuda",
+    )  # fmt: skip
+    where = run_pipeline(cfg)
+    run = tmp_path / "gpu"
+    assert (run / "samples.png").exists() and where["samples"] == str(run / "samples.png")
+    state = torch.load(run / "dalle" / "state.pt", weights_only=False)
+    assert state["precision"] == "fp16" and "scaler" in state
+
+
+@pytest.mark.skipif(cuda_unusable_reason() is not None, reason="needs a GPU this build's CUDA kernels run on")
 def test_cuda_fp16_training(vae_run, tmp_path):
     metrics = train_dalle(_cfg(vae_run, tmp_path / "cuda", steps=4, device="cuda", preset="tiny"))
     assert metrics["step"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
