@@ -138,7 +138,7 @@ def write_results(rows: list[dict], args) -> None:
             f"| {r['preset']} | {r['seq_len']} | {r['params_m']:.1f}M | {r['batch']} | {r['mode']} | "
             f"{r['step_ms']:.0f} | {r['image_tok_s']:.0f} | {r['attn_share']:.0%} | {speed:.2f}x |"
         )
-    out = HERE / f"RESULTS_train{'_' + args.device if args.device != 'cpu' else ''}.md"
+    out = Path(args.out) if args.out else HERE / f"RESULTS_train{'_' + args.device if args.device != 'cpu' else ''}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     try:
@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed steps per mode (best is kept)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--presets", nargs="*", default=None, help="subset of: tiny long")
+    ap.add_argument("--out", default="", help="results file (and its .png); default benchmarks/RESULTS_train[_cuda].md")
     args = ap.parse_args()
     if args.device == "cuda" and args.precision == "fp32":
         ap.error("--device cuda needs --precision bf16 or fp16 (the CUDA kernels take fp16/bf16)")

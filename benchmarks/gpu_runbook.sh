@@ -72,6 +72,9 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
     run $PY -m benchmarks.bench_generate --device cuda --batches 1 32 --out "$RES/${gpu}_generate.md"
     step "benchmarks: per-resblock gradient scaling"
     run $PY -m benchmarks.bench_amp --device cuda --out "$RES/${gpu}_amp.md"
+    step "benchmarks: training throughput, sparse vs dense (fp16, bf16)"
+    run $PY -m benchmarks.bench_train --device cuda --precision fp16 --out "$RES/${gpu}_train_fp16.md"
+    run $PY -m benchmarks.bench_train --device cuda --precision bf16 --out "$RES/${gpu}_train_bf16.md"
   fi
   if [[ " $STEPS " == *" cputests "* ]]; then
     step "CPU tests (this machine's torch)"
