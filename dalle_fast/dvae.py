@@ -206,8 +206,9 @@ class DVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Argmax codes, LongTensor [B, H / f, W / f] (the stage-2 targets: no gumbel noise)."""
-        return self.logits(images).argmax(dim=1)
+        """Argmax codes, LongTensor [B, H / f, W / f] (the stage-2 targets: no gumbel noise), in batches
+        of batch_limit() images."""
+        return _in_batches(lambda x: self.logits(x).argmax(dim=1), images, self.batch_limit())
 
     def decode_soft(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(relaxed) one-hot codes [B, codebook, h, w] -> (mu, ln_b), each [B, 3, h f, w f] (ln_b has 0
@@ -217,14 +218,18 @@ class DVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes LongTensor [B, h, w] -> images in [0, 1], [B, 3, h f, w f]."""
+        """codes LongTensor [B, h, w] -> images in [0, 1], [B, 3, h f, w f], in batches of batch_limit()."""
         if codes.dim() != 3 or codes.dtype != torch.long:
             raise ValueError(f"codes must be a LongTensor [batch, h, w], got {codes.dtype} {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.cfg.codebook):
             raise ValueError(f"codes must be in [0, {self.cfg.codebook})")
-        z = F.one_hot(codes, self.cfg.codebook).permute(0, 3, 1, 2).to(next(self.parameters()).dtype)
-        mu, _ = self.decode_soft(z)
-        return phi_inv(torch.sigmoid(mu))
+
+        def decode_batch(c: torch.Tensor) -> torch.Tensor:
+            z = F.one_hot(c, self.cfg.codebook).permute(0, 3, 1, 2).to(next(self.parameters()).dtype)
+            mu, _ = self.decode_soft(z)
+            return phi_inv(torch.sigmoid(mu))
+
+        return _in_batches(decode_batch, codes, self.batch_limit())
 
     def forward(self, images: torch.Tensor, tau: float, beta: float) -> dict[str, torch.Tensor]:
         """The training loss (negative ELBO per pixel value) and its parts."""
@@ -246,6 +251,11 @@ class DVAE(nn.Module):
             "kl": kl.mean().detach(),
             "mse": F.mse_loss(recon, images).detach(),
         }
+
+
+def _in_batches(fn, x: torch.Tensor, n: int) -> torch.Tensor:
+    """fn over x in slices of at most n rows, concatenated (one call when x fits)."""
+    return fn(x) if len(x) <= n else torch.cat([fn(b) for b in x.split(n)])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

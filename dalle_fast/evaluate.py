@@ -212,7 +212,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         real = ShapesDataset(split, CEILING_IMAGES, dvae.cfg.image_size, cfg.seed + 9)
         x, real_scenes = _render(real, len(real))[0], [real.scene(i) for i in range(len(real))]
         with torch.no_grad():
-            recon = torch.cat([dvae.decode(dvae.encode(b)) for b in x.split(dvae.batch_limit())])
+            recon = dvae.decode(dvae.encode(x))
         ceiling = {
             "real": float(caption_match(judge["model"], x, real_scenes)["pairs"].float().mean()),
             "recon": float(caption_match(judge["model"], recon, real_scenes)["pairs"].float().mean()),

@@ -289,7 +289,7 @@ def generate(
         p = None if prime is None else prime.to(device).expand(len(t), -1)
         tok = sample_tokens(model, t, generator=generator, prime=p, cache=cache, **sampling).cpu()
         tokens.append(tok)
-        images += [dvae.decode(c) for c in tok.view(-1, W, W).split(dvae.batch_limit())]
+        images.append(dvae.decode(tok.view(-1, W, W)))
     tokens = torch.cat(tokens).view(C, draws, -1)
     images = torch.cat(images)
     if scorer is None:

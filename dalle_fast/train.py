@@ -266,9 +266,8 @@ def evaluate(model: DVAE, ema: dict, images: torch.Tensor) -> dict:
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema)
     try:
-        n = model.batch_limit()
-        codes = torch.cat([model.encode(b) for b in images.split(n)])
-        recon = torch.cat([model.decode(c) for c in codes.split(n)])
+        codes = model.encode(images)
+        recon = model.decode(codes)
     finally:
         model.load_state_dict(live)
     used, ppl = codebook_usage(codes, model.cfg.codebook)

@@ -691,8 +691,7 @@ class Trainer:
             tokens = sample_tokens(model, self.sample_text.to(self.device), top_k=0, generator=g)
             model.train()
         W = self.mcfg.image_size
-        codes = tokens.view(-1, W, W).split(self.dvae.batch_limit())
-        images = torch.cat([self.dvae.decode(c).cpu() for c in codes])
+        images = self.dvae.decode(tokens.view(-1, W, W)).cpu()
         save_captioned_grid(path, images, self.tok.decode(self.sample_text))
 
     # training

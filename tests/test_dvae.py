@@ -121,6 +121,14 @@ def test_batch_limit_keeps_large_dvaes_in_small_batches(monkeypatch):
     monkeypatch.setattr(DVAE, "batch_limit", lambda self, *a, **k: 3)
     codes, lines, index = encode_images(ds, tiny, 0, 0, "shapes")
     assert torch.equal(codes, whole) and len(lines) == 10 and index == list(range(10))
+    # encode() and decode() themselves work in batches of batch_limit() (here 3): the same results.
+    images = torch.stack([ds[i][0] for i in range(10)])
+    assert torch.equal(tiny.encode(images).flatten(1).to(torch.int16), whole)
+    grid = whole.long().view(10, 8, 8)
+    monkeypatch.setattr(DVAE, "batch_limit", lambda self, *a, **k: 256)
+    at_once = tiny.decode(grid)
+    monkeypatch.setattr(DVAE, "batch_limit", lambda self, *a, **k: 3)
+    torch.testing.assert_close(tiny.decode(grid), at_once, rtol=0, atol=1e-6)  # convolution sums may regroup
 
 
 @pytest.mark.parametrize(
