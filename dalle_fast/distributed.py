@@ -19,6 +19,7 @@ processes compute what one process computes on the whole batch (up to the order 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -61,9 +62,16 @@ def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def closing_process_group():
+    """Closes, on the way out of the block (returning or raising), a process group opened inside it
+    (torchrun's, by init_from_env); a group that was open before is its opener's to close."""
+    was_open = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not was_open and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

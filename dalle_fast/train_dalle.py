@@ -35,11 +35,11 @@ from dalle_fast.distributed import (
     agree_found_inf,
     barrier,
     bytes_per_step,
+    closing_process_group,
     init_from_env,
     mean_over_ranks,
     paper_compression_rate,
     rank0_value,
-    shutdown,
     sync_uncompressed,
     wrap_ddp,
     wrap_fsdp,
@@ -826,22 +826,11 @@ def _progress(total: int, initial: int, desc: str):
 
 def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:
     """Runs (or resumes) stage-2 training. stop_at: stop after that step, as if killed (tests use it).
-    Under torchrun, every rank runs this; the process group it joins is closed at the end (one the caller
-    made stays the caller's to close)."""
-    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
-    try:
-        trainer = Trainer(cfg)
-    except BaseException:
-        # Refused after joining torchrun's group (a bad --vae, a batch size that does not split): leave no
-        # process group behind.
-        if not joined and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        raise
-    try:
-        return trainer.train(stop_at)
-    finally:
-        if not joined:
-            shutdown(trainer.dist)
+    Under torchrun, every rank runs this; the process group it joins is closed at the end, also when the
+    run is refused after joining (a bad --vae, a batch size that does not split); one the caller made
+    stays the caller's to close."""
+    with closing_process_group():
+        return Trainer(cfg).train(stop_at)
 
 
 def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:

@@ -1,6 +1,7 @@
 """Data parallelism on the CPU (gloo): torchrun with 2 processes vs 1, PowerSGD, FSDP checkpoints, and a
 failing rank. The torchrun cases start real processes and are marked slow."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -137,13 +138,8 @@ def test_a_failing_rank_ends_the_job(vae_run, tmp_path):
 def test_powersgd_error_shrinks_as_rank_grows(tmp_path):
     """One gloo process: after two plain steps, PowerSGD's all-reduced gradient is a rank-r approximation
     of the true one; it gets closer as r grows, and is exact where compression would not pay."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = preset("micro", d_model=64, n_heads=4, head_dim=16)
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), generator=g)
-        image = torch.randint(0, cfg.image_vocab, (4, cfg.image_size**2), generator=g)
+    with _one_gloo_process():
+        cfg, text, image = _micro_batch()
         errors = []
         for rank in (0, 1, 4, 16, 64):
             torch.manual_seed(0)
@@ -161,8 +157,6 @@ def test_powersgd_error_shrinks_as_rank_grows(tmp_path):
         assert errors[0] > errors[1] > errors[2] > errors[3], errors
         # Rank 64 = min(256, 64): nothing to gain, PowerSGD all-reduces the matrix as it is.
         assert errors[3] < 1e-6, errors
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("overflow", ["inf", "fp16 products"])
@@ -171,13 +165,8 @@ def test_an_overflow_does_not_poison_powersgd(overflow):
     products overflow inside PowerSGD) comes out non-finite that step, so the resblock scaler skips its
     block, and leaves PowerSGD's error feedback and warm start finite: the next steps are clean (without
     the guard that tensor stayed non-finite for good)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = preset("micro", d_model=64, n_heads=4, head_dim=16)
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), generator=g)
-        image = torch.randint(0, cfg.image_vocab, (4, cfg.image_size**2), generator=g)
+    with _one_gloo_process():
+        cfg, text, image = _micro_batch()
         torch.manual_seed(0)
         model = DALLE(cfg)
         ddp, _, _ = wrap_ddp(model, _single(), torch.device("cpu"), 4, fp16_comm=True)
@@ -203,8 +192,26 @@ def test_an_overflow_does_not_poison_powersgd(overflow):
         handle.remove()
         for _ in range(3):
             assert nonfinite() == []
+
+
+@contextlib.contextmanager
+def _one_gloo_process():
+    """A gloo process group of one (this process), closed at the end."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _micro_batch():
+    """A micro model config (4 heads of 16) and a fixed batch of 4 random token sequences for it."""
+    cfg = preset("micro", d_model=64, n_heads=4, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab, (4, cfg.image_size**2), generator=g)
+    return cfg, text, image
 
 
 def _single():
