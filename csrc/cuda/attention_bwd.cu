@@ -37,6 +37,15 @@ using BwdSmem2 = BwdSmem<D, 2>;
 template <int D>
 using BwdSmem1 = BwdSmem<D, 1>;
 
+// Whether the backward runs single-buffered: only at head dim 128 (below it every sm_80+ GPU holds the
+// double buffers, so no single-buffered build exists), when the double buffers exceed smem_limit or
+// DALLE_FAST_BWD_STAGES=1 asks for it.
+bool single_buffered(int head_dim, size_t smem_limit) {
+  if (head_dim < 128) return false;
+  const char* forced = std::getenv("DALLE_FAST_BWD_STAGES");
+  return smem_bytes_for_head_dim<BwdSmem2>(head_dim) > smem_limit || (forced != nullptr && std::atoi(forced) == 1);
+}
+
 // Before step e: block e's tiles are in shared memory. Stages 2 also starts block e + 1's loads into the
 // other buffer (next_tiles); stages 1 waits for the loads done_step() started.
 template <int Stages, typename Fetch>
@@ -335,15 +344,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <typename T, int D, int Stages>
-cudaError_t launch_passes(const AttentionParams& p, const T* g, const float* lse, const float* delta, void* dq,
-                          void* dk, void* dv, cudaStream_t stream) {
+cudaError_t launch_passes(const AttentionParams& p, unsigned grid, const T* g, const float* lse, const float* delta,
+                          void* dq, void* dk, void* dv, cudaStream_t stream) {
   const size_t smem = BwdSmem<D, Stages>::template bytes<T>();
   auto k1 = dkdv_kernel<T, D, Stages>;
   auto k2 = dq_kernel<T, D, Stages>;
   cudaError_t err = prepare_launch(k1, smem);
   if (err == cudaSuccess) err = prepare_launch(k2, smem);
   if (err != cudaSuccess) return err;
-  const unsigned grid = static_cast<unsigned>(p.batch_heads * p.layout.num_blocks);
   DALLE_FAST_LAUNCH(k1, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -366,12 +374,11 @@ cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* o
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
-  if constexpr (D >= 128) {  // below 128 every sm_80+ GPU holds the double buffers: no single-buffered build
-    const char* forced = std::getenv("DALLE_FAST_BWD_STAGES");
-    if (BwdSmem<D, 2>::template bytes<T>() > smem_limit || (forced != nullptr && std::atoi(forced) == 1))
-      return launch_passes<T, D, 1>(p, g, lse, delta, dq, dk, dv, stream);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if constexpr (D >= 128) {
+    if (single_buffered(D, smem_limit)) return launch_passes<T, D, 1>(p, grid, g, lse, delta, dq, dk, dv, stream);
   }
-  return launch_passes<T, D, 2>(p, g, lse, delta, dq, dk, dv, stream);
+  return launch_passes<T, D, 2>(p, grid, g, lse, delta, dq, dk, dv, stream);
 }
 
 }  // namespace
@@ -387,8 +394,8 @@ cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, c
 }
 
 size_t backward_smem_bytes(DType, int head_dim, size_t smem_limit) {
-  const size_t two = smem_bytes_for_head_dim<BwdSmem2>(head_dim);
-  return two <= smem_limit || head_dim < 128 ? two : smem_bytes_for_head_dim<BwdSmem1>(head_dim);
+  return single_buffered(head_dim, smem_limit) ? smem_bytes_for_head_dim<BwdSmem1>(head_dim)
+                                               : smem_bytes_for_head_dim<BwdSmem2>(head_dim);
 }
 
 }  // namespace dalle_fast::cuda
