@@ -5,11 +5,22 @@ block per row and several; the gradient-scaling kernels), for compute-sanitizer:
 Odd sizes on purpose (text length and grid off the 64-token blocks) so padding paths run, and three
 blocks (181 tokens) so the double-buffered tile loads refill a buffer."""
 
+import contextlib
 import os
 
 import torch
 
 import dalle_fast
+
+
+@contextlib.contextmanager
+def env(name, value):
+    """The variable set for the block (the kernels' launchers read it per call)."""
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def main():
@@ -23,18 +34,12 @@ def main():
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                 out.backward(torch.randn_like(out))
                 if d == 128:  # the single-buffered backward of GPUs with 99 KiB per block
-                    os.environ["DALLE_FAST_BWD_STAGES"] = "1"
-                    try:
+                    with env("DALLE_FAST_BWD_STAGES", "1"):
                         out = dalle_fast.sparse_attention(q, k, v, kind, T, W)
                         out.backward(torch.randn_like(out))
-                    finally:
-                        del os.environ["DALLE_FAST_BWD_STAGES"]
                 if d <= 64:  # the forward's other warp layout (4 warps of 16 rows)
-                    os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"] = "16"
-                    try:
+                    with env("DALLE_FAST_FWD_ROWS_PER_WARP", "16"):
                         dalle_fast.sparse_attention(q, k, v, kind, T, W)
-                    finally:
-                        del os.environ["DALLE_FAST_FWD_ROWS_PER_WARP"]
     # Decode: one query row against a cache, every kind, fp32/fp16/bf16, head dims on and off 32.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for d in (16, 64, 100):
