@@ -88,10 +88,9 @@ def test_cache_and_recompute_sample_the_same_tokens():
     assert not torch.equal(a, d)
 
 
-def test_sampling_device(monkeypatch):
+def test_sampling_device(monkeypatch, pretend_gpu):
     """--device: auto is the GPU only when the model's attention runs there; an explicit cuda that cannot
     run it says why. The GPU cases are reached by pretending one is present (nothing touches it)."""
-    from dalle_fast import ops
     from dalle_fast.generate import sampling_device
 
     sparse16, dense16, sparse32 = model_of(), model_of(attention="dense"), model_of(head_dim=32)
@@ -102,10 +101,7 @@ def test_sampling_device(monkeypatch):
     assert sampling_device("auto", dense16) == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA device is available"):
         sampling_device("cuda", dense16)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", dict.fromkeys(ops._HAS_CUDA_KERNEL, True))
+    pretend_gpu()
     assert sampling_device("auto", dense16) == torch.device("cuda")
     with pytest.raises(ValueError, match="this machine has 1 CUDA device"):
         sampling_device("cuda:3", dense16)
@@ -113,7 +109,7 @@ def test_sampling_device(monkeypatch):
     assert sampling_device("auto", sparse16) == torch.device("cpu")  # head dim 16: no CUDA kernel
     with pytest.raises(ValueError, match="head_dim 16 has no CUDA attention kernel.*--device cpu"):
         sampling_device("cuda:0", sparse16)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    pretend_gpu((7, 5))
     assert sampling_device("auto", sparse32) == torch.device("cpu")
     with pytest.raises(ValueError, match="compute capability 8.0"):
         sampling_device("cuda", sparse32)

@@ -279,14 +279,12 @@ def test_compiled_training(vae_run, tmp_path, resblock_scaling):
     assert metrics["step"] == 2 and metrics["loss"] == metrics["loss"]
 
 
-def test_cuda_device_checks_without_a_gpu(monkeypatch):
+def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
     """The device checks that apply on CUDA, reached here by pretending one is present (resolve_device
     touches no GPU): a preset whose head_dim has no CUDA kernel is refused up front, with what to do."""
     from dalle_fast import ops
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", dict.fromkeys(ops._HAS_CUDA_KERNEL, True))
+    pretend_gpu()
     with pytest.raises(ValueError, match=r"preset micro's head_dim 16 has no CUDA attention kernel.*--device cpu"):
         resolve_device(DALLETrainConfig(preset="micro", device="cuda"))
     assert resolve_device(DALLETrainConfig(preset="micro", device="cuda", attention="dense")) == (
@@ -303,7 +301,7 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch):
     # A GPU the kernels cannot use: auto trains on the CPU and says why; an explicit cuda is refused.
     for why in ("compute capability 8.0", "built without CUDA kernels"):
         if why.startswith("compute"):
-            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+            pretend_gpu((7, 5))
         else:
             monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", {"sparse_attention_fwd": False})
         with pytest.warns(UserWarning, match=why):
