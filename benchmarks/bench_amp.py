@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+from dalle_fast.training.amp import BlockAdamW, ResblockGradScaler
 
 HERE = Path(__file__).parent
 

@@ -30,8 +30,8 @@ PAPER_RATIO = 896 / 3968
 
 
 def _worker(rank: int, world: int, port: int, args, mode: str, rank_r: int, out) -> None:
-    from dalle_fast.distributed import DistInfo, LossModule, bytes_per_step, sync_uncompressed, wrap_ddp
-    from dalle_fast.transformer import DALLE, preset
+    from dalle_fast.models.transformer import DALLE, preset
+    from dalle_fast.training.distributed import DistInfo, LossModule, bytes_per_step, sync_uncompressed, wrap_ddp
 
     torch.set_num_threads(args.threads)
     if world > 1:
@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 
 def run(args) -> list[dict]:
-    from dalle_fast.transformer import preset
+    from dalle_fast.models.transformer import preset
 
     rank_r = max(1, round(PAPER_RATIO * preset(args.preset).d_model))
     ctx = mp.get_context("spawn")
@@ -107,7 +107,7 @@ def run(args) -> list[dict]:
 
 
 def write_results(rows: list[dict], args) -> None:
-    from dalle_fast.distributed import paper_compression_rate
+    from dalle_fast.training.distributed import paper_compression_rate
 
     one = rows[0]
     r = rows[-1]["rank"]

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.generate import sample_tokens
-from dalle_fast.masks import MASK_KINDS, allowed_keys
-from dalle_fast.ops import sparse_attention_decode
-from dalle_fast.transformer import DALLE, preset
+from dalle_fast.models.transformer import DALLE, preset
+from dalle_fast.ops.attention import sparse_attention_decode
+from dalle_fast.ops.masks import MASK_KINDS, allowed_keys
+from dalle_fast.sampling.sample import sample_tokens
 
 HERE = Path(__file__).parent
 

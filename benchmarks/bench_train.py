@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.transformer import DALLE, preset
+from dalle_fast.models.transformer import DALLE, preset
 
 HERE = Path(__file__).parent
 # (preset, batch): batch sized so one CPU step takes around a second or more.

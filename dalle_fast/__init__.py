@@ -11,9 +11,14 @@ except ImportError as e:  # pragma: no cover - only hit on a broken install
         f"Original error: {e}"
     ) from e
 
-from dalle_fast.masks import MASK_KINDS, BlockLayout, attention_mask, block_layout, layer_kinds, save_mask_png
 from dalle_fast.ops import (
+    MASK_KINDS,
+    BlockLayout,
+    attention_mask,
+    block_layout,
     block_sparse_attention,
+    layer_kinds,
+    save_mask_png,
     sparse_attention,
     sparse_attention_decode,
     sparse_attention_reference,

@@ -2,7 +2,7 @@
 
 import argparse
 
-from dalle_fast.masks import plot_masks
+from dalle_fast.ops.masks import plot_masks
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ def pretend_gpu(monkeypatch):
     """pretend_gpu(capability=(9, 0)): from then on the device checks see one CUDA device of that compute
     capability and a build with CUDA kernels (ops.cuda_unusable_reason, the trainers' and the sampler's
     device choices); nothing may touch the device itself."""
-    from dalle_fast import ops
+    from dalle_fast.ops import support as ops
 
     def pretend(capability: tuple[int, int] = (9, 0)) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_fast import amp
-from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+from dalle_fast.ops import grad_scaling as amp
+from dalle_fast.training.amp import BlockAdamW, ResblockGradScaler
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,19 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_fast.clip import (
-    CLIP,
-    CLIPConfig,
-    CLIPTrainConfig,
-    _batch_index,
-    _read_items,
-    load_clip,
-    load_scorer,
-    rerank,
-    train_clip,
-)
-from dalle_fast.data import ShapesDataset
-from dalle_fast.tokenizer import PAD, CaptionTokenizer
+from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.data.tokenizer import PAD, CaptionTokenizer
+from dalle_fast.models.clip import CLIP, CLIPConfig
+from dalle_fast.runs.load import load_clip
+from dalle_fast.sampling.rerank import load_scorer, rerank
+from dalle_fast.training.clip import CLIPTrainConfig, _batch_index, _read_items, train_clip
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +112,7 @@ def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "f"), "--device", "cuda:one"])
     err = capsys.readouterr().err
-    assert "batch_size must be >= 2" in err and "is not a run directory" in err and "Traceback" not in err
+    assert "--batch-size must be >= 2" in err and "is not a run directory" in err and "Traceback" not in err
     assert "device must be auto, cpu, cuda or cuda:N, got 'cuda:one'" in err
     for spec, msg in [(str(tmp_path / "none"), "not a run directory"), ("open_clip:x", "open_clip:ARCH")]:
         with pytest.raises(ValueError, match=msg):

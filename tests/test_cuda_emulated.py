@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from dalle_fast import MASK_KINDS, amp, block_sparse_attention, sparse_attention_reference
-from dalle_fast.masks import attention_mask
-from dalle_fast.ops import sparse_attention_decode
+from dalle_fast.ops.attention import sparse_attention_decode
+from dalle_fast.ops.masks import attention_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "csrc" / "tests" / "cuda_emulator"

@@ -10,17 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_fast.data import (
-    HELD_OUT,
-    SHAPES,
+from dalle_fast.data.images import SkipCounter, collate_skip, preprocess
+from dalle_fast.data.shapes import HELD_OUT, SHAPES, ShapesDataset
+from dalle_fast.data.sources import (
     CocoDataset,
     FolderDataset,
-    ShapesDataset,
-    SkipCounter,
-    collate_skip,
     iterate_batches,
     open_datasets,
-    preprocess,
     shard_urls,
     webdataset_source,
 )

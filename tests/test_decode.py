@@ -7,8 +7,8 @@ import torch
 from test_sparse_attention import CUDA_ONLY, DEVICES, max_err
 
 from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention_decode
-from dalle_fast.masks import allowed_keys, attention_mask
-from dalle_fast.ops import sparse_attention_decode_reference
+from dalle_fast.ops.attention import sparse_attention_decode_reference
+from dalle_fast.ops.masks import allowed_keys, attention_mask
 
 # (text_len, image_size): no text, odd text lengths, grids of 4 to 9 (conv kernel 11 and 5).
 SHAPES = [(6, 4), (0, 5), (37, 7), (1, 9)]

@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dalle_fast.distributed import paper_compression_rate, uncompressed_names, wrap_ddp
-from dalle_fast.train import VAETrainConfig, train_vae
-from dalle_fast.train_dalle import DALLETrainConfig, Trainer, load_transformer
-from dalle_fast.transformer import DALLE, preset
+from dalle_fast.models.transformer import DALLE, preset
+from dalle_fast.runs.load import load_transformer
+from dalle_fast.training.dalle import DALLERun as Trainer
+from dalle_fast.training.dalle import DALLETrainConfig
+from dalle_fast.training.distributed import paper_compression_rate, uncompressed_names, wrap_ddp
+from dalle_fast.training.vae import VAETrainConfig, train_vae
 
 ARGS = [
     "--preset", "micro", "--batch-size", "4", "--max-items", "32", "--val-items", "8", "--samples", "1",
@@ -215,7 +217,7 @@ def _micro_batch():
 
 
 def _single():
-    from dalle_fast.distributed import DistInfo
+    from dalle_fast.training.distributed import DistInfo
 
     return DistInfo(0, 1, 0)
 
@@ -233,8 +235,8 @@ def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path, vae_run):
     """A run refused after joining the process group (here: a --vae that is not a run) closes the group it
     joined, so the process can exit or start again; a group the caller made stays the caller's, whether
     the run fails or finishes."""
-    from dalle_fast import train_dalle as td
-    from dalle_fast.distributed import DistInfo
+    from dalle_fast.training import dalle as td
+    from dalle_fast.training.distributed import DistInfo
 
     def join(device_type, timeout_s):  # torchrun's group, as one process of one
         if not dist.is_initialized():
@@ -243,12 +245,12 @@ def test_a_refused_run_leaves_no_process_group(monkeypatch, tmp_path, vae_run):
 
     monkeypatch.setattr(td, "init_from_env", join)
     cfg = DALLETrainConfig(vae=str(tmp_path / "none"), out=str(tmp_path / "r"), preset="micro", device="cpu")
-    with pytest.raises(ValueError, match="--vae"):
+    with pytest.raises(ValueError, match="vae: .* is not a run directory"):
         td.train_dalle(cfg)
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store2", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="--vae"):
+        with pytest.raises(ValueError, match="vae: .* is not a run directory"):
             td.train_dalle(cfg)
         assert dist.is_initialized()
         done = DALLETrainConfig(

@@ -5,20 +5,19 @@ import math
 import pytest
 import torch
 
-from dalle_fast.dvae import (
+from dalle_fast.models.dvae import (
     DVAE,
     EPS,
     PRESETS,
     DVAEConfig,
     codebook_usage,
-    cosine_anneal,
-    linear_ramp,
     logit_laplace_nll,
     logit_normal_nll,
     phi,
     phi_inv,
     psnr,
 )
+from dalle_fast.training.schedules import cosine_anneal, linear_ramp
 
 
 def test_phi_round_trip_and_range():
@@ -113,8 +112,8 @@ def test_batch_limit_keeps_large_dvaes_in_small_batches(monkeypatch):
     per_image = 6 * 32 * 32**2 * 4  # six fp32 maps of 32 channels at 32x32
     assert tiny.batch_limit(budget_bytes=5 * per_image) == 5 and tiny.batch_limit(budget_bytes=1) == 1
     # Stage 2's encoding in batches of 3 gives the codes of one large batch.
-    from dalle_fast.data import ShapesDataset
-    from dalle_fast.train_dalle import encode_images
+    from dalle_fast.data.shapes import ShapesDataset
+    from dalle_fast.data.token_cache import encode_images
 
     ds = ShapesDataset("train", 10, 32, seed=1)
     whole = tiny.encode(torch.stack([ds[i][0] for i in range(10)])).flatten(1).to(torch.int16)

@@ -3,17 +3,10 @@
 import pytest
 import torch
 
-from dalle_fast.data import SHAPES, ShapesDataset
-from dalle_fast.evaluate import (
-    AttributeClassifier,
-    _augment,
-    _blur,
-    caption_match,
-    detected_pairs,
-    main,
-    scene_targets,
-    write_report,
-)
+from dalle_fast.data.shapes import COLORS, SHAPES, ShapesDataset
+from dalle_fast.evaluate import main
+from dalle_fast.evaluation.fidelity import _augment, _blur, caption_match, detected_pairs, scene_targets, write_report
+from dalle_fast.models.judge import AttributeClassifier
 
 
 def test_targets_and_detection_round_trip():
@@ -35,7 +28,7 @@ class Oracle(AttributeClassifier):
     """Answers from known scenes (one per image, in order): what a perfect classifier would say."""
 
     def __init__(self, scenes, shift=(0.0, 0.0)):
-        super().__init__(width=4)
+        super().__init__(len(COLORS), len(SHAPES), width=4)
         self.scenes, self.shift = scenes, torch.tensor(shift)
 
     def forward(self, images):
@@ -81,7 +74,7 @@ def test_report(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "--run is required"),
+        ([], "--run: required"),
         (["--run", "{tmp}/x"], "not a run directory"),
         (["--run", "{tmp}/x", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],

@@ -4,12 +4,12 @@ and the generate CLI's errors. (The decode op itself: tests/test_decode.py.)"""
 import pytest
 import torch
 
-from dalle_fast.generate import sample_tokens, sampling_autocast
-from dalle_fast.kv_cache import cached_image_logits, decode_step, kernel_position, prefill
-from dalle_fast.masks import MASK_KINDS
-from dalle_fast.ops import cuda_unusable_reason
-from dalle_fast.tokenizer import PAD
-from dalle_fast.transformer import DALLE, Layer, TransformerConfig
+from dalle_fast.data.tokenizer import PAD
+from dalle_fast.models.kv_cache import kernel_position
+from dalle_fast.models.transformer import DALLE, Layer, TransformerConfig
+from dalle_fast.ops.masks import MASK_KINDS
+from dalle_fast.ops.support import cuda_unusable_reason
+from dalle_fast.sampling.sample import sample_tokens, sampling_autocast
 
 # 5 text tokens + a 4x4 grid; kernel 3 < grid, so the conv mask is a real subset of causal.
 SMALL = dict(text_vocab=40, text_len=5, image_vocab=12, image_size=4, d_model=32, n_heads=2, head_dim=16, kernel_size=3)
@@ -37,7 +37,7 @@ def tokens(cfg: TransformerConfig, batch: int = 3, seed: int = 0):
 
 
 def test_kernel_position_is_the_column_transposition():
-    from dalle_fast.masks import transpose_image_index
+    from dalle_fast.ops.masks import transpose_image_index
 
     T, W = 5, 4
     perm = transpose_image_index(T, W)
@@ -52,7 +52,7 @@ def test_cache_logits_equal_the_forward_per_kind(kind, start):
     model = model_of([kind, kind])
     text, image = tokens(model.cfg)
     full = model(text, image)[1]  # (B, 16, V)
-    cached = cached_image_logits(model, text, image, start)
+    cached = model.cached_image_logits(text, image, start)
     assert cached.shape == full[:, start:].shape
     torch.testing.assert_close(cached, full[:, start:], rtol=1e-5, atol=1e-5)
     # The check has teeth: the logits depend strongly on the attention pattern.
@@ -64,17 +64,18 @@ def test_cache_logits_equal_the_forward_per_mode(attention):
     """The paper's schedule (row, column, row, row, conv) and the dense baselines."""
     model = model_of(attention=attention)
     text, image = tokens(model.cfg)
-    torch.testing.assert_close(cached_image_logits(model, text, image), model(text, image)[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.cached_image_logits(text, image), model(text, image)[1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_wrong_mask_in_the_cache_is_caught():
     """Decoding a layer under another kind's keys must break the equality the tests above check."""
     model = model_of(["row", "conv"])
     text, image = tokens(model.cfg)
-    cache, _ = prefill(model, text, image, 0)
-    model.layers[1].kind = "causal"  # the decode step reads the layer's kind; the cache was built as conv
-    got = torch.stack([decode_step(model, cache, image[:, j]) for j in range(15)], 1)
-    assert (got - model(text, image)[1][:, 1:]).abs().max() > 1e-3
+    want = model(text, image)[1][:, 1:]
+    cache, _ = model.prefill(text, image, 0)
+    model.layers[1].attn.branch.kind = "causal"  # decoding reads the attention's kind; the cache was built as conv
+    got = torch.stack([model.decode_step(cache, image[:, j]) for j in range(15)], 1)
+    assert (got - want).abs().max() > 1e-3
 
 
 def test_cache_and_recompute_sample_the_same_tokens():
@@ -91,7 +92,7 @@ def test_cache_and_recompute_sample_the_same_tokens():
 def test_sampling_device(monkeypatch, pretend_gpu):
     """--device: auto is the GPU only when the model's attention runs there; an explicit cuda that cannot
     run it says why. The GPU cases are reached by pretending one is present (nothing touches it)."""
-    from dalle_fast.generate import sampling_device
+    from dalle_fast.sampling.sample import sampling_device
 
     sparse16, dense16, sparse32 = model_of(), model_of(attention="dense"), model_of(head_dim=32)
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
@@ -107,7 +108,7 @@ def test_sampling_device(monkeypatch, pretend_gpu):
         sampling_device("cuda:3", dense16)
     assert sampling_device("auto", sparse32) == torch.device("cuda")
     assert sampling_device("auto", sparse16) == torch.device("cpu")  # head dim 16: no CUDA kernel
-    with pytest.raises(ValueError, match="head_dim 16 has no CUDA attention kernel.*--device cpu"):
+    with pytest.raises(ValueError, match="head_dim 16 has no CUDA attention kernel.*run on the CPU"):
         sampling_device("cuda:0", sparse16)
     pretend_gpu((7, 5))
     assert sampling_device("auto", sparse32) == torch.device("cpu")
@@ -188,9 +189,9 @@ def test_priming_keeps_the_given_tokens(cache):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A dVAE, a transformer and a CLIP run, each trained for two updates (micro sizes)."""
-    from dalle_fast.clip import CLIPTrainConfig, train_clip
-    from dalle_fast.train import VAETrainConfig, train_vae
-    from dalle_fast.train_dalle import DALLETrainConfig, train_dalle
+    from dalle_fast.training.clip import CLIPTrainConfig, train_clip
+    from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
+    from dalle_fast.training.vae import VAETrainConfig, train_vae
 
     root = tmp_path_factory.mktemp("runs")
     train_vae(VAETrainConfig(out=str(root / "vae"), steps=2, batch_size=4, ckpt_every=2, log_every=2, eval_images=8))
@@ -214,8 +215,8 @@ class FixedScorer:
 
 
 def test_generate_batches_rerank_and_prime(runs):
-    from dalle_fast.generate import generate
-    from dalle_fast.train_dalle import load_transformer
+    from dalle_fast.runs.load import load_transformer
+    from dalle_fast.sampling.sample import generate
 
     model, tok, dvae = load_transformer(runs / "dalle")
     captions = ["a large red circle", "a small blue square above a large green circle"]
@@ -255,9 +256,11 @@ def test_cli_writes_a_grid_and_is_deterministic(runs, tmp_path, capsys):
 def test_cli_completion(runs, tmp_path):
     from PIL import Image
 
-    from dalle_fast.data import ShapesDataset, preprocess
-    from dalle_fast.generate import load_prime, main
-    from dalle_fast.train_dalle import load_transformer
+    from dalle_fast.data.images import preprocess
+    from dalle_fast.data.shapes import ShapesDataset
+    from dalle_fast.generate import main
+    from dalle_fast.runs.load import load_transformer
+    from dalle_fast.sampling.sample import load_prime
 
     _, _, dvae = load_transformer(runs / "dalle")
     ShapesDataset("heldout", 4, 32).render(0).save(tmp_path / "in.png")
@@ -324,7 +327,7 @@ def test_cli_guidance_warns_for_a_run_without_caption_dropout(runs, tmp_path, ca
 
 
 def test_evaluate_end_to_end(runs, tmp_path):
-    from dalle_fast.evaluate import EvaluateConfig, evaluate, write_report
+    from dalle_fast.evaluation.fidelity import EvaluateConfig, evaluate, write_report
 
     res = evaluate(EvaluateConfig(run=str(runs / "dalle"), captions=2, draws=2, classifier_steps=2))
     assert res["N"] == [1, 2] and 0 <= res["classifier_accuracy"] <= 1

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dalle_fast import MASK_KINDS, attention_mask, block_layout, layer_kinds, save_mask_png
-from dalle_fast.masks import plot_masks, transpose_image_index
+from dalle_fast.ops.masks import plot_masks, transpose_image_index
 
 
 def brute_force_mask(kind, T, W, kernel_size=11):

@@ -10,7 +10,7 @@ import torch
 
 import dalle_fast
 from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention, sparse_attention_reference, to_column_order
-from dalle_fast.masks import allowed_keys, attention_mask, block_layout
+from dalle_fast.ops.masks import allowed_keys, attention_mask, block_layout
 
 # (text_len, image_size): text lengths off block boundaries, grids from 4 to 32 (the big ones are slow).
 SHAPES = [(6, 4), (0, 5), (37, 7), (1, 9), (77, 8), (130, 12)]
@@ -293,11 +293,11 @@ def test_torch_compile_fullgraph():
 def test_cuda_kernel_check_compiles_without_graph_breaks():
     """The check that a CUDA build is present runs inside compiled graphs on CUDA; here, with no GPU, the
     same check on a CUDA device is traced with fullgraph=True (a dispatcher query per call would fail)."""
-    from dalle_fast import ops
+    from dalle_fast.ops import support as ops
 
     def f(x):
-        ops._require_cuda_kernels(torch.device("cuda"), "sparse_attention_fwd")
-        ops._require_cuda_kernels(torch.device("cuda"), "sparse_attention_decode")
+        ops.require_cuda_kernels(torch.device("cuda"), "sparse_attention_fwd")
+        ops.require_cuda_kernels(torch.device("cuda"), "sparse_attention_decode")
         return x + 1
 
     torch._dynamo.reset()

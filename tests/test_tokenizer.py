@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dalle_fast.tokenizer import PAD, CaptionTokenizer
+from dalle_fast.data.tokenizer import PAD, CaptionTokenizer
 
 CAPTIONS = [
     "a small red circle above a large blue square",

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_fast.train import VAETrainConfig, main, schedule_position, train_vae
+from dalle_fast.train import main
+from dalle_fast.training.schedules import schedule_position
+from dalle_fast.training.vae import VAETrainConfig, train_vae
 
 
 def _cfg(out, **kw):
@@ -64,11 +66,10 @@ def test_cli(tmp_path, capsys):
 
 
 def test_schedules_follow_the_clock_under_a_time_limit():
-    cfg = _cfg("unused", steps=1000, time_limit=100.0)
-    assert schedule_position(10, 50.0, cfg) == 500  # half the time gone: half-way through the schedules
-    assert schedule_position(800, 50.0, cfg) == 800  # ... or further, when the steps run out first
-    assert schedule_position(10, 250.0, cfg) == 1000
-    assert schedule_position(10, 50.0, dataclasses.replace(cfg, time_limit=0.0)) == 10  # steps only
+    assert schedule_position(10, 50.0, 1000, 100.0) == 500  # half the time gone: half-way through the schedules
+    assert schedule_position(800, 50.0, 1000, 100.0) == 800  # ... or further, when the steps run out first
+    assert schedule_position(10, 250.0, 1000, 100.0) == 1000
+    assert schedule_position(10, 50.0, 1000, 0.0) == 10  # no time limit: steps only
 
 
 def _shard(path, n_good: int) -> str:
@@ -147,7 +148,7 @@ def test_cuda_training_resumes_and_loads_on_the_cpu(tmp_path):
     train_vae(_cfg(out, device="cuda"), stop_at=3)
     metrics = train_vae(_cfg(out, device="cuda", resume=True))
     assert metrics["step"] == 6 and torch.isfinite(torch.tensor(metrics["loss"])) and metrics["psnr"] > 0
-    from dalle_fast.train_dalle import load_dvae
+    from dalle_fast.runs.load import load_dvae
 
     codes = load_dvae(out).encode(torch.rand(2, 3, 32, 32))  # a GPU-trained dVAE is read back on the CPU
     assert codes.device.type == "cpu" and codes.shape[0] == 2
@@ -162,7 +163,7 @@ def test_grid_sets_the_groups(tmp_path):
     train_vae(_cfg(out, grid=16, steps=2, ckpt_every=2, device="cpu:0"))  # cpu:N is the CPU
     saved = json.loads((out / "config.json").read_text())["dvae"]
     assert saved["groups"] == 2
-    from dalle_fast.train_dalle import load_dvae
+    from dalle_fast.runs.load import load_dvae
 
     codes = load_dvae(out).encode(torch.rand(1, 3, 32, 32))
     assert codes.shape[-2:] == (16, 16)

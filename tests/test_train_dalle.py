@@ -10,20 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dalle_fast.data import ShapesDataset
-from dalle_fast.generate import filter_logits, sample_tokens
-from dalle_fast.ops import cuda_unusable_reason
-from dalle_fast.train import PipelineConfig, VAETrainConfig, main, run_pipeline, train_vae
-from dalle_fast.train_dalle import (
-    DALLETrainConfig,
-    TokenCache,
-    Trainer,
-    cpu_has_native_bf16,
-    load_transformer,
-    resolve_device,
-    train_dalle,
-)
-from dalle_fast.transformer import DALLE, preset
+from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.data.token_cache import TokenCache
+from dalle_fast.models.transformer import DALLE, preset
+from dalle_fast.ops.support import cpu_has_native_bf16, cuda_unusable_reason
+from dalle_fast.runs.load import load_transformer
+from dalle_fast.sampling.sample import filter_logits, sample_tokens
+from dalle_fast.train import main
+from dalle_fast.training.dalle import DALLERun as Trainer
+from dalle_fast.training.dalle import DALLETrainConfig, resolve_device, train_dalle
+from dalle_fast.training.pipeline import PipelineConfig, run_pipeline
+from dalle_fast.training.vae import VAETrainConfig, train_vae
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +85,7 @@ def test_token_cache(vae_run, tmp_path):
 
 
 def test_caption_dropout_empties_whole_captions(vae_run, tmp_path):
-    from dalle_fast.tokenizer import PAD
+    from dalle_fast.data.tokenizer import PAD
 
     plain = Trainer(_cfg(vae_run, tmp_path / "c", batch_size=256))
     dropped = Trainer(_cfg(vae_run, tmp_path / "c", batch_size=256, caption_dropout=0.25))
@@ -241,7 +238,10 @@ def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path)
 
 
 def test_learning_rate_schedule():
-    from dalle_fast.train_dalle import learning_rate
+    from dalle_fast.training.schedules import warmup_cosine
+
+    def learning_rate(step, cfg, seconds=0.0):
+        return warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup, seconds, cfg.time_limit)
 
     cfg = DALLETrainConfig(lr=1e-3, lr_end=1e-5, warmup=10, steps=110)
     assert learning_rate(0, cfg) == pytest.approx(1e-4)
@@ -282,17 +282,17 @@ def test_compiled_training(vae_run, tmp_path, resblock_scaling):
 def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
     """The device checks that apply on CUDA, reached here by pretending one is present (resolve_device
     touches no GPU): a preset whose head_dim has no CUDA kernel is refused up front, with what to do."""
-    from dalle_fast import ops
+    from dalle_fast.ops import support as ops
 
     pretend_gpu()
-    with pytest.raises(ValueError, match=r"preset micro's head_dim 16 has no CUDA attention kernel.*--device cpu"):
+    with pytest.raises(ValueError, match=r"head_dim 16 has no CUDA attention kernel.*run on the CPU"):
         resolve_device(DALLETrainConfig(preset="micro", device="cuda"))
     assert resolve_device(DALLETrainConfig(preset="micro", device="cuda", attention="dense")) == (
         torch.device("cuda"),
         "fp16",
     )
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
-    with pytest.warns(UserWarning, match="training on the CPU, since preset micro's head_dim 16"):
+    with pytest.warns(UserWarning, match="running on the CPU, since head_dim 16"):
         assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
     # Sharded (FSDP) runs take bf16: per-resblock scaling does not combine with sharding.
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto", shard=True)) == (torch.device("cuda"), "bf16")

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_fast.amp import ResblockGradScaler
-from dalle_fast.masks import MASK_KINDS, attention_mask, layer_kinds
-from dalle_fast.tokenizer import PAD
-from dalle_fast.transformer import DALLE, Attention, TransformerConfig, main, preset
+from dalle_fast.data.tokenizer import PAD
+from dalle_fast.models.transformer import DALLE, Attention, TransformerConfig, preset
+from dalle_fast.ops.masks import MASK_KINDS, attention_mask, layer_kinds
+from dalle_fast.presets import main
+from dalle_fast.training.amp import ResblockGradScaler
 
 # 5 text tokens + a 4x4 grid; kernel 3 so that the conv mask is a real subset at this size.
 SMALL = dict(text_vocab=40, text_len=5, image_vocab=12, image_size=4, d_model=32, n_heads=2, head_dim=16, kernel_size=3)

@@ -58,7 +58,7 @@ def main():
     # Per-resblock gradient scaling: boundary ops, multi-tensor unscale + check, scale update, AdamW.
     from torch import nn
 
-    from dalle_fast.amp import BlockAdamW, ResblockGradScaler
+    from dalle_fast.training.amp import BlockAdamW, ResblockGradScaler
 
     scaler = ResblockGradScaler(3, device="cuda")
     model = nn.Sequential(*[scaler.residual(nn.Linear(40, 40), i) for i in range(3)]).cuda()

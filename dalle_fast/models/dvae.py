@@ -111,16 +111,6 @@ def logit_normal_nll(x: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.T
     )
 
 
-def cosine_anneal(step: int, total: int, start: float, end: float) -> float:
-    """start at step 0 to end at step >= total, along half a cosine."""
-    t = min(max(step / max(total, 1), 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def linear_ramp(step: int, total: int, end: float) -> float:
-    return end * min(max(step / max(total, 1), 0.0), 1.0)
-
-
 class BottleneckBlock(nn.Module):
     """id_path(x) + post_gain * res_path(x); res_path is 4 convs (ReLU before each) through n_out / 4
     channels. Kernel sizes: (3, 3, 3, 1) in the encoder, (1, 3, 3, 3) in the decoder."""

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-PAD = -1  # unused text positions; the transformer replaces them with per-position pad embeddings
+from dalle_fast.models.tokens import PAD
+
+__all__ = ["PAD", "CaptionTokenizer"]
 
 
 def _import_tokenizers():

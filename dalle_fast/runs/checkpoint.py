@@ -9,20 +9,13 @@ half-written checkpoint behind, and the previous complete one survives.
 from __future__ import annotations
 
 import json
-import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp) then rename tmp over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+from dalle_fast.files import atomic_write
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -31,17 +24,17 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda p: save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, p))
 
 
-def load_weights(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """safetensors -> state dict, with a ValueError naming the file when it is missing or damaged."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{what}: {path} is missing")
+        raise ValueError(f"{path} is missing")
     try:
         return load_file(path)
     except Exception as e:  # truncated or foreign files
-        raise ValueError(f"{what}: {path} is unreadable: {type(e).__name__}: {e}") from e
+        raise ValueError(f"{path} is unreadable: {type(e).__name__}: {e}") from e
 
 
 def save_run(out: Path, weights: dict[str, dict[str, torch.Tensor]], state: dict, meta: dict) -> None:
@@ -54,37 +47,43 @@ def save_run(out: Path, weights: dict[str, dict[str, torch.Tensor]], state: dict
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
-def load_config(out: Path, what: str = "run") -> dict:
+def load_config(out: Path) -> dict:
+    """A run directory's config.json; ValueError naming the folder when it is not a run."""
     path = Path(out) / "config.json"
     if not path.exists():
-        raise ValueError(f"{what}: {Path(out)} is not a run directory (no config.json)")
+        raise ValueError(f"{Path(out)} is not a run directory (no config.json)")
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{what}: {path} is unreadable: {e}") from e
+        raise ValueError(f"{path} is unreadable: {e}") from e
 
 
-def load_model(run: Path, entry: str, name: str, build, weights: str, what: str) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, the run's config.json) for a run directory: build(meta[entry]) makes the model,
-    <run>/<weights> fills it. ValueErrors name `what` (the flag) and say what is wrong."""
-    meta = load_config(run, what)
-    if entry not in meta:
-        raise ValueError(f"{what}: {run} is not a {name} run (its config.json has no {entry!r} entry)")
-    model = build(meta[entry])
-    try:
-        model.load_state_dict(load_weights(Path(run) / weights, what))
-    except RuntimeError as e:
-        raise ValueError(f"{what}: the weights in {run} do not match its config: {e}") from e
-    return model.eval(), meta
-
-
-def load_state(out: Path, what: str = "--resume") -> dict:
+def load_state(out: Path) -> dict:
+    """The resumable state (state.pt) of a run directory."""
     path = Path(out) / "state.pt"
     if not path.exists():
-        raise ValueError(f"{what}: no complete checkpoint in {Path(out)} (state.pt is missing)")
+        raise ValueError(f"no complete checkpoint in {Path(out)} (state.pt is missing)")
     try:
         # To the CPU: each process then moves what it needs to its own device (optimizer state goes to
         # its parameters' device), so N ranks do not all land on cuda:0, and a CUDA run resumes on a CPU.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"{what}: the checkpoint in {Path(out)} is unreadable: {type(e).__name__}: {e}") from e
+        raise ValueError(f"the checkpoint in {Path(out)} is unreadable: {type(e).__name__}: {e}") from e
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random number generator a run draws from: torch's CPU generator, Python's, and the CUDA
+    generator of `device` when it is a GPU (one layout for every stage's checkpoint)."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restores what rng_state saved (a run that started on a CPU has no CUDA state to restore)."""
+    torch.set_rng_state(state["torch_rng"])
+    if "python_rng" in state:
+        random.setstate(state["python_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from dalle_fast import _C  # noqa: F401  (registers torch.ops.dalle_fast: block_layout)
+
 MASK_KINDS = ("causal", "row", "column", "conv")
 MAX_IMAGE_SIZE = 46340  # image_size**2 tokens fit 32-bit indices (kMaxImageSize in csrc/layout.h)
 
@@ -164,8 +166,6 @@ def block_layout(kind: str, text_len: int, image_size: int, kernel_size: int = 1
     check_mask_args(kind, text_len, image_size, kernel_size)
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an int >= 1, got {block!r}")
-    from dalle_fast import _C  # noqa: F401  (registers torch.ops.dalle_fast)
-
     parts = torch.ops.dalle_fast.block_layout(kind, text_len, image_size, kernel_size, block)
     return BlockLayout(block, text_len + image_size * image_size, *parts)
 

@@ -19,6 +19,11 @@ the first image token and the stream needs no extra start token.
 `attention` picks the attention path: "sparse" (the paper's schedule through the kernels), "causal"
 (every layer dense causal, through the same kernels) or "dense" (PyTorch SDPA with is_causal=True, the
 comparison baseline). "causal" and "dense" compute the same function.
+
+Sampling runs through a key/value cache (`prefill`, then `decode_step` per image token): the prompt
+runs once through the ordinary forward pass, each attention layer keeping its keys and values in a
+`KVCache`; then each new token runs through the layers alone, and its attention is the decode op
+(`sparse_attention_decode`), which reads only the cached keys its layer's mask allows.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_fast.masks import check_mask_args, layer_kinds
-from dalle_fast.ops import block_sparse_attention, to_column_order
-from dalle_fast.tokenizer import PAD
+from dalle_fast.models.kv_cache import KVCache, kernel_position
+from dalle_fast.models.tokens import PAD
+from dalle_fast.ops.attention import block_sparse_attention, sparse_attention_decode, to_column_order
+from dalle_fast.ops.masks import check_mask_args, layer_kinds
 
 ATTENTION_MODES = ("sparse", "causal", "dense")
 
@@ -104,15 +110,15 @@ def preset(name: str, **overrides) -> TransformerConfig:
 
 
 class Residual(nn.Module):
-    """x + branch(x). `dalle_fast.amp.ScaledResidual` has the same `branch` attribute, so swapping one
+    """x + branch(x). `dalle_fast.training.amp.ScaledResidual` has the same `branch` attribute, so swapping one
     for the other (DALLE.use_resblock_scaler) keeps the state-dict names."""
 
     def __init__(self, branch: nn.Module):
         super().__init__()
         self.branch = branch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(x)
+    def forward(self, x: torch.Tensor, **cache) -> torch.Tensor:
+        return x + self.branch(x, **cache)
 
 
 class Attention(nn.Module):
@@ -127,7 +133,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, N, d): the whole sequence (its keys and values go to cache.k/v[layer] when a cache is
+        given); x (B, d): the one token at cache.length, attending to the cache (sampling)."""
+        if x.dim() == 2:
+            return self._decode(x, cache, layer)
         cfg = self.cfg
         B, N, _ = x.shape
         h = self.norm(x)
@@ -135,6 +145,8 @@ class Attention(nn.Module):
             h = to_column_order(h, cfg.text_len, cfg.image_size)  # image states transposed: mask (c)
         qkv = self.qkv(h).view(B, N, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, nh, N, hs)
+        if cache is not None:  # in the layer's kernel order, as decoding reads them
+            cache.k[layer], cache.v[layer] = k, v
         if cfg.attention == "dense":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -148,6 +160,20 @@ class Attention(nn.Module):
         if self.kind == "column":
             o = to_column_order(o, cfg.text_len, cfg.image_size)
         return self.drop(o)
+
+    def _decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """One token per sequence, at cache.length: its key and value join the cache, and its query
+        meets the cached keys its mask allows (the decode op; attention arithmetic in fp32)."""
+        cfg = self.cfg
+        B = x.shape[0]
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, cfg.n_heads, cfg.head_dim).unbind(1)  # each (B, nh, hs)
+        at = kernel_position(self.kind, cfg.text_len, cfg.image_size, cache.length)
+        cache.k[layer][:, :, at] = k
+        cache.v[layer][:, :, at] = v
+        o = sparse_attention_decode(
+            q, cache.k[layer], cache.v[layer], self.kind, cfg.text_len, cfg.image_size, at, cfg.kernel_size
+        )
+        return self.drop(self.proj(o.reshape(B, -1)))
 
 
 class MLP(nn.Module):
@@ -172,7 +198,9 @@ class Layer(nn.Module):
         self.attn = Residual(Attention(cfg, kind))
         self.mlp = Residual(MLP(cfg))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
+        if cache is not None:  # sampling: no gradients, so nothing to recompute
+            return self.mlp(self.attn(x, cache=cache, layer=index))
         for block in (self.attn, self.mlp):
             if self.checkpoint and torch.is_grad_enabled():  # recompute the block in backward
                 x = checkpoint(block, x, use_reentrant=False)
@@ -258,11 +286,11 @@ class DALLE(nn.Module):
 
     # ---- the model ------------------------------------------------------------------------------------
 
-    def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Final normalised states (B, N, d)."""
+    def hidden(self, text: torch.Tensor, image: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last layer's states (B, N, d); with a cache, every layer's keys and values go into it."""
         x = self.embed(text, image)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i) if cache is not None else layer(x)
         return x
 
     def _head(self, h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
@@ -291,6 +319,52 @@ class DALLE(nn.Module):
         li = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
         return {"loss": lt / 8 + li * 7 / 8, "text": lt.detach(), "image": li.detach()}
 
+    # ---- sampling through a key/value cache --------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, text: torch.Tensor, image: torch.Tensor, start: int) -> tuple[KVCache, torch.Tensor]:
+        """Runs [text ; image] through the forward pass once and keeps every layer's keys and values.
+
+        Only the first text_len + start positions are meaningful (image[:, :start] are the given tokens;
+        the rest may be anything: causality keeps them out of the earlier positions). Returns the cache
+        and the fp32 logits (B, image_vocab) of image token `start`."""
+        cfg = self.cfg
+        if not 0 <= start < cfg.image_size**2:
+            raise ValueError(f"start must be in [0, {cfg.image_size**2}), got {start}")
+        self.check_tokens(text, image)
+        cache = KVCache([None] * cfg.n_layers, [None] * cfg.n_layers, cfg.text_len + start)
+        h = self.hidden(text, image, cache)
+        return cache, self.image_logits(h[:, cfg.text_len - 1 + start])
+
+    @torch.no_grad()
+    def decode_step(self, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
+        """Feeds image token `token` (B,) at the cache's next position; returns the fp32 logits (B,
+        image_vocab) of the image token after it. The new keys and values go into the cache."""
+        cfg = self.cfg
+        t = cache.length
+        p = t - cfg.text_len  # image position of the new token
+        if not 0 <= p < cfg.image_size**2:
+            raise ValueError(f"the cache is full or holds no text: next position {t}, seq_len {cfg.seq_len}")
+        W = cfg.image_size
+        # Rows of the position tables by Python index: no per-token host-to-device copy (which would wait
+        # for the GPU and keep the host from queueing the next step's kernels).
+        x = self.image_emb(token) + self.row_emb.weight[p // W] + self.col_emb.weight[p % W]  # (B, d)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        cache.length = t + 1
+        return self.image_logits(x)
+
+    @torch.no_grad()
+    def cached_image_logits(self, text: torch.Tensor, image: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Teacher-forced image logits (B, image_size**2 - start, image_vocab) for tokens start.., computed
+        through the cache (prefill of the first `start` tokens, then one decode step per token). Equal, to
+        fp32 rounding, to self(text, image)[1][:, start:]: the test of the cache, and a debugging aid."""
+        cache, logits = self.prefill(text, image, start)
+        out = [logits]
+        for j in range(start, self.cfg.image_size**2 - 1):
+            out.append(self.decode_step(cache, image[:, j]))
+        return torch.stack(out, dim=1)
+
     # ---- mixed precision ------------------------------------------------------------------------------
 
     def resblocks(self) -> list[Residual]:
@@ -298,7 +372,7 @@ class DALLE(nn.Module):
         return [blk for layer in self.layers for blk in (layer.attn, layer.mlp)]
 
     def use_resblock_scaler(self, scaler) -> None:
-        """Wraps every resblock with the scaler's per-resblock gradient scaling (dalle_fast.amp); the
+        """Wraps every resblock with the scaler's per-resblock gradient scaling (dalle_fast.training.amp); the
         scaler needs num_blocks == 2 * n_layers. State-dict names stay the same."""
         if scaler.num_blocks != 2 * self.cfg.n_layers:
             raise ValueError(
@@ -313,29 +387,3 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"{x.dtype} tensor of shape {tuple(x.shape)}"
     return type(x).__name__
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dalle_fast.transformer [PRESET]`: builds a preset on the meta device (no memory) and
-    prints its size and layer schedule."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m dalle_fast.transformer", description=main.__doc__)
-    ap.add_argument("preset", nargs="?", default="paper", choices=sorted(PRESETS))
-    args = ap.parse_args(argv)
-    with torch.device("meta"):
-        model = DALLE(PRESETS[args.preset])
-    cfg = model.cfg
-    kinds = cfg.layer_kinds()
-    n = model.num_params()
-    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-    print(
-        f"{args.preset}: {size} parameters; {cfg.n_layers} layers x {cfg.n_heads} heads of "
-        f"{cfg.head_dim}, d_model {cfg.d_model}; {cfg.text_len} text + {cfg.image_size}x{cfg.image_size} image tokens; "
-        f"masks: {', '.join(f'{k} x{kinds.count(k)}' for k in dict.fromkeys(kinds))}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,12 +14,11 @@ import math
 import torch
 
 from dalle_fast import _C  # noqa: F401  (loads the library: registers torch.ops.dalle_fast)
-from dalle_fast.masks import allowed_keys, attention_mask, check_mask_args
+from dalle_fast.ops.masks import allowed_keys, attention_mask, check_mask_args
+from dalle_fast.ops.support import CUDA_DTYPES, CUDA_HEAD_DIMS, require_cuda_kernels
 
-# Head dims and dtypes each backend's kernels take.
+# Head dims and dtypes the CPU kernels take (the CUDA ones: dalle_fast.ops.support).
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA attention kernels take
-CUDA_HEAD_DIMS = (32, 64, 128)
 _CPU_MAX_HEAD_DIM = 256
 _SCALE_MAX = torch.finfo(torch.float32).max / 2  # room for the CUDA kernels' factor log2(e)
 
@@ -85,39 +84,6 @@ def _resolve_scale(q: torch.Tensor, scale) -> float:
     return value
 
 
-# Which ops this build has CUDA kernels for, read once: torch.compile cannot trace the dispatcher query
-# (it returns a bool, not a tensor), so asking it per call would break every compiled graph on CUDA.
-_HAS_CUDA_KERNEL = {
-    op: torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA")
-    for op in ("sparse_attention_fwd", "sparse_attention_decode")
-}
-
-
-def cuda_unusable_reason(device: torch.device | str = "cuda") -> str | None:
-    """None when this build's CUDA kernels can run on `device`; else why not, in words (no GPU, a build
-    without CUDA kernels, or a GPU older than compute capability 8.0). Trainers use it to pick a device."""
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    if not all(_HAS_CUDA_KERNEL.values()):
-        return (
-            "dalle_fast was built without CUDA kernels (at install time no nvcc matched torch's CUDA "
-            f"{torch.version.cuda}; see README, Install)"
-        )
-    major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if major < 8:
-        return f"the CUDA kernels need compute capability 8.0 or newer; this GPU is {major}.{minor}"
-    return None
-
-
-def _require_cuda_kernels(device: torch.device, op: str) -> None:
-    """RuntimeError for a CUDA device when the extension was built without CUDA kernels."""
-    if device.type == "cuda" and not _HAS_CUDA_KERNEL[op]:
-        raise RuntimeError(
-            "dalle_fast was built without CUDA kernels (no matching CUDA toolkit at install time); "
-            "reinstall with a toolkit present, or use reference=True"
-        )
-
-
 def to_column_order(x: torch.Tensor, text_len: int, image_size: int) -> torch.Tensor:
     """Swaps rows and columns of the image part of x [..., seq_len, dim]; text untouched.
 
@@ -141,7 +107,7 @@ def block_sparse_attention(
     states are already transposed (see to_column_order). Differentiable."""
     _check_inputs(q, k, v, kind, text_len, image_size, kernel_size)
     scale = _resolve_scale(q, scale)
-    _require_cuda_kernels(q.device, "sparse_attention_fwd")
+    require_cuda_kernels(q.device, "sparse_attention_fwd")
     out, _ = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, kind, text_len, image_size, kernel_size, scale)
     return out
 
@@ -247,7 +213,7 @@ def sparse_attention_decode(
         return sparse_attention_decode_reference(q, k, v, kind, text_len, image_size, position, kernel_size, scale)
     _check_decode_inputs(q, k, v, kind, text_len, image_size, kernel_size, position)
     scale = _resolve_scale(q, scale)
-    _require_cuda_kernels(q.device, "sparse_attention_decode")
+    require_cuda_kernels(q.device, "sparse_attention_decode")
     return torch.ops.dalle_fast.sparse_attention_decode(
         q, k, v, kind, text_len, image_size, kernel_size, scale, position
     )

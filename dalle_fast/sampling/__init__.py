@@ -1,0 +1,1 @@
+"""Sampling images from a trained transformer, and reranking them."""

@@ -1,0 +1,198 @@
+"""The training skeleton every stage shares (the dVAE, the transformer, the CLIP reranker).
+
+`TrainingRun` owns what is the same in every run: CPU threads, refusing to overwrite a run and resuming
+one, the RNG state, the parameter EMA, the time budget (counted across resumes), the run log (log.csv,
+TensorBoard, progress bar), the checkpoint cadence and rank-0-only output under torchrun. A stage
+subclasses it and supplies only its own parts:
+
+    update(step) -> dict          one optimizer update; returns its losses (tensors or floats)
+    log_values(losses) -> dict    the floats of a log row from those losses (default: each as a float)
+    evaluate() -> dict            held-out metrics, at checkpoints
+    at_checkpoint(metrics)        pictures and a line for the terminal, after the checkpoint is saved
+    extra_state() / load_extra_state(state)   what else --resume needs (optimizer, scaler, ...)
+    weights() -> dict             the state dicts to save as safetensors (model, ema)
+    load_weights(weights)         puts them back on resume
+    meta() -> dict                config.json: what was trained, how
+
+A batch is a pure function of (seed, step) (`dalle_fast.data.batches.step_generator`), and the RNG
+state travels in the checkpoint, so a resumed run continues exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from dalle_fast.errors import FieldError
+from dalle_fast.runs import checkpoint
+from dalle_fast.runs.checkpoint import load_state, rng_state, save_run, set_rng_state
+from dalle_fast.runs.log import RunLog
+from dalle_fast.training.distributed import DistInfo, rank0_value
+
+
+def claim_output(out: Path, resume: bool) -> None:
+    """A new run refuses a folder that already holds one (resume it, or choose another folder)."""
+    if not resume and (out / "state.pt").exists():
+        raise FieldError("out", f"{out} already holds a run: resume it, or choose another folder")
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    """The global generators a run draws its initialisation (and the dVAE its noise) from."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+class TrainingRun:
+    """The skeleton (see the module docstring). Subclasses set, before calling `start()`: cfg (with out,
+    steps, resume, time_limit, ckpt_every and optionally log_every and ema), device, dist, model, tag
+    and columns."""
+
+    tag: str = "run"  # TensorBoard prefix and progress-bar label
+    columns: list[str] = ["step", "seconds"]  # log.csv
+
+    def __init__(self, cfg, device: torch.device, dist: DistInfo | None = None):
+        self.cfg, self.device = cfg, device
+        self.dist = dist or DistInfo()
+        self.out = Path(cfg.out)
+        self.step, self.seconds = 0, 0.0  # training time so far, across resumes (the time limit is the run's)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.sharded_ema = False  # EMA entries are shards (DTensors) of a sharded model
+
+    # ---- what a stage supplies ---------------------------------------------------------------------
+
+    def update(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def log_values(self, losses: dict) -> dict[str, float]:
+        return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in losses.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def at_checkpoint(self, metrics: dict, log: RunLog) -> None:
+        pass
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def check_resume(self, state: dict) -> None:
+        """ValueError when the checkpoint's run cannot continue as this one (another configuration)."""
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {"model": self.model.state_dict()}
+        if self.ema is not None:
+            out["ema"] = self.ema
+        return out
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.model.load_state_dict(weights["model"])
+        if self.ema is not None:
+            for k, v in weights["ema"].items():
+                self.ema[k].copy_(v)
+
+    def meta(self) -> dict:
+        raise NotImplementedError
+
+    # ---- the shared parts --------------------------------------------------------------------------
+
+    def init_ema(self) -> None:
+        """A parameter EMA (evaluation and sampling use it), started at the initial weights."""
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._ema_pairs = [(self.ema[k], v) for k, v in self.model.state_dict().items() if v.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """EMA with a warm-up (decay (1 + step) / (10 + step) until cfg.ema), so short runs are not
+        evaluated on their initialisation."""
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema, (1 + step) / (10 + step))
+        if self.sharded_ema:  # shards (DTensors): one at a time
+            for e, v in self._ema_pairs:
+                e.lerp_(v, 1 - decay)
+        else:  # one multi-tensor launch per dtype and device
+            torch._foreach_lerp_([e for e, _ in self._ema_pairs], [v for _, v in self._ema_pairs], 1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights swapped into the model for the duration (the live ones otherwise)."""
+        if self.ema is None:
+            yield self.model
+            return
+        live = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(live)
+
+    def save(self) -> None:
+        """One checkpoint (rank 0 writes): weights, the resumable state, config.json."""
+        weights, extra = self.weights(), self.extra_state()  # every rank: a sharded model gathers here
+        if not self.dist.main:
+            return
+        state = {"step": self.step, "seconds": self.seconds, **rng_state(self.device), **extra}
+        save_run(self.out, weights, state, self.meta())
+
+    def resume(self) -> None:
+        """Everything a checkpoint holds, back in place."""
+        state = load_state(self.out)
+        self.check_resume(state)
+        names = ["model"] + (["ema"] if self.ema is not None else [])
+        try:
+            self.load_weights({n: checkpoint.load_weights(self.out / f"{n}.safetensors") for n in names})
+            self.load_extra_state(state)  # after the weights: a sharded optimizer needs its model's
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"the checkpoint in {self.out} does not fit this run: {e}") from e
+        set_rng_state(state, self.device)
+        self.step, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Runs to cfg.steps (or stop_at, as if killed there; or the time limit); returns the last logged
+        metrics."""
+        cfg = self.cfg
+        log_every = getattr(cfg, "log_every", cfg.ckpt_every)
+        log = RunLog(self.out if self.dist.main else None, self.columns, self.tag, cfg.steps, self.step, cfg.resume)
+        started = time.time() - self.seconds
+        metrics: dict = {}
+        try:
+            while self.step < cfg.steps:
+                losses = self.update(self.step)
+                self.update_ema(self.step)
+                self.step += 1
+                log.step()
+                self.seconds = time.time() - started
+                if cfg.time_limit:  # rank 0's clock, on every rank: the same schedules, the same last step
+                    self.seconds = rank0_value(self.seconds, self.dist, self.device)
+                timed_out = bool(cfg.time_limit) and self.seconds > cfg.time_limit
+                done = self.step == cfg.steps or self.step == stop_at or timed_out
+                ckpt = self.step % cfg.ckpt_every == 0 or done
+                if self.step % log_every == 0 or ckpt:
+                    metrics = {"step": self.step, **self.log_values(losses)}
+                    metrics.update(self.evaluate() if ckpt else {})
+                    metrics["seconds"] = time.time() - started
+                    log.row(metrics)
+                    if ckpt:
+                        self.save()
+                        self.at_checkpoint(metrics, log)
+                    self.after_log()
+                if done:
+                    break
+        finally:
+            log.close()
+        return metrics
+
+    def after_log(self) -> None:
+        """Called after each logged step (the transformer restarts its throughput window here)."""

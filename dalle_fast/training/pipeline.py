@@ -1,0 +1,132 @@
+"""The main job (python -m dalle_fast.train): every stage on the built-in shapes data, then samples.
+
+The stages run one after another into <root>/<name>/: the dVAE (vae/), the tokenizer and transformer
+(dalle/), the CLIP reranker (clip/), then reranked samples for captions of colour-shape pairs the
+transformer never saw (samples.png). Run it again and it continues where it stopped: a finished stage is
+kept, a partial one resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.ops.device import parse_device
+from dalle_fast.ops.support import cpu_has_native_bf16
+from dalle_fast.runs.images import save_captioned_grid
+from dalle_fast.runs.load import load_clip, load_transformer, stage_state
+from dalle_fast.sampling.rerank import CLIPScorer
+from dalle_fast.sampling.sample import generate, sampling_device
+from dalle_fast.training.clip import CLIPTrainConfig, train_clip
+from dalle_fast.training.dalle import DALLETrainConfig, resolve_device, train_dalle
+from dalle_fast.training.loop import set_threads
+from dalle_fast.training.vae import VAETrainConfig, train_vae
+
+
+@dataclass
+class PipelineConfig:
+    """The main job: tokenizer, dVAE and transformer on the built-in shapes data, then samples for
+    captions of held-out colour-shape pairs (runs/<name>/samples.png)."""
+
+    name: str = field(default="shapes", metadata={"help": "run name: everything goes to <root>/<name>/"})
+    root: str = field(default="runs", metadata={"help": "folder of the runs"})
+    # 1500 dVAE updates (about 2.1 minutes; 29.7-30.0 dB held out) leave the transformer most of the 15 minutes.
+    vae_steps: int = field(default=1500, metadata={"help": "dVAE updates"})
+    vae_minutes: float = field(default=2.5, metadata={"help": "stop the dVAE stage after this long; 0: no limit"})
+    # The 8x8 grid scores higher within the 15-minute budget on 2 CPU cores; 16x16 draws shapes better given
+    # about four times the transformer time (README, "What limits caption fidelity": --grid 16 --width 128
+    # --dalle-batch 32 --dalle-minutes 36).
+    grid: int = field(default=8, metadata={"help": "dVAE token grid: 8 (64 image tokens) or 16 (256)"})
+    width: int = field(default=0, metadata={"help": "transformer d_model; 0: the tiny preset's (192)"})
+    dalle_steps: int = field(default=3000, metadata={"help": "transformer updates"})
+    dalle_minutes: float = field(default=9.0, metadata={"help": "stop the transformer after this long; 0: no limit"})
+    dalle_batch: int = field(default=64, metadata={"help": "captioned images per transformer update"})
+    items: int = field(default=20000, metadata={"help": "training images encoded for the transformer"})
+    clip_steps: int = field(default=400, metadata={"help": "updates of the CLIP reranker"})
+    clip_minutes: float = field(default=1.5, metadata={"help": "stop the reranker after this long; 0: no limit"})
+    rerank: int = field(default=32, metadata={"help": "samples drawn per caption; the reranker keeps the best"})
+    captions: int = field(default=8, metadata={"help": "held-out captions in samples.png"})
+    per_caption: int = field(default=2, metadata={"help": "samples per caption"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
+    device: str = field(default="auto", metadata={"help": "every stage's --device: auto | cpu | cuda | cuda:N"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty folder name, got {self.name!r}")
+        for name in ("vae_steps", "dalle_steps", "dalle_batch", "clip_steps", "items", "captions", "per_caption"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.vae_minutes, self.dalle_minutes, self.clip_minutes, self.threads) < 0:
+            raise ValueError("vae_minutes, dalle_minutes, clip_minutes and threads must be >= 0")
+        if self.rerank < self.per_caption:
+            raise ValueError(f"rerank ({self.rerank}) must be >= per_caption ({self.per_caption})")
+        parse_device(self.device)
+
+
+def _run_stage(label: str, cfg, train) -> None:
+    """Trains a stage (a config with .out and .steps) unless its run directory holds a finished run; a
+    partial one is resumed."""
+    state = stage_state(cfg.out, cfg.steps)
+    if state != "done":
+        print(f"{label} -> {cfg.out}", file=sys.stderr)
+        train(dataclasses.replace(cfg, resume=state == "partial"))
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Runs (or continues) every stage; returns where everything is."""
+    set_threads(cfg.threads)
+    run = Path(cfg.root) / cfg.name
+    started = time.time()
+    vae_cfg = VAETrainConfig(
+        data="shapes", preset="tiny", grid=cfg.grid, out=str(run / "vae"), steps=cfg.vae_steps,
+        time_limit=cfg.vae_minutes * 60, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+    )  # fmt: skip
+    _run_stage("[1/4] dVAE", vae_cfg, train_vae)
+    dalle_cfg = DALLETrainConfig(
+        data="shapes", vae=vae_cfg.out, preset="tiny", d_model=cfg.width, out=str(run / "dalle"),
+        steps=cfg.dalle_steps, batch_size=cfg.dalle_batch, max_items=cfg.items, time_limit=cfg.dalle_minutes * 60,
+        seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+    )  # fmt: skip
+    # On a CPU that multiplies bf16 in hardware the transformer trains in bf16 (faster than fp32 there).
+    if resolve_device(dalle_cfg)[0].type == "cpu" and cpu_has_native_bf16():
+        dalle_cfg = dataclasses.replace(dalle_cfg, precision="bf16")
+    _run_stage("[2/4] tokenizer and transformer", dalle_cfg, train_dalle)
+    clip_cfg = CLIPTrainConfig(
+        data="shapes", dalle=dalle_cfg.out, out=str(run / "clip"), steps=cfg.clip_steps, max_items=min(cfg.items, 8000),
+        time_limit=cfg.clip_minutes * 60, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+    )  # fmt: skip
+    _run_stage("[3/4] CLIP reranker", clip_cfg, train_clip)
+
+    print(f"[4/4] samples for held-out colour-shape pairs (best {cfg.per_caption} of {cfg.rerank})", file=sys.stderr)
+    model, tok, dvae = load_transformer(dalle_cfg.out)
+    device = sampling_device(cfg.device, model)
+    model.to(device)
+    heldout = ShapesDataset("heldout", cfg.captions, dvae.cfg.image_size, cfg.seed)
+    caps = [heldout.captions(i)[0] for i in range(cfg.captions)]
+    scorer = CLIPScorer(*load_clip(clip_cfg.out))
+    drawn = generate(
+        model, tok.encode(caps), dvae, draws=cfg.rerank, keep=cfg.per_caption, scorer=scorer, captions=caps,
+        generator=torch.Generator(device).manual_seed(cfg.seed),
+    )  # fmt: skip
+    captions = [c for c in caps for _ in range(cfg.per_caption)]
+    images = drawn["images"].flatten(0, 1)  # (captions * per_caption, 3, H, W), each caption's best first
+    samples = save_captioned_grid(run / "samples.png", images, captions, columns=2 * cfg.per_caption)
+    where = {
+        "samples": str(samples),
+        "dvae": vae_cfg.out,
+        "transformer": dalle_cfg.out,
+        "reranker": clip_cfg.out,
+        "tokenizer": str(run / "dalle" / "tokenizer.json"),
+        "minutes": round((time.time() - started) / 60, 2),
+    }
+    print("\n".join(f"{k:>12}: {v}" for k, v in where.items()), file=sys.stderr)
+    return where
+
+
