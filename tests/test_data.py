@@ -195,14 +195,14 @@ def test_open_datasets_stream_holds_out_its_first_samples(tmp_path):
 @pytest.mark.parametrize(
     "spec,val_spec,match",
     [
-        ("", None, "--data must be shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
-        ("imagenet", None, "--data must be shapes.*got 'imagenet'"),
-        ("folder:", None, "--data must be"),
-        ("wds:", None, "--data must be.*brace pattern or a comma list"),
-        ("coco:captions.json", None, "--data coco: expects CAPTIONS_JSON,IMAGE_DIR"),
-        ("folder:/no/such/dir", None, "--data 'folder:/no/such/dir': root must be an existing folder"),
-        ("wds:/no/such/shard-{0..3}.tar", None, "--data .*no such shard file '/no/such/shard-0.tar'"),
-        ("shapes", "nonsense", "--val-data must be shapes"),
+        ("", None, "data: must be shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
+        ("imagenet", None, "data: must be shapes.*got 'imagenet'"),
+        ("folder:", None, "data: must be"),
+        ("wds:", None, "data: must be.*brace pattern or a comma list"),
+        ("coco:captions.json", None, "data: coco: expects CAPTIONS_JSON,IMAGE_DIR"),
+        ("folder:/no/such/dir", None, "data: 'folder:/no/such/dir': root must be an existing folder"),
+        ("wds:/no/such/shard-{0..3}.tar", None, "data: .*no such shard file '/no/such/shard-0.tar'"),
+        ("shapes", "nonsense", "val_data: must be shapes"),
     ],
 )
 def test_open_datasets_bad_specs(spec, val_spec, match):

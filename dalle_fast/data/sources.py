@@ -23,6 +23,7 @@ import torch
 
 from dalle_fast.data.images import IMAGE_EXTENSIONS, SkipCounter, _load_image, _pick_caption, collate_skip
 from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.errors import FieldError
 
 
 class _CaptionedImages(torch.utils.data.Dataset):
@@ -244,18 +245,18 @@ def shard_urls(urls: str) -> list[str]:
 
 def _parse_spec(spec: str, flag: str) -> tuple[str, str]:
     expected = (
-        f"{flag} must be {DATA_SPECS} (URLS: a brace pattern or a comma list of .tar shards, as webdataset "
+        f"must be {DATA_SPECS} (URLS: a brace pattern or a comma list of .tar shards, as webdataset "
         f"accepts), got {spec!r}"
     )
     if not isinstance(spec, str):
-        raise ValueError(expected)
+        raise FieldError(flag, expected)
     if spec == "shapes":
         return "shapes", ""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg.strip() or kind not in ("folder", "coco", "wds"):
-        raise ValueError(expected)
+        raise FieldError(flag, expected)
     if kind == "coco" and "," not in arg:
-        raise ValueError(f"{flag} coco: expects CAPTIONS_JSON,IMAGE_DIR (comma-separated), got {spec!r}")
+        raise FieldError(flag, f"coco: expects CAPTIONS_JSON,IMAGE_DIR (comma-separated), got {spec!r}")
     return kind, arg
 
 
@@ -263,7 +264,7 @@ def _wds_shards(arg: str, spec: str, flag: str) -> list[str]:
     urls = shard_urls(arg)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
     if not urls or missing:
-        raise ValueError(f"{flag} {spec!r}: no such shard file {missing[0] if missing else arg!r}")
+        raise FieldError(flag, f"{spec!r}: no such shard file {missing[0] if missing else arg!r}")
     return urls
 
 
@@ -285,7 +286,7 @@ def _stream_prefix(urls: list[str], image_size: int, n: int, spec: str, flag: st
             if len(items) == n:
                 break
     if not items:
-        raise ValueError(f"{flag} {spec!r}: no readable image + txt sample in the shards")
+        raise FieldError(flag, f"{spec!r}: no readable image + txt sample in the shards")
     return ListDataset(items), frozenset(ids)
 
 
@@ -296,7 +297,7 @@ def _open_map_style(kind: str, arg: str, image_size: int, seed: int, spec: str, 
         ann, img = arg.split(",", 1)
         return CocoDataset(ann, img, image_size, train=True, seed=seed)
     except ValueError as e:
-        raise ValueError(f"{flag} {spec!r}: {e}") from e
+        raise FieldError(flag, f"{spec!r}: {e}") from e
 
 
 def _held_out_copy(ds: _CaptionedImages) -> _CaptionedImages:
@@ -313,10 +314,10 @@ def open_datasets(
     *,
     val_spec: str | None = None,
     stream_heldout: int = 256,
-    flag: str = "--data",
-    val_flag: str = "--val-data",
+    flag: str = "data",
+    val_flag: str = "val_data",
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """(train, held-out) datasets for a data spec (the trainers' --data flag).
+    """(train, held-out) datasets for a data spec (the trainers' data field; errors name `flag`).
 
     shapes                       train: ShapesDataset "train" (100,000 items); held-out: its "val" split
                                  (10,000 items of the same distribution, other seeds)
@@ -356,7 +357,7 @@ def open_datasets(
     if not split_here:
         return full, held
     if len(full) < 2:
-        raise ValueError(f"{flag} {spec!r}: one item cannot be split into train and held-out; pass {val_flag}")
+        raise FieldError(flag, f"{spec!r}: one item cannot be split into train and held-out; give held-out data ({val_flag})")
     n_val = max(1, len(full) // 50)  # the last 2% (by sorted name) held out
     idx = list(range(len(full)))
     train = torch.utils.data.Subset(full, idx[:-n_val])

@@ -26,7 +26,7 @@ def _import_tokenizers():
     try:
         import tokenizers
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ImportError("dalle_fast.tokenizer needs the `tokenizers` package: pip install tokenizers") from e
+        raise ImportError("dalle_fast.data.tokenizer needs the `tokenizers` package: pip install tokenizers") from e
     return tokenizers
 
 

@@ -76,7 +76,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Soft edges and faint noise, as a decoder draws them: three images in four blurred (sigma up to 1
     px), every image with pixel noise of std up to 0.02. Without it the judge, trained on crisp renders,
-    missed shapes in the dVAE's own reconstructions of real images far more often (see README)."""
+    missed shapes in the dVAE's own reconstructions of real images far more often (docs/evaluation.md)."""
     sigma = torch.rand(len(x), generator=g)
     x = torch.where((sigma > 0.25)[:, None, None, None], _blur(x, sigma), x)
     noise = torch.randn(x.shape, generator=g) * 0.02 * torch.rand(len(x), 1, 1, 1, generator=g)

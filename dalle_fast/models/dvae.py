@@ -10,7 +10,7 @@ The likelihood is the paper's logit-Laplace by default. `likelihood="logit_norma
 in the same logit space with a fixed scale `sigma` (3 output maps): on flat-coloured synthetic images the
 learned per-pixel scale lets the decoder explain an object's colour as noise instead of encoding it (the
 tiny preset trained that way draws every colour as orange or purple), and a fixed-scale likelihood does
-not (README, "The dVAE (stage 1)").
+not (docs/training.md, "The dVAE").
 
 Training relaxes the codes with gumbel-softmax (temperature annealed 1 -> 1/16 on a cosine schedule)
 and adds beta x KL(q || uniform), beta ramped linearly 0 -> 6.6; both the likelihood and the KL are
@@ -75,10 +75,9 @@ class DVAEConfig:
 PRESETS = {
     # The paper's model: 256x256 -> 32x32 codes from a codebook of 8192.
     "paper": DVAEConfig(),
-    # For the built-in shapes data on a CPU: 32x32 -> 8x8 codes from 64, hidden width 32 (about 11 updates of
-    # 32 images a second on 2 unshared cores). The fixed-scale logit-normal likelihood: with the paper's
-    # learned-scale logit-Laplace this model drew every colour as orange or purple (20.3 dB after 1000 updates;
-    # sigma 0.2: 29.1 dB; sigma 0.32 and 0.5 gave 28.2 and 26.6, sigma 0.1 used 30% of the codes).
+    # For the built-in shapes data on a CPU: 32x32 -> 8x8 codes from 64, hidden width 32. The fixed-scale
+    # logit-normal likelihood, since the paper's learned-scale logit-Laplace drew every colour wrong at this
+    # size (the study: benchmarks/RESULTS_defaults.md).
     "tiny": DVAEConfig(
         groups=3, blocks_per_group=1, hidden=32, codebook=64, image_size=32, likelihood="logit_normal", sigma=0.2
     ),
@@ -170,9 +169,8 @@ class DVAE(nn.Module):
 
     def batch_limit(self, budget_bytes: int = 2 << 30, cap: int = 256) -> int:
         """Images per encode()/decode() call that keep the activations near budget_bytes. Per image, the
-        peak is a few fp32 maps of `hidden` channels at full resolution: on the CPU about 4 in encode()
-        and 5.5 in decode() (hidden 64, 128 px: 16.4 and 22.3 MiB an image), so 6 are counted. The
-        paper's dVAE (256 px, hidden 256): 5 images; the tiny one: `cap`."""
+        peak is a few fp32 maps of `hidden` channels at full resolution (measured on the CPU: under 6 in
+        encode() and decode(); benchmarks/RESULTS_defaults.md), so 6 are counted."""
         per_image = 6 * self.cfg.hidden * self.cfg.image_size**2 * 4
         return max(1, min(cap, budget_bytes // per_image))
 

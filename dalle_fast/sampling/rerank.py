@@ -47,10 +47,10 @@ class OpenCLIPScorer(Scorer):
             import open_clip
         except ImportError as e:
             raise ValueError(
-                "--clip open_clip:...: the open_clip package is not installed (pip install open_clip_torch)"
+                "open_clip:...: the open_clip package is not installed (pip install open_clip_torch)"
             ) from e
         if not Path(weights).is_file():
-            raise ValueError(f"--clip open_clip:{arch}:{weights}: no such weights file")
+            raise ValueError(f"open_clip:{arch}:{weights}: no such weights file")
         self.model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
         self.model.eval()
         self.tokenize = open_clip.get_tokenizer(arch)
@@ -72,7 +72,7 @@ def load_scorer(spec: str) -> Scorer:
     if spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(f"--clip: expected open_clip:ARCH:WEIGHTS_FILE, got {spec!r}")
+            raise ValueError(f"expected a CLIP run folder or open_clip:ARCH:WEIGHTS_FILE, got {spec!r}")
         return OpenCLIPScorer(parts[1], parts[2])
     return CLIPScorer(*load_clip(spec))
 

@@ -11,7 +11,7 @@ A run directory holds config.json, model.safetensors, ema.safetensors, state.pt,
 token caches (cache_train.pt, cache_val.pt), log.csv, TensorBoard events (tb/) and samples_<step>.png.
 
 Precision: fp32 or bf16 autocast on CPU; on CUDA fp16 autocast with per-resblock gradient scaling
-(dalle_fast.amp: one scale per resblock, skipped blocks on overflow, no host sync), or bf16.
+(dalle_fast.training.amp: one scale per resblock, skipped blocks on overflow, no host sync), or bf16.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class DALLETrainConfig:
     dist_timeout: float = field(default=600.0, metadata={"help": "seconds a collective may wait for the other ranks"})
     resblock_scaling: bool = field(
         default=False,
-        metadata={"help": "per-resblock gradient scaling (dalle_fast.amp); always on with fp16"},
+        metadata={"help": "per-resblock gradient scaling (dalle_fast.training.amp); always on with fp16"},
     )
     checkpoint: bool = field(default=False, metadata={"help": "activation checkpointing (recompute in backward)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -141,7 +141,7 @@ class DALLETrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shard and self.powersgd_rank:
-            raise ValueError("--shard and --powersgd-rank exclude each other (PowerSGD is a DDP communication hook)")
+            raise ValueError("shard and powersgd_rank exclude each other (PowerSGD is a DDP communication hook)")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
         head_dim = PRESETS[self.preset].head_dim
@@ -479,7 +479,7 @@ class DALLERun(TrainingRun):
             raise ValueError(f"cannot resume {self.out}: it holds a different model configuration: {saved}")
         if ("scaler" in state) != (self.scaler is not None):
             # Per-resblock scaling changes the optimizer's parameter groups and state: no switching mid-run.
-            was = state.get("precision", "fp16 or --resblock-scaling" if "scaler" in state else "fp32 or bf16")
+            was = state.get("precision", "fp16 or resblock_scaling" if "scaler" in state else "fp32 or bf16")
             raise ValueError(
                 f"cannot resume {self.out}: it was trained with precision {was} "
                 f"({'with' if 'scaler' in state else 'without'} per-resblock gradient scaling), but this run "

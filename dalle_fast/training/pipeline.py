@@ -36,12 +36,11 @@ class PipelineConfig:
 
     name: str = field(default="shapes", metadata={"help": "run name: everything goes to <root>/<name>/"})
     root: str = field(default="runs", metadata={"help": "folder of the runs"})
-    # 1500 dVAE updates (about 2.1 minutes; 29.7-30.0 dB held out) leave the transformer most of the 15 minutes.
+    # Few dVAE updates leave the transformer most of the 15 minutes (benchmarks/RESULTS_defaults.md).
     vae_steps: int = field(default=1500, metadata={"help": "dVAE updates"})
     vae_minutes: float = field(default=2.5, metadata={"help": "stop the dVAE stage after this long; 0: no limit"})
     # The 8x8 grid scores higher within the 15-minute budget on 2 CPU cores; 16x16 draws shapes better given
-    # about four times the transformer time (README, "What limits caption fidelity": --grid 16 --width 128
-    # --dalle-batch 32 --dalle-minutes 36).
+    # more transformer time (docs/evaluation.md, "What limits caption fidelity").
     grid: int = field(default=8, metadata={"help": "dVAE token grid: 8 (64 image tokens) or 16 (256)"})
     width: int = field(default=0, metadata={"help": "transformer d_model; 0: the tiny preset's (192)"})
     dalle_steps: int = field(default=3000, metadata={"help": "transformer updates"})

@@ -47,8 +47,8 @@ class VAETrainConfig:
         },
     )
     preset: str = field(default="tiny", metadata={"help": f"dVAE size: {' | '.join(PRESETS)}"})
-    # tiny: 8 (the default, 64 image tokens) or 16 (256 tokens that keep small shapes: README, "What limits
-    # caption fidelity"); the number of resblock groups follows.
+    # tiny: 8 (the default, 64 image tokens) or 16 (256 tokens that keep small shapes: docs/evaluation.md,
+    # "What limits caption fidelity"); the number of resblock groups follows.
     grid: int = field(
         default=0,
         metadata={"help": "side of the token grid (image_size / grid must be a power of two); 0: the preset's"},
@@ -62,7 +62,7 @@ class VAETrainConfig:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (the paper's 1e-4)"})
     ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for evaluation"})
     # kl_ramp, tau_anneal, lr (and the preset's codebook and beta) were tuned on the tiny preset
-    # (docs/training.md, "The dVAE").
+    # (benchmarks/RESULTS_defaults.md).
     kl_ramp: float = field(default=0.25, metadata={"help": "fraction of the run over which beta rises 0 -> max"})
     tau_anneal: float = field(default=1.0, metadata={"help": "fraction of the run over which tau falls 1 -> 1/16"})
     ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
