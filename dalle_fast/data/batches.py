@@ -13,9 +13,15 @@ import torch
 from dalle_fast.data.images import SkipCounter, collate_skip
 
 
+def mix_seed(seed: int, step: int) -> int:
+    """The one seed mix of the project: a run's seed and a step (an update, an epoch, an item) -> a seed
+    no other (seed, step) pair with step < 1_000_003 shares."""
+    return seed * 1_000_003 + step
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of update `step` of a run seeded `seed` (the one seed mix of every stage)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """The CPU generator of update `step` of a run seeded `seed`."""
+    return torch.Generator().manual_seed(mix_seed(seed, step))
 
 
 class StepBatches(torch.utils.data.Sampler):

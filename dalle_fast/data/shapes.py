@@ -14,6 +14,7 @@ import random
 import torch
 from PIL import Image, ImageDraw
 
+from dalle_fast.data.batches import mix_seed
 from dalle_fast.data.images import preprocess
 
 # ---- the built-in dataset --------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def _rng(self, index: int, salt: int = 0) -> random.Random:
         split_id = {"train": 0, "val": 1, "heldout": 2}[self.split]
-        return random.Random(((self.seed * 3 + split_id) * 1_000_003 + index) * 7919 + salt)
+        return random.Random(mix_seed(self.seed * 3 + split_id, index) * 7919 + salt)
 
     def _object(self, rng: random.Random, want_held_out: bool) -> dict:
         while True:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_fast.data.batches import mix_seed
 from dalle_fast.data.images import IMAGE_EXTENSIONS, SkipCounter, _load_image, _pick_caption, collate_skip
 from dalle_fast.data.shapes import ShapesDataset
 from dalle_fast.errors import FieldError
@@ -52,7 +53,7 @@ class _CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, lines = self._source(index)
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + index)
+        rng = random.Random(mix_seed(self.seed, self.epoch) * 7919 + index)
         caption = _pick_caption(lines, rng) if lines is not None else None
         if caption is None:
             return None
@@ -142,7 +143,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         import webdataset as wds
 
-        seed = self.seed * 1_000_003 + self.epoch
+        seed = mix_seed(self.seed, self.epoch)
         rng = random.Random(seed)
         ds = wds.WebDataset(
             self.urls,
@@ -357,7 +358,9 @@ def open_datasets(
     if not split_here:
         return full, held
     if len(full) < 2:
-        raise FieldError(flag, f"{spec!r}: one item cannot be split into train and held-out; give held-out data ({val_flag})")
+        raise FieldError(
+            flag, f"{spec!r}: one item cannot be split into train and held-out; give held-out data ({val_flag})"
+        )
     n_val = max(1, len(full) // 50)  # the last 2% (by sorted name) held out
     idx = list(range(len(full)))
     train = torch.utils.data.Subset(full, idx[:-n_val])
