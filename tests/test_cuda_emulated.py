@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_fast import MASK_KINDS, amp, block_sparse_attention, sparse_attention_reference
+from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention_reference
+from dalle_fast.ops import grad_scaling as amp
 from dalle_fast.ops.attention import sparse_attention_decode
 from dalle_fast.ops.masks import attention_mask
 

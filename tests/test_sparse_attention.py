@@ -103,7 +103,7 @@ CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernels(), reaso
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])
 def test_cuda_head_dims(_, kind, head_dim, dtype):
-    # (On a 99 KiB GPU, sm_86 / sm_89, head dim 128's backward runs single-buffered: README.)
+    # (On a 99 KiB GPU, sm_86 / sm_89, head dim 128's backward runs single-buffered: docs/kernels.md.)
     check_against_reference(kind, 70, 9, dtype, "cuda", head_dim=head_dim)
 
 

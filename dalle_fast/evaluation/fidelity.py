@@ -150,7 +150,8 @@ class EvaluateConfig:
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
     seed: int = field(default=0, metadata={"help": "seed of the captions, the classifier and the sampling"})
     device: str = field(
-        default="auto", metadata={"help": "where to sample: auto (the GPU when the model runs there) | cpu | cuda:N"}
+        default="auto",
+        metadata={"help": "where to sample: auto (the GPU when the model runs there) | cpu | cuda | cuda:N"},
     )
 
     def __post_init__(self):

@@ -31,8 +31,8 @@ from dalle_fast.training.vae import VAETrainConfig, train_vae
 
 @dataclass
 class PipelineConfig:
-    """The main job: tokenizer, dVAE and transformer on the built-in shapes data, then samples for
-    captions of held-out colour-shape pairs (runs/<name>/samples.png)."""
+    """The main job: the dVAE, the tokenizer and transformer, and the CLIP reranker on the built-in shapes
+    data, then reranked samples for captions of held-out colour-shape pairs (runs/<name>/samples.png)."""
 
     name: str = field(default="shapes", metadata={"help": "run name: everything goes to <root>/<name>/"})
     root: str = field(default="runs", metadata={"help": "folder of the runs"})
