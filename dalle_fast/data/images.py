@@ -89,5 +89,3 @@ class SkipCounter:
             )
         self.skipped = self.seen = 0
         return n
-
-

@@ -174,6 +174,7 @@ class DALLETrainConfig:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
+
 def resolve_device(cfg: DALLETrainConfig) -> tuple[torch.device, str]:
     """(device, precision) of a run, by the one device and precision policy (dalle_fast.ops.device): the
     GPU needs this build's kernels (attention, and gradient scaling with fp16) and, for sparse attention,

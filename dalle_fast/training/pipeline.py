@@ -127,5 +127,3 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     }
     print("\n".join(f"{k:>12}: {v}" for k, v in where.items()), file=sys.stderr)
     return where
-
-

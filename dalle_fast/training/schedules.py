@@ -27,8 +27,9 @@ def schedule_position(step: int, seconds: float, steps: int, time_limit: float) 
     return max(float(step), steps * min(seconds / time_limit, 1.0))
 
 
-def warmup_cosine(step: int, steps: int, lr: float, lr_end: float, warmup: int, seconds: float = 0.0,
-                  time_limit: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, steps: int, lr: float, lr_end: float, warmup: int, seconds: float = 0.0, time_limit: float = 0.0
+) -> float:
     """Linear warm-up to lr over `warmup` steps, then a cosine decay to lr_end at `steps` (or at the time
     limit, if that comes first)."""
     if step < warmup:
