@@ -69,7 +69,7 @@ def _build_emulator(tmp_path_factory, *defines):
         pytest.skip("the CUDA emulator needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulator") / "libdalle_fast_cuda_emu.so"
     cmd = [
-        cxx, "-std=c++17", *defines, "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+        cxx, "-std=c++20", *defines, "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
         # CUDA code reads and writes through reinterpreted pointers (uint4 tile loads, packed stores),
         # which nvcc honours; g++ would optimise them away under strict aliasing.
         "-fno-strict-aliasing",
