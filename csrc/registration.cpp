@@ -1,5 +1,7 @@
-// Every dalle_fast op schema, in one place. Backends add kernels with TORCH_LIBRARY_IMPL in their own
-// files; Python adds fake (meta) kernels and autograd in dalle_fast/ops.py.
+// Every dalle_fast op schema, in one place. Each backend registers its kernels in its torch glue files,
+// <backend>/<concern>_glue.cpp (cpu/attention_glue.cpp, cuda/grad_scaling_glue.cpp, ...): each holds the
+// one TORCH_LIBRARY_IMPL of its concern and backend, and the kernels live in files without torch
+// registration. Python adds fake (meta) kernels and autograd in dalle_fast/ops.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 // CUDA block-sparse attention: launch parameters and launchers. Plain CUDA/C++ (no torch headers), so
-// the .cu files compile in seconds; the torch glue lives in sparse_attention.cpp.
+// the .cu files compile in seconds; the torch glue is attention_glue.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
