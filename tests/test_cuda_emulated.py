@@ -83,7 +83,8 @@ def _build_emulator(tmp_path_factory, *defines):
         "-Wl,-Bsymbolic",
         f"-I{EMU / 'include'}", f"-I{include}", "-include", str(EMU / "cuda_emu.h"),
         "-x", "c++", *[str(ROOT / "csrc" / "cuda" / k) for k in KERNELS], str(EMU / "selftest.cu"),
-        "-x", "none", str(ROOT / "csrc" / "layout.cpp"), str(EMU / "cuda_emu.cpp"), str(EMU / "emu_api.cpp"),
+        "-x", "none", str(ROOT / "csrc" / "layout.cpp"), str(ROOT / "csrc" / "cuda" / "host_setup.cpp"),
+        str(EMU / "cuda_emu.cpp"), str(EMU / "emu_api.cpp"),
         "-o", str(lib),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -21,7 +21,14 @@
 
 #include <cstdint>
 
+#include "capabilities.h"
+
 #ifndef DALLE_FAST_EMULATED_PTX
+#ifdef __CUDA_ARCH__
+static_assert(__CUDA_ARCH__ >= dalle_fast::cuda::kMinComputeCapability * 10,
+              "the attention kernels need sm_80 or newer (bf16 mma.sync, ldmatrix, cp.async): drop this arch");
+#endif
+
 namespace dalle_fast::cuda::ptx {
 
 // d += a b (16 x 8 fp32 tile).
