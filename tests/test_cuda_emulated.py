@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/cuda/, run on the CPU under the host emulator in csrc/tests/cuda_emulator/.
+"""The CUDA kernels of csrc/cuda/, run on the CPU under the host emulator in csrc/testing/cuda_emulator/.
 
 The .cu files are compiled unchanged with g++ against that emulator of the CUDA execution model (a fiber
 per CUDA thread, real barriers, warp collectives, per-block shared memory) and called through the same
@@ -30,7 +30,7 @@ from dalle_fast.masks import attention_mask
 from dalle_fast.ops import sparse_attention_decode
 
 ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "csrc" / "tests" / "cuda_emulator"
+EMU = ROOT / "csrc" / "testing" / "cuda_emulator"
 KERNELS = ["attention_fwd.cu", "attention_bwd.cu", "decode.cu", "grad_scaling.cu"]
 KIND_ID = {"causal": 0, "row": 1, "column": 2, "conv": 3}
 ATTN_DTYPE_ID = {torch.float16: 0, torch.bfloat16: 1}

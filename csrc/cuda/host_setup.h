@@ -1,5 +1,5 @@
 // The host side of every CUDA launch, without torch: what the torch glue (attention_glue.cpp,
-// grad_scaling_glue.cpp) and the emulator's C API (csrc/tests/cuda_emulator/emu_api.cpp) both prepare
+// grad_scaling_glue.cpp) and the emulator's C API (csrc/testing/cuda_emulator/emu_api.cpp) both prepare
 // before calling a launcher, and the shape of each launch (blocks, threads, dynamic shared memory) that
 // the launchers in the .cu files use. Plain C++ over the CUDA runtime's types and layout.h, so every
 // caller, including a later backend that compiles the kernels at run time, shares one description.

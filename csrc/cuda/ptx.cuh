@@ -12,7 +12,7 @@
 // Also ex2.approx (the softmax's exponential, explicit because the extension is built without
 // --use_fast_math, which would also flush the gradient-scaling kernels' subnormals to zero) and
 // cp.async, for tile loads that overlap the math. The host emulator
-// (csrc/tests/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
+// (csrc/testing/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
 // the same definitions.
 #pragma once
 
