@@ -19,7 +19,7 @@ from dalle_fast.masks import allowed_keys, attention_mask, check_mask_args
 # Head dims and dtypes each backend's kernels take.
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA attention kernels take
-CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_HEAD_DIMS = _C.CUDA_HEAD_DIMS  # the CUDA kernels' (csrc/cuda/capabilities.h)
 _CPU_MAX_HEAD_DIM = 256
 _SCALE_MAX = torch.finfo(torch.float32).max / 2  # room for the CUDA kernels' factor log2(e)
 
@@ -104,8 +104,9 @@ def cuda_unusable_reason(device: torch.device | str = "cuda") -> str | None:
             f"{torch.version.cuda}; see README, Install)"
         )
     major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if major < 8:
-        return f"the CUDA kernels need compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    if (major, minor) < _C.CUDA_MIN_COMPUTE_CAPABILITY:
+        need = "{}.{}".format(*_C.CUDA_MIN_COMPUTE_CAPABILITY)
+        return f"the CUDA kernels need compute capability {need} or newer; this GPU is {major}.{minor}"
     return None
 
 
