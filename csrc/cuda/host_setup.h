@@ -65,7 +65,8 @@ int backward_stages(int head_dim, size_t smem_limit);
 size_t forward_smem_bytes(DType dtype, int head_dim);
 size_t backward_smem_bytes(DType dtype, int head_dim, size_t smem_limit);
 
-// Forward: one block per (batch * head, query block), rows_per_warp as forward_rows_per_warp.
+// Forward: one block per (batch * head, query block), rows_per_warp as forward_rows_per_warp. Both launch
+// functions take p.head_dim from kHeadDims (the launchers check it first).
 struct ForwardLaunch {
   LaunchShape shape;
   int rows_per_warp;
