@@ -218,6 +218,7 @@ cudaError_t launch(const AttentionParams& p, const LaunchShape& s, void* out, fl
 }  // namespace
 
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
+  if (!is_supported_head_dim(p.head_dim)) return cudaErrorInvalidValue;
   const ForwardLaunch plan = forward_launch(p);
   return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
