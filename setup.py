@@ -20,6 +20,10 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
+# One C++ standard for g++ and nvcc (CMakeLists.txt and the emulator build in tests/test_cuda_emulated.py
+# use the same): torch's headers require C++20 (ATen/ATen.h stops with an #error below it), and the
+# headers that .cpp and .cu files share (layout.h, cuda/host_setup.h) should mean the same in both.
+CXX_STD = "-std=c++20"
 
 
 def log(msg: str) -> None:
@@ -133,6 +137,7 @@ def build_extension():
     # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with OpenMP; the
     # runtime is shared with torch's (same libgomp.so.1 soname).
     cxx_flags = [
+        CXX_STD,
         "-O3",
         "-fno-math-errno",
         "-fno-trapping-math",
@@ -167,7 +172,7 @@ def build_extension():
     wheel_inc = [f"-idirafter{p}" for p in nvidia_wheel_includes()]
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
+        CXX_STD,
         # No --use_fast_math: it flushes subnormals to zero in every kernel, and the gradient-scaling
         # kernels must round exactly like their references. The attention kernels ask for the fast
         # exponential explicitly (ptx::exp2_approx).

@@ -1,5 +1,7 @@
-// Every dalle_fast op schema, in one place. Backends add kernels with TORCH_LIBRARY_IMPL in their own
-// files; Python adds fake (meta) kernels and autograd in dalle_fast/ops.py.
+// Every dalle_fast op schema, in one place. Each backend registers its kernels in its torch glue files,
+// <backend>/<concern>_glue.cpp (cpu/attention_glue.cpp, cuda/grad_scaling_glue.cpp, ...): each holds the
+// one TORCH_LIBRARY_IMPL of its concern and backend, and the kernels live in files without torch
+// registration. Python adds fake (meta) kernels and autograd in dalle_fast/ops/.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -45,7 +47,7 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_attention_decode(Tensor q, Tensor k, Tensor v, str kind, int text_len, int image_size, "
       "int kernel_size, float scale, int position) -> Tensor");
-  // Per-resblock gradient scaling (dalle_fast/amp.py). scales: fp32 [blocks]; found_inf: bool [blocks].
+  // Per-resblock gradient scaling (dalle_fast/ops/grad_scaling.py, dalle_fast/training/amp.py). scales: fp32 [blocks]; found_inf: bool [blocks].
   // Gradient entering a resblock branch: grad * scales[block].
   m.def("grad_scale(Tensor grad, Tensor scales, int block) -> Tensor");
   // Gradient leaving the branch: grad / scales[block] with Inf/NaN set to 0; sets found_inf[block] if any.

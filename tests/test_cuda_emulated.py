@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/cuda/, run on the CPU under the host emulator in csrc/tests/cuda_emulator/.
+"""The CUDA kernels of csrc/cuda/, run on the CPU under the host emulator in csrc/testing/cuda_emulator/.
 
 The .cu files are compiled unchanged with g++ against that emulator of the CUDA execution model (a fiber
 per CUDA thread, real barriers, warp collectives, per-block shared memory) and called through the same
@@ -31,7 +31,7 @@ from dalle_fast.ops.attention import sparse_attention_decode
 from dalle_fast.ops.masks import attention_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "csrc" / "tests" / "cuda_emulator"
+EMU = ROOT / "csrc" / "testing" / "cuda_emulator"
 KERNELS = ["attention_fwd.cu", "attention_bwd.cu", "decode.cu", "grad_scaling.cu"]
 KIND_ID = {"causal": 0, "row": 1, "column": 2, "conv": 3}
 ATTN_DTYPE_ID = {torch.float16: 0, torch.bfloat16: 1}
@@ -70,7 +70,7 @@ def _build_emulator(tmp_path_factory, *defines):
         pytest.skip("the CUDA emulator needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulator") / "libdalle_fast_cuda_emu.so"
     cmd = [
-        cxx, "-std=c++17", *defines, "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+        cxx, "-std=c++20", *defines, "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
         # CUDA code reads and writes through reinterpreted pointers (uint4 tile loads, packed stores),
         # which nvcc honours; g++ would optimise them away under strict aliasing.
         "-fno-strict-aliasing",
@@ -84,7 +84,8 @@ def _build_emulator(tmp_path_factory, *defines):
         "-Wl,-Bsymbolic",
         f"-I{EMU / 'include'}", f"-I{include}", "-include", str(EMU / "cuda_emu.h"),
         "-x", "c++", *[str(ROOT / "csrc" / "cuda" / k) for k in KERNELS], str(EMU / "selftest.cu"),
-        "-x", "none", str(ROOT / "csrc" / "layout.cpp"), str(EMU / "cuda_emu.cpp"), str(EMU / "emu_api.cpp"),
+        "-x", "none", str(ROOT / "csrc" / "layout.cpp"), str(ROOT / "csrc" / "cuda" / "host_setup.cpp"),
+        str(EMU / "cuda_emu.cpp"), str(EMU / "emu_api.cpp"),
         "-o", str(lib),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)

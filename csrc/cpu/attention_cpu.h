@@ -1,4 +1,4 @@
-// CPU block-sparse attention kernels on raw fp32 buffers (the torch glue lives in sparse_attention.cpp).
+// CPU block-sparse attention kernels on raw fp32 buffers (the torch glue is attention_glue.cpp).
 #pragma once
 
 #include <cstdint>

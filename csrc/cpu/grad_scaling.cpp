@@ -1,30 +1,25 @@
-// CPU kernels of per-resblock gradient scaling (the paper's Section 2.4 / Appendix D):
-//   grad_scale             gradient entering a resblock branch: g * scale[block]
-//   grad_unscale_filter    gradient leaving the branch: g / scale, Inf/NaN -> 0, flags found_inf[block]
-//   multi_unscale_check_   every parameter gradient unscaled by its block's scale, one flag per block
-//   resblock_scale_update_ the paper's scale rules, on the scales' device
-//   adamw_step_            AdamW that skips exactly the blocks whose flag is set
-// All arithmetic is fp32 in the same operation order as the references in dalle_fast/amp.py, with no
-// fused multiply-adds (the build passes -ffp-contract=off), so results agree with them bit for bit.
+// CPU kernels of per-resblock gradient scaling (the paper's Section 2.4 / Appendix D), on tensors the
+// glue (grad_scaling_glue.cpp) has checked. All arithmetic is fp32 in the same operation order as the
+// references in dalle_fast/ops/grad_scaling.py, with no fused multiply-adds (the build passes
+// -ffp-contract=off), so results agree with them bit for bit.
+#include "grad_scaling.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "../checks.h"
-
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 
-namespace dalle_fast {
+namespace dalle_fast::cpu {
 namespace {
 
-constexpr int64_t kGrain = 32768;
+constexpr int64_t kGrain = 32768;  // elements per at::parallel_for task
 
-at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, int64_t block) {
-  check_grad(grad, "grad");
-  check_scales(scales, grad.device());
-  check_block(block, scales, "block");
+}  // namespace
+
+at::Tensor grad_scale(const at::Tensor& grad, const at::Tensor& scales, int64_t block) {
   const float s = scales.contiguous().data_ptr<float>()[block];
   const at::Tensor g = grad.contiguous();
   at::Tensor out = at::empty_like(g);
@@ -38,11 +33,8 @@ at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, int6
   return out;
 }
 
-at::Tensor grad_unscale_filter_cpu(const at::Tensor& grad, const at::Tensor& scales, int64_t block,
-                                   at::Tensor& found_inf) {
-  check_grad(grad, "grad");
-  check_flags(scales, found_inf, grad.device());
-  check_block(block, scales, "block");
+at::Tensor grad_unscale_filter(const at::Tensor& grad, const at::Tensor& scales, int64_t block,
+                               at::Tensor& found_inf) {
   const float inv = 1.0f / scales.data_ptr<float>()[block];
   const at::Tensor g = grad.contiguous();
   at::Tensor out = at::empty_like(g);
@@ -65,10 +57,8 @@ at::Tensor grad_unscale_filter_cpu(const at::Tensor& grad, const at::Tensor& sca
   return out;
 }
 
-void multi_unscale_check_cpu(at::TensorList grads, c10::IntArrayRef blocks, const at::Tensor& scales,
-                             at::Tensor& found_inf) {
-  check_flags(scales, found_inf, scales.device());
-  check_tensor_list(grads, blocks, scales, "grads");
+void multi_unscale_check(at::TensorList grads, c10::IntArrayRef blocks, const at::Tensor& scales,
+                         at::Tensor& found_inf) {
   const float* s = scales.data_ptr<float>();
   bool* flags = found_inf.data_ptr<bool>();
   for (size_t t = 0; t < grads.size(); ++t) {
@@ -91,10 +81,8 @@ void multi_unscale_check_cpu(at::TensorList grads, c10::IntArrayRef blocks, cons
   }
 }
 
-void resblock_scale_update_cpu(at::Tensor& scales, at::Tensor& cooldown, const at::Tensor& found_inf, double growth,
-                               double backoff, int64_t window, double min_scale, double max_scale) {
-  check_flags(scales, found_inf, scales.device());
-  check_cooldown(cooldown, scales);
+void scale_update(at::Tensor& scales, at::Tensor& cooldown, const at::Tensor& found_inf, double growth,
+                  double backoff, int64_t window, double min_scale, double max_scale) {
   float* s = scales.data_ptr<float>();
   int32_t* c = cooldown.data_ptr<int32_t>();
   const bool* f = found_inf.data_ptr<bool>();
@@ -114,11 +102,10 @@ void resblock_scale_update_cpu(at::Tensor& scales, at::Tensor& cooldown, const a
   }
 }
 
-void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                    c10::IntArrayRef blocks, const at::Tensor& found_inf, const at::Tensor& step_size,
-                    const at::Tensor& bias_correction2_sqrt, const at::Tensor& decay, double beta1, double beta2,
-                    double eps) {
-  check_adamw_args(params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bias_correction2_sqrt, decay);
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                c10::IntArrayRef blocks, const at::Tensor& found_inf, const at::Tensor& step_size,
+                const at::Tensor& bias_correction2_sqrt, const at::Tensor& decay, double beta1, double beta2,
+                double eps) {
   const bool* f = found_inf.data_ptr<bool>();
   const float* ss = step_size.data_ptr<float>();
   const float* bc2 = bias_correction2_sqrt.data_ptr<float>();
@@ -159,14 +146,4 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
-  m.impl("grad_scale", &grad_scale_cpu);
-  m.impl("grad_unscale_filter", &grad_unscale_filter_cpu);
-  m.impl("multi_unscale_check_", &multi_unscale_check_cpu);
-  m.impl("resblock_scale_update_", &resblock_scale_update_cpu);
-  m.impl("adamw_step_", &adamw_step_cpu);
-}
-
-}  // namespace dalle_fast
+}  // namespace dalle_fast::cpu

@@ -10,41 +10,23 @@
 // delta = rowsum(dO * O) in fp32.
 // Stages: 2 streams the next block's tiles in while this one is computed (double buffers); 1 loads them
 // between blocks, for GPUs whose per-block shared memory cannot hold the double buffers (head dim 128 on
-// sm_86 / sm_89: 103 KiB double-buffered, 68.5 KiB single, 99 KiB allowed). The launcher picks 2 when it fits;
-// DALLE_FAST_BWD_STAGES=1 picks 1 at head dim 128 anyway (to test that path on a larger GPU).
+// sm_86 / sm_89: 103 KiB double-buffered, 68.5 KiB single, 99 KiB allowed). backward_stages (host_setup.h)
+// picks 2 when it fits; DALLE_FAST_BWD_STAGES=1 picks 1 at head dim 128 anyway (to test that path on a
+// larger GPU).
 #include <cmath>
-#include <cstdlib>
 
 #include "tile.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
 
-template <int D, int Stages = 2>
+// Shared memory: two resident tiles, two streamed ones Stages times, and lse and delta of the streamed
+// query blocks Stages times (backward_smem_size in host_setup.h counts the same).
+template <int D, int Stages>
 struct BwdSmem {
   static_assert(Stages == 1 || Stages == 2, "one or two buffers per streamed tile");
-  static constexpr int ld = D + kPadT;  // rows of the T tiles
-  // Two resident tiles, two streamed ones Stages times, and lse and delta of the streamed query blocks
-  // Stages times.
-  template <typename T>
-  static constexpr size_t bytes() {
-    return sizeof(T) * (2 + 2 * Stages) * kBlock * ld + sizeof(float) * 2 * Stages * kBlock;
-  }
+  static constexpr int ld = tile_ld(D);  // rows of the T tiles
 };
-
-template <int D>
-using BwdSmem2 = BwdSmem<D, 2>;
-template <int D>
-using BwdSmem1 = BwdSmem<D, 1>;
-
-// Whether the backward runs single-buffered: only at head dim 128 (below it every sm_80+ GPU holds the
-// double buffers, so no single-buffered build exists), when the double buffers exceed smem_limit or
-// DALLE_FAST_BWD_STAGES=1 asks for it.
-bool single_buffered(int head_dim, size_t smem_limit) {
-  if (head_dim < 128) return false;
-  const char* forced = std::getenv("DALLE_FAST_BWD_STAGES");
-  return smem_bytes_for_head_dim<BwdSmem2>(head_dim) > smem_limit || (forced != nullptr && std::atoi(forced) == 1);
-}
 
 // Before step e: block e's tiles are in shared memory. Stages 2 also starts block e + 1's loads into the
 // other buffer (next_tiles); stages 1 waits for the loads done_step() started.
@@ -344,58 +326,52 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <typename T, int D, int Stages>
-cudaError_t launch_passes(const AttentionParams& p, unsigned grid, const T* g, const float* lse, const float* delta,
-                          void* dq, void* dk, void* dv, cudaStream_t stream) {
-  const size_t smem = BwdSmem<D, Stages>::template bytes<T>();
+cudaError_t launch_passes(const AttentionParams& p, const LaunchShape& s, const T* g, const float* lse,
+                          const float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
   auto k1 = dkdv_kernel<T, D, Stages>;
   auto k2 = dq_kernel<T, D, Stages>;
-  cudaError_t err = prepare_launch(k1, smem);
-  if (err == cudaSuccess) err = prepare_launch(k2, smem);
+  cudaError_t err = prepare_launch(k1, s.smem);
+  if (err == cudaSuccess) err = prepare_launch(k2, s.smem);
   if (err != cudaSuccess) return err;
-  DALLE_FAST_LAUNCH(k1, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
+  const unsigned grid = static_cast<unsigned>(s.blocks);
+  DALLE_FAST_LAUNCH(k1, grid, s.threads, s.smem, stream)(p, g, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  DALLE_FAST_LAUNCH(k2, grid, kThreads, smem, stream)(p, g, lse, delta, static_cast<T*>(dq));
+  DALLE_FAST_LAUNCH(k2, grid, s.threads, s.smem, stream)(p, g, lse, delta, static_cast<T*>(dq));
   return cudaGetLastError();
 }
 
+// plan: backward_launch(p, smem_limit), whose threads are kThreads.
 template <typename T, int D>
-cudaError_t launch(const AttentionParams& p, const void* grad_out, const void* out, const float* lse, float* delta,
-                   void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream) {
-  const int64_t blocks = p.batch_heads * p.layout.num_blocks;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const int64_t rows = p.batch_heads * p.seq_len, rows_per_block = kThreads / (D / 8);
-  const int64_t delta_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  if (delta_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+cudaError_t launch(const AttentionParams& p, const BackwardLaunch& plan, const void* grad_out, const void* out,
+                   const float* lse, float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
+  if (plan.passes.blocks == 0) return cudaSuccess;
+  if (plan.passes.blocks > kMaxGridBlocks || plan.delta.blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  const int64_t rows = p.batch_heads * p.seq_len;
   auto k0 = delta_kernel<T, D>;
-  DALLE_FAST_LAUNCH(k0, static_cast<unsigned>(delta_blocks), kThreads, 0, stream)(
+  DALLE_FAST_LAUNCH(k0, static_cast<unsigned>(plan.delta.blocks), plan.delta.threads, 0, stream)(
       static_cast<const T*>(grad_out), static_cast<const T*>(out), delta, rows);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const T* g = static_cast<const T*>(grad_out);
-  const unsigned grid = static_cast<unsigned>(blocks);
   if constexpr (D >= 128) {
-    if (single_buffered(D, smem_limit)) return launch_passes<T, D, 1>(p, grid, g, lse, delta, dq, dk, dv, stream);
+    if (plan.stages == 1) return launch_passes<T, D, 1>(p, plan.passes, g, lse, delta, dq, dk, dv, stream);
   }
-  return launch_passes<T, D, 2>(p, grid, g, lse, delta, dq, dk, dv, stream);
+  return launch_passes<T, D, 2>(p, plan.passes, g, lse, delta, dq, dk, dv, stream);
 }
 
 }  // namespace
 
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream) {
+  if (!is_supported_head_dim(p.head_dim)) return cudaErrorInvalidValue;
+  const BackwardLaunch plan = backward_launch(p, smem_limit);
   return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
     return p.dtype == DType::kHalf
-               ? launch<__half, D>(p, grad_out, out, lse, delta, dq, dk, dv, smem_limit, stream)
-               : launch<__nv_bfloat16, D>(p, grad_out, out, lse, delta, dq, dk, dv, smem_limit, stream);
+               ? launch<__half, D>(p, plan, grad_out, out, lse, delta, dq, dk, dv, stream)
+               : launch<__nv_bfloat16, D>(p, plan, grad_out, out, lse, delta, dq, dk, dv, stream);
   });
-}
-
-size_t backward_smem_bytes(DType, int head_dim, size_t smem_limit) {
-  return single_buffered(head_dim, smem_limit) ? smem_bytes_for_head_dim<BwdSmem1>(head_dim)
-                                               : smem_bytes_for_head_dim<BwdSmem2>(head_dim);
 }
 
 }  // namespace dalle_fast::cuda

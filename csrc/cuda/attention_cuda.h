@@ -1,5 +1,7 @@
-// CUDA block-sparse attention: launch parameters and launchers. Plain CUDA/C++ (no torch headers), so
-// the .cu files compile in seconds; the torch glue lives in sparse_attention.cpp.
+// CUDA block-sparse attention: the kernels' parameters and their launchers. Plain CUDA/C++ (no torch
+// headers), so the .cu files compile in seconds. What a caller prepares before a launch (the layout's
+// device copy, decode's key intervals and splits, shared-memory sizes) is in host_setup.h; the torch
+// glue is attention_glue.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -34,25 +36,20 @@ struct AttentionParams {
   const void* v;
   int64_t batch_heads;
   int32_t seq_len;
-  int32_t head_dim;  // 32, 64 or 128
+  int32_t head_dim;  // one of kHeadDims (capabilities.h)
   float scale;
   DType dtype;
   MaskSpec mask;  // kColumn: transposed image states
   DeviceLayout layout;
 };
 
-// Dynamic shared memory per thread block of each pass (the host checks it against the device's limit).
-// The backward's depends on the limit, smem_limit (cudaDevAttrMaxSharedMemoryPerBlockOptin): its
-// double-buffered passes where they fit, else single-buffered ones (head dim 128 on 99 KiB GPUs).
-size_t forward_smem_bytes(DType dtype, int head_dim);
-size_t backward_smem_bytes(DType dtype, int head_dim, size_t smem_limit);
-
 // out (same dtype as q), lse (fp32).
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream);
 
 // grad_out and out like q. Writes delta = rowsum(grad_out * out) in fp32 ([batch_heads, seq_len], a
 // workspace), then dq, dk, dv (dtype of q) in two deterministic passes: key-block parallel for dk/dv,
-// query-block parallel for dq; no atomics. smem_limit as for backward_smem_bytes.
+// query-block parallel for dq; no atomics. smem_limit: cudaDevAttrMaxSharedMemoryPerBlockOptin, which
+// picks double- or single-buffered passes (backward_stages in host_setup.h).
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream);
 
@@ -65,8 +62,8 @@ constexpr int kMaxDecodeIntervals = 64;
 enum class DecodeDType : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // q, out [batch_heads, head_dim]; k, v [batch_heads, seq_len, head_dim], contiguous, of dtype `dtype`.
-// The host fills the query's key intervals (key_intervals()) and, for splits > 1, a float workspace of
-// decode_workspace_floats(p) elements.
+// The host fills the query's key intervals (set_decode_intervals in host_setup.h) and, for splits > 1, a
+// float workspace of decode_workspace_floats(p) elements.
 struct DecodeParams {
   const void* q;
   const void* k;
@@ -74,7 +71,7 @@ struct DecodeParams {
   void* out;
   int64_t batch_heads;
   int32_t seq_len;
-  int32_t head_dim;  // 1 .. 256
+  int32_t head_dim;  // 1 .. kMaxDecodeHeadDim (host_setup.h)
   float scale;
   DecodeDType dtype;
   int32_t num_intervals;
@@ -83,18 +80,6 @@ struct DecodeParams {
   int32_t splits;   // thread blocks per (batch, head), each over an equal share of the keys (>= 1)
   float* partial;   // splits > 1: [batch_heads, splits, head_dim + 2] (max, sum, unnormalised output)
 };
-
-// How many blocks share one row's keys: enough that batch_heads * splits puts kDecodeBlocksPerSm blocks
-// on each of `sm_count` SMs (a small batch alone leaves most of a GPU idle, and decode is bound by memory
-// latency, so it wants many warps per SM), with at least kDecodeMinKeysPerSplit keys per split, at most
-// kMaxDecodeSplits. 1 when batch_heads suffices, and for sm_count 1. The split count changes the order
-// of the sums, so a row's last bits may differ between batch sizes and GPUs (never between two runs of
-// one call).
-constexpr int kDecodeBlocksPerSm = 4;
-constexpr int kDecodeMinKeysPerSplit = 128;
-constexpr int kMaxDecodeSplits = 64;
-int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count);
-size_t decode_workspace_floats(const DecodeParams& p);
 
 // One thread block per (batch, head, split); its warps split the block's keys, each keeps an online
 // softmax, and the block merges them in a fixed order. With splits > 1 a second kernel merges the

@@ -5,7 +5,7 @@
 // accumulator. P = exp2(S c - max c) goes from the S accumulators straight into the A fragments of P V. With
 // MT = 2 every K and V fragment a warp loads from shared memory serves two row tiles, which halves the
 // shared-memory traffic per mma; head dim 128 keeps MT = 1, whose registers would not hold twice the
-// accumulators (rows_per_warp in tile.cuh). Partial blocks are masked element-wise by index
+// accumulators (forward_rows_per_warp in host_setup.h). Partial blocks are masked element-wise by index
 // arithmetic; the log-sum-exp is saved for the backward.
 #include <cfloat>
 #include <cmath>
@@ -15,13 +15,10 @@
 namespace dalle_fast::cuda {
 namespace {
 
+// Shared memory: Q, then K and V twice (forward_smem_size in host_setup.h counts the same five tiles).
 template <int D>
 struct FwdSmem {
-  static constexpr int ld = D + kPadT;  // Q, K, V rows (T): 16 bytes of padding keep ldmatrix conflict-free
-  template <typename T>
-  static constexpr size_t bytes() {
-    return sizeof(T) * 5 * kBlock * ld;  // Q, and K and V twice: the next key block loads during this one
-  }
+  static constexpr int ld = tile_ld(D);  // Q, K, V rows (T)
 };
 
 template <typename T, int D, int MT>
@@ -206,35 +203,33 @@ __global__ void __launch_bounds__(threads_for<MT>())
     }
 }
 
+// s: forward_launch(p), whose threads are threads_for<MT>().
 template <typename T, int D, int MT>
-cudaError_t launch(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
-  const size_t smem = FwdSmem<D>::template bytes<T>();
+cudaError_t launch(const AttentionParams& p, const LaunchShape& s, void* out, float* lse, cudaStream_t stream) {
   auto kernel = forward_kernel<T, D, MT>;
-  cudaError_t err = prepare_launch(kernel, smem);
+  cudaError_t err = prepare_launch(kernel, s.smem);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = p.batch_heads * p.layout.num_blocks;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const unsigned grid = static_cast<unsigned>(blocks);
-  DALLE_FAST_LAUNCH(kernel, grid, threads_for<MT>(), smem, stream)(p, static_cast<T*>(out), lse);
+  if (s.blocks == 0) return cudaSuccess;
+  if (s.blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  DALLE_FAST_LAUNCH(kernel, static_cast<unsigned>(s.blocks), s.threads, s.smem, stream)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
+  if (!is_supported_head_dim(p.head_dim)) return cudaErrorInvalidValue;
+  const ForwardLaunch plan = forward_launch(p);
   return with_head_dim(p.head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
     if constexpr (D <= 64) {
-      if (rows_per_warp(D) == 32)
-        return p.dtype == DType::kHalf ? launch<__half, D, 2>(p, out, lse, stream)
-                                       : launch<__nv_bfloat16, D, 2>(p, out, lse, stream);
+      if (plan.rows_per_warp == 32)
+        return p.dtype == DType::kHalf ? launch<__half, D, 2>(p, plan.shape, out, lse, stream)
+                                       : launch<__nv_bfloat16, D, 2>(p, plan.shape, out, lse, stream);
     }
-    return p.dtype == DType::kHalf ? launch<__half, D, 1>(p, out, lse, stream)
-                                   : launch<__nv_bfloat16, D, 1>(p, out, lse, stream);
+    return p.dtype == DType::kHalf ? launch<__half, D, 1>(p, plan.shape, out, lse, stream)
+                                   : launch<__nv_bfloat16, D, 1>(p, plan.shape, out, lse, stream);
   });
 }
-
-size_t forward_smem_bytes(DType, int head_dim) { return smem_bytes_for_head_dim<FwdSmem>(head_dim); }
 
 }  // namespace dalle_fast::cuda

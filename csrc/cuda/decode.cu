@@ -16,16 +16,15 @@
 #include <type_traits>
 
 #include "attention_cuda.h"
+#include "host_setup.h"
 #include "launch.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
 
-constexpr int kDecodeWarps = 8;
-constexpr int kDecodeUnroll = 4;  // keys in flight per warp
-constexpr int kMaxPerLane = 8;    // head_dim <= 256 = 32 lanes x 8
-// Shared memory: each warp's running max and sum, then its partial output row.
-constexpr size_t kDecodeSmemBytes = sizeof(float) * kDecodeWarps * (2 + 32 * kMaxPerLane);
+// kDecodeWarps, the shared memory's size and the elements per lane are decode_launch's (host_setup.h).
+constexpr int kDecodeUnroll = 4;                       // keys in flight per warp
+constexpr int kMaxPerLane = kMaxDecodeHeadDim / 32;   // head_dim <= 256 = 32 lanes x 8
 // Multiply-adds are written as __fmaf_rn (what nvcc would contract them to), other products and sums
 // as __fmul_rn / __fadd_rn: the host emulator, which fuses nothing, then rounds these steps as the GPU
 // does (exp2f itself may differ by an ulp or two).
@@ -183,51 +182,43 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(DecodeP
 }
 
 template <typename T>
-cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(p.batch_heads * p.splits);
-  const dim3 block(kDecodeWarps * 32);
-  if (p.head_dim <= 32)
-    DALLE_FAST_LAUNCH((decode_kernel<T, 1>), blocks, block, kDecodeSmemBytes, stream)(p);
-  else if (p.head_dim <= 64)
-    DALLE_FAST_LAUNCH((decode_kernel<T, 2>), blocks, block, kDecodeSmemBytes, stream)(p);
-  else if (p.head_dim <= 128)
-    DALLE_FAST_LAUNCH((decode_kernel<T, 4>), blocks, block, kDecodeSmemBytes, stream)(p);
-  else
-    DALLE_FAST_LAUNCH((decode_kernel<T, kMaxPerLane>), blocks, block, kDecodeSmemBytes, stream)(p);
-  if (p.splits == 1) return cudaGetLastError();
+cudaError_t launch(const DecodeParams& p, const DecodeLaunch& plan, cudaStream_t stream) {
+  const LaunchShape& s = plan.rows;
+  const unsigned blocks = static_cast<unsigned>(s.blocks);
+  switch (plan.elems_per_lane) {
+    case 1:
+      DALLE_FAST_LAUNCH((decode_kernel<T, 1>), blocks, s.threads, s.smem, stream)(p);
+      break;
+    case 2:
+      DALLE_FAST_LAUNCH((decode_kernel<T, 2>), blocks, s.threads, s.smem, stream)(p);
+      break;
+    case 4:
+      DALLE_FAST_LAUNCH((decode_kernel<T, 4>), blocks, s.threads, s.smem, stream)(p);
+      break;
+    default:
+      DALLE_FAST_LAUNCH((decode_kernel<T, kMaxPerLane>), blocks, s.threads, s.smem, stream)(p);
+  }
+  if (plan.merge.blocks == 0) return cudaGetLastError();
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  DALLE_FAST_LAUNCH(decode_merge_kernel<T>, static_cast<unsigned>(p.batch_heads), block, 0, stream)(p);
+  DALLE_FAST_LAUNCH(decode_merge_kernel<T>, static_cast<unsigned>(plan.merge.blocks), plan.merge.threads,
+                    plan.merge.smem, stream)(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int decode_splits(int64_t batch_heads, int64_t num_keys, int sm_count) {
-  if (batch_heads <= 0 || num_keys <= 0 || sm_count <= 1) return 1;  // one SM (the override): no sharing
-  const int64_t blocks = kDecodeBlocksPerSm * static_cast<int64_t>(sm_count);
-  const int64_t want = (blocks + batch_heads - 1) / batch_heads;
-  const int64_t most = std::min<int64_t>(kMaxDecodeSplits, num_keys / kDecodeMinKeysPerSplit);
-  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
-}
-
-size_t decode_workspace_floats(const DecodeParams& p) {
-  return p.splits > 1 ? static_cast<size_t>(p.batch_heads) * p.splits * (p.head_dim + 2) : 0;
-}
-
 cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch_heads == 0) return cudaSuccess;
-  if (p.batch_heads > 0x7fffffffLL || p.head_dim < 1 || p.head_dim > 32 * kMaxPerLane || p.num_intervals < 0 ||
-      p.num_intervals > kMaxDecodeIntervals || p.splits < 1 || p.splits > kMaxDecodeSplits ||
-      p.batch_heads * p.splits > 0x7fffffffLL || (p.splits > 1 && p.partial == nullptr))
-    return cudaErrorInvalidValue;
+  if (!decode_params_valid(p)) return cudaErrorInvalidValue;
+  const DecodeLaunch plan = decode_launch(p);
   switch (p.dtype) {
     case DecodeDType::kFloat:
-      return launch<float>(p, stream);
+      return launch<float>(p, plan, stream);
     case DecodeDType::kHalf:
-      return launch<__half>(p, stream);
+      return launch<__half>(p, plan, stream);
     case DecodeDType::kBFloat16:
-      return launch<__nv_bfloat16>(p, stream);
+      return launch<__nv_bfloat16>(p, plan, stream);
   }
   return cudaErrorInvalidValue;
 }

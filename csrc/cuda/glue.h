@@ -1,4 +1,4 @@
-// Shared by the CUDA host glue (the .cpp files, which may include torch headers): the launch check.
+// Shared by the CUDA torch glue (the *_glue.cpp files, which include torch headers): the launch check.
 #pragma once
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>

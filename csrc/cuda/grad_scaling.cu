@@ -5,12 +5,11 @@
 #include <cuda_runtime.h>
 
 #include "grad_scaling.h"
+#include "host_setup.h"
 #include "launch.cuh"
 
 namespace dalle_fast::cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ float load(const void* p, int32_t kind, int64_t i) {
   switch (kind) {
@@ -113,9 +112,13 @@ __global__ void adamw_kernel(const TensorEntry* entries, const ChunkRef* chunks,
   }
 }
 
-int elementwise_blocks(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
+// Launches a kernel with shape s (a 1-D grid of at most kMaxGridBlocks blocks, no shared memory).
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, const LaunchShape& s, cudaStream_t stream, Args... args) {
+  if (s.blocks == 0) return cudaSuccess;
+  if (s.blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  DALLE_FAST_LAUNCH(kernel, static_cast<unsigned>(s.blocks), s.threads, s.smem, stream)(args...);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -123,46 +126,33 @@ int elementwise_blocks(int64_t n) {
 cudaError_t grad_scale(const void* in, void* out, int64_t n, FloatKind kind, const float* scales, int64_t block,
                        cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  DALLE_FAST_LAUNCH(grad_scale_kernel, elementwise_blocks(n), kThreads, 0, stream)(
-      in, out, n, static_cast<int32_t>(kind), scales, block);
-  return cudaGetLastError();
+  return launch(grad_scale_kernel, elementwise_launch(n), stream, in, out, n, static_cast<int32_t>(kind), scales,
+                block);
 }
 
 cudaError_t grad_unscale_filter(const void* in, void* out, int64_t n, FloatKind kind, const float* scales,
                                 int64_t block, bool* found_inf, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  DALLE_FAST_LAUNCH(grad_unscale_filter_kernel, elementwise_blocks(n), kThreads, 0, stream)(
-      in, out, n, static_cast<int32_t>(kind), scales, block, found_inf);
-  return cudaGetLastError();
+  return launch(grad_unscale_filter_kernel, elementwise_launch(n), stream, in, out, n, static_cast<int32_t>(kind),
+                scales, block, found_inf);
 }
 
 cudaError_t multi_unscale_check(const TensorEntry* entries, const ChunkRef* chunks, int64_t num_chunks,
                                 const float* scales, bool* found_inf, cudaStream_t stream) {
-  if (num_chunks == 0) return cudaSuccess;
-  if (num_chunks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const unsigned grid = static_cast<unsigned>(num_chunks);
-  DALLE_FAST_LAUNCH(multi_unscale_check_kernel, grid, kThreads, 0, stream)(entries, chunks, scales, found_inf);
-  return cudaGetLastError();
+  return launch(multi_unscale_check_kernel, chunk_launch(num_chunks), stream, entries, chunks, scales, found_inf);
 }
 
 cudaError_t scale_update(float* scales, int32_t* cooldown, const bool* found_inf, int64_t n, float growth,
                          float backoff, int32_t window, float min_scale, float max_scale, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  DALLE_FAST_LAUNCH(scale_update_kernel, grid, kThreads, 0, stream)(scales, cooldown, found_inf, n, growth, backoff,
-                                                                    window, min_scale, max_scale);
-  return cudaGetLastError();
+  return launch(scale_update_kernel, per_element_launch(n), stream, scales, cooldown, found_inf, n, growth, backoff,
+                window, min_scale, max_scale);
 }
 
 cudaError_t adamw_step(const TensorEntry* entries, const ChunkRef* chunks, int64_t num_chunks, const bool* found_inf,
                        const float* step_size, const float* bias_correction2_sqrt, const float* decay,
                        AdamWConstants c, cudaStream_t stream) {
-  if (num_chunks == 0) return cudaSuccess;
-  if (num_chunks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const unsigned grid = static_cast<unsigned>(num_chunks);
-  DALLE_FAST_LAUNCH(adamw_kernel, grid, kThreads, 0, stream)(entries, chunks, found_inf, step_size,
-                                                             bias_correction2_sqrt, decay, c);
-  return cudaGetLastError();
+  return launch(adamw_kernel, chunk_launch(num_chunks), stream, entries, chunks, found_inf, step_size,
+                bias_correction2_sqrt, decay, c);
 }
 
 }  // namespace dalle_fast::cuda

@@ -1,5 +1,6 @@
-// CUDA host glue of per-resblock gradient scaling: checks (shared with the CPU kernels), the tensor
-// tables of multi-tensor launches (pinned host memory, copied without blocking the host), launch checks.
+// CUDA torch glue of per-resblock gradient scaling: checks (shared with the CPU glue), the upload of the
+// multi-tensor launches' tables (built by host_setup.h, staged in pinned host memory and copied without
+// blocking the host), launch checks.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,11 +8,13 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "../checks.h"
 #include "glue.h"
 #include "grad_scaling.h"
+#include "host_setup.h"
 
 namespace dalle_fast {
 namespace {
@@ -32,8 +35,8 @@ cuda::FloatKind kind_of(const at::Tensor& t) {
   }
 }
 
-// Device copy of a multi-tensor launch's tables: [entries | chunks]. Returned to keep it alive until the
-// launch is queued; the caching allocator only reuses it in stream order.
+// Device copy of a multi-tensor launch's tables. Returned to keep it alive until the launch is queued;
+// the caching allocator only reuses it in stream order.
 struct Tables {
   at::Tensor buffer;
   const cuda::TensorEntry* entries;
@@ -46,19 +49,27 @@ Tables upload_tables(const std::vector<cuda::TensorEntry>& entries, const at::De
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
               "dalle_fast: multi-tensor gradient-scaling ops upload their tensor tables from host memory on every "
               "call and cannot be captured in a CUDA graph");
-  std::vector<cuda::ChunkRef> chunks;
-  for (size_t t = 0; t < entries.size(); ++t)
-    for (int64_t c = 0; c * cuda::kChunk < entries[t].numel; ++c)
-      chunks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(c)});
-  const size_t eb = (entries.size() * sizeof(cuda::TensorEntry) + 15) / 16 * 16;
-  const size_t cb = chunks.size() * sizeof(cuda::ChunkRef);
-  at::Tensor host = at::empty({static_cast<int64_t>(eb + cb)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), entries.data(), entries.size() * sizeof(cuda::TensorEntry));
-  std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + eb, chunks.data(), cb);
+  const cuda::MultiTensorTables tables = cuda::pack_tables(entries);
+  const auto n = static_cast<int64_t>(tables.bytes.size());
+  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), tables.bytes.data(), tables.bytes.size());
   at::Tensor dev = host.to(device, /*non_blocking=*/true);
-  auto* base = static_cast<uint8_t*>(dev.data_ptr());
-  return {dev, reinterpret_cast<const cuda::TensorEntry*>(base), reinterpret_cast<const cuda::ChunkRef*>(base + eb),
-          static_cast<int64_t>(chunks.size())};
+  return {dev, tables.entries(dev.data_ptr()), tables.chunks(dev.data_ptr()), tables.num_chunks};
+}
+
+// One tensor's entry: the buffers of ts in order, numel from the first. An empty tensor gets none (as in
+// add_tensor_entry), and its dtype is not looked at.
+void add_entry(std::vector<cuda::TensorEntry>& entries, std::initializer_list<const at::Tensor*> ts, int64_t block) {
+  if ((*ts.begin())->numel() == 0) return;
+  void* ptrs[4];
+  cuda::FloatKind kinds[4];
+  int i = 0;
+  for (const at::Tensor* t : ts) {
+    ptrs[i] = t->data_ptr();
+    kinds[i] = kind_of(*t);
+    ++i;
+  }
+  cuda::add_tensor_entry(entries, i, ptrs, kinds, (*ts.begin())->numel(), static_cast<int32_t>(block));
 }
 
 at::Tensor grad_scale_cuda(const at::Tensor& grad, const at::Tensor& scales, int64_t block) {
@@ -94,15 +105,7 @@ void multi_unscale_check_cuda(at::TensorList grads, c10::IntArrayRef blocks, con
   check_tensor_list(grads, blocks, scales, "grads");
   const c10::cuda::CUDAGuard guard(scales.device());
   std::vector<cuda::TensorEntry> entries;
-  for (size_t t = 0; t < grads.size(); ++t) {
-    if (grads[t].numel() == 0) continue;
-    cuda::TensorEntry e{};
-    e.ptr[0] = grads[t].data_ptr();
-    e.kind[0] = static_cast<int32_t>(kind_of(grads[t]));
-    e.numel = grads[t].numel();
-    e.block = static_cast<int32_t>(blocks[t]);
-    entries.push_back(e);
-  }
+  for (size_t t = 0; t < grads.size(); ++t) add_entry(entries, {&grads[t]}, blocks[t]);
   if (entries.empty()) return;
   const Tables tables = upload_tables(entries, scales.device());
   check_launch(cuda::multi_unscale_check(tables.entries, tables.chunks, tables.num_chunks, scales.data_ptr<float>(),
@@ -129,22 +132,11 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   check_adamw_args(params, grads, exp_avg, exp_avg_sq, blocks, found_inf, step_size, bias_correction2_sqrt, decay);
   const c10::cuda::CUDAGuard guard(step_size.device());
   std::vector<cuda::TensorEntry> entries;
-  for (size_t t = 0; t < params.size(); ++t) {
-    if (params[t].numel() == 0) continue;
-    cuda::TensorEntry e{};
-    const at::Tensor* ts[4] = {&params[t], &grads[t], &exp_avg[t], &exp_avg_sq[t]};
-    for (int i = 0; i < 4; ++i) {
-      e.ptr[i] = ts[i]->data_ptr();
-      e.kind[i] = static_cast<int32_t>(kind_of(*ts[i]));
-    }
-    e.numel = params[t].numel();
-    e.block = static_cast<int32_t>(blocks[t]);
-    entries.push_back(e);
-  }
+  for (size_t t = 0; t < params.size(); ++t)
+    add_entry(entries, {&params[t], &grads[t], &exp_avg[t], &exp_avg_sq[t]}, blocks[t]);
   if (entries.empty()) return;
   const Tables tables = upload_tables(entries, step_size.device());
-  const cuda::AdamWConstants c{static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta2), static_cast<float>(eps)};
+  const cuda::AdamWConstants c = cuda::adamw_constants(beta1, beta2, eps);
   check_launch(cuda::adamw_step(tables.entries, tables.chunks, tables.num_chunks, found_inf.data_ptr<bool>(),
                                 step_size.data_ptr<float>(), bias_correction2_sqrt.data_ptr<float>(),
                                 decay.data_ptr<float>(), c, c10::cuda::getCurrentCUDAStream()),

@@ -1,4 +1,4 @@
-// Kernel launch and dynamic shared memory, as macros so the host emulator in csrc/tests/cuda_emulator/
+// Kernel launch and dynamic shared memory, as macros so the host emulator in csrc/testing/cuda_emulator/
 // (which compiles these .cu files with g++ and defines both first) can run the kernels without a GPU.
 //
 //   DALLE_FAST_LAUNCH(kernel, grid, block, smem_bytes, stream)(args...);

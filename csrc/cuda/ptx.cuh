@@ -12,7 +12,7 @@
 // Also ex2.approx (the softmax's exponential, explicit because the extension is built without
 // --use_fast_math, which would also flush the gradient-scaling kernels' subnormals to zero) and
 // cp.async, for tile loads that overlap the math. The host emulator
-// (csrc/tests/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
+// (csrc/testing/cuda_emulator/ptx_emu.h) defines DALLE_FAST_EMULATED_PTX and implements all of these from
 // the same definitions.
 #pragma once
 
@@ -21,7 +21,14 @@
 
 #include <cstdint>
 
+#include "capabilities.h"
+
 #ifndef DALLE_FAST_EMULATED_PTX
+#ifdef __CUDA_ARCH__
+static_assert(__CUDA_ARCH__ >= dalle_fast::cuda::kMinComputeCapability * 10,
+              "the attention kernels need sm_80 or newer (bf16 mma.sync, ldmatrix, cp.async): drop this arch");
+#endif
+
 namespace dalle_fast::cuda::ptx {
 
 // d += a b (16 x 8 fp32 tile).

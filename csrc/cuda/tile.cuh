@@ -11,24 +11,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../layout.h"
 #include "attention_cuda.h"
+#include "host_setup.h"
 #include "launch.cuh"
 #include "ptx.cuh"
 
 namespace dalle_fast::cuda {
 
-constexpr int kWarps = 4;  // each warp owns 16 rows of a 64-row tile (the forward: or 2 warps of 32)
-constexpr int kThreads = kWarps * 32;
-
-// Threads of a block whose warps own 16 x MT rows of a 64-row tile.
+// Threads of a block whose warps own 16 x MT rows of a 64-row tile (the launch shapes of host_setup.h
+// use the same attention_threads).
 template <int MT>
 constexpr int threads_for() {
-  return kBlock / (16 * MT) * 32;
+  return attention_threads(16 * MT);
 }
-constexpr int kPadT = 8;  // elements of padding per shared row: rows stay 16-byte aligned for ldmatrix, and
-                          // the 8 rows of an 8 x 8 matrix fall in different banks
+constexpr int kThreads = threads_for<1>();  // the backward: four warps of 16 rows
 
 template <typename T>
 struct Elem;
@@ -219,34 +218,18 @@ __device__ __forceinline__ void next_tiles(int e, int e_end, Fetch&& fetch) {
   __syncthreads();
 }
 
-// f(std::integral_constant<int, D>{}) for the head dims the kernels are built for; `otherwise` for others.
+// f(std::integral_constant<int, D>{}) for D = head_dim when it is one of kHeadDims (capabilities.h): one
+// instantiation per listed head dim. `otherwise` for others.
+template <typename R, typename F, size_t... I>
+R with_head_dim_of(int head_dim, R otherwise, F&& f, std::index_sequence<I...>) {
+  R result = otherwise;
+  (void)((head_dim == kHeadDims[I] ? (result = f(std::integral_constant<int, kHeadDims[I]>{}), true) : false) ||
+         ...);
+  return result;
+}
 template <typename R, typename F>
 R with_head_dim(int head_dim, R otherwise, F&& f) {
-  switch (head_dim) {
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-  }
-  return otherwise;
-}
-
-// Dynamic shared memory of a kernel whose carve-up is Smem<D> (fp16 and bf16 have the same size).
-template <template <int> class Smem>
-size_t smem_bytes_for_head_dim(int head_dim) {
-  return with_head_dim(head_dim, size_t{0}, [](auto d) { return Smem<decltype(d)::value>::template bytes<__half>(); });
-}
-
-// Rows per warp of the forward: 32 (MT = 2: every K and V fragment read from shared memory serves two
-// row tiles) up to head dim 64, 16 at 128, whose registers would not hold twice the accumulators.
-// DALLE_FAST_FWD_ROWS_PER_WARP=16 selects 16 at every head dim, to compare the two on a GPU. (The dQ
-// pass keeps 16: with 32 rows its accumulators and Q and dO fragments spill at head dim 64.)
-inline int rows_per_warp(int head_dim) {
-  if (head_dim > 64) return 16;
-  const char* env = std::getenv("DALLE_FAST_FWD_ROWS_PER_WARP");
-  return env != nullptr && std::atoi(env) == 16 ? 16 : 32;
+  return with_head_dim_of(head_dim, otherwise, f, std::make_index_sequence<kNumHeadDims>{});
 }
 
 template <typename Kernel>

@@ -28,7 +28,7 @@ def main():
     T, W = 37, 12
     n = T + W * W
     for dtype in (torch.float16, torch.bfloat16):
-        for d in (32, 64, 128):
+        for d in dalle_fast._C.CUDA_HEAD_DIMS:  # every head dim the kernels are built for
             for kind in dalle_fast.MASK_KINDS:
                 q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 out = dalle_fast.sparse_attention(q, k, v, kind, T, W)

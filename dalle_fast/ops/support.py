@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from dalle_fast import _C  # noqa: F401  (loads the library: registers torch.ops.dalle_fast)
+from dalle_fast import _C  # loads the library: registers torch.ops.dalle_fast
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA attention kernels take
-CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_HEAD_DIMS = _C.CUDA_HEAD_DIMS  # the CUDA kernels' (csrc/cuda/capabilities.h), for every build
+CUDA_MIN_COMPUTE_CAPABILITY = _C.CUDA_MIN_COMPUTE_CAPABILITY
 
 # Which ops this build has CUDA kernels for, read once: torch.compile cannot trace the dispatcher query
 # (it returns a bool, not a tensor), so asking it per call would break every compiled graph on CUDA.
@@ -20,7 +21,7 @@ _HAS_CUDA_KERNEL = {
 
 def cuda_unusable_reason(device: torch.device | str = "cuda") -> str | None:
     """None when this build's CUDA kernels can run on `device`; else why not, in words (no GPU, a build
-    without CUDA kernels, or a GPU older than compute capability 8.0). Trainers use it to pick a device."""
+    without CUDA kernels, or a GPU older than CUDA_MIN_COMPUTE_CAPABILITY). The device policy uses it."""
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     if not all(_HAS_CUDA_KERNEL.values()):
@@ -29,8 +30,9 @@ def cuda_unusable_reason(device: torch.device | str = "cuda") -> str | None:
             f"{torch.version.cuda}; see README, Install)"
         )
     major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if major < 8:
-        return f"the CUDA kernels need compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    if (major, minor) < CUDA_MIN_COMPUTE_CAPABILITY:
+        need = "{}.{}".format(*CUDA_MIN_COMPUTE_CAPABILITY)
+        return f"the CUDA kernels need compute capability {need} or newer; this GPU is {major}.{minor}"
     return None
 
 

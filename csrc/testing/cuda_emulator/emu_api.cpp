@@ -1,12 +1,14 @@
-// C entry points of the emulated CUDA kernels, for tests/test_cuda_emulated.py (ctypes). Each one does
-// what the torch glue in csrc/cuda/*.cpp does before its launch (mask spec, block layout, decode key
-// intervals, multi-tensor tables), with host memory standing in for device memory, then calls the same
-// launcher. Returns the cudaError_t; emu_last_error() has the message of a failure.
+// C entry points of the emulated CUDA kernels, for tests/test_cuda_emulated.py (ctypes). Each one prepares
+// its launch with the torch glue's own host setup (csrc/cuda/host_setup.h: the packed block layout,
+// decode's key intervals, the multi-tensor tables, AdamW's constants, shared-memory sizes), with host
+// memory standing in for device memory, then calls the same launcher. Returns the cudaError_t;
+// emu_last_error() has the message of a failure.
 #include <cstdint>
 #include <vector>
 
 #include "../../cuda/attention_cuda.h"
 #include "../../cuda/grad_scaling.h"
+#include "../../cuda/host_setup.h"
 #include "../../layout.h"
 
 using namespace dalle_fast;
@@ -17,21 +19,12 @@ MaskSpec spec(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel
   return normalize_mask_spec(MaskSpec{static_cast<MaskKind>(kind), text_len, image_size, kernel_size});
 }
 
-cuda::AttentionParams params(const MaskSpec& m, int32_t dtype, int64_t batch_heads, int32_t head_dim, float scale,
-                             const void* q, const void* k, const void* v) {
-  const auto L = get_block_layout(m, cuda::kBlock);  // cached for the process, so the pointers stay valid
-  const cuda::DeviceLayout dl{L->q_ptr.data(), L->q_kblock.data(), L->q_full.data(), L->k_ptr.data(),
-                              L->k_qblock.data(), L->k_full.data(), static_cast<int32_t>(L->num_blocks)};
+// packed: the layout as the glue uploads it (pack_layout), whose host image the emulated kernels read in
+// place; it must outlive the launch.
+cuda::AttentionParams params(const MaskSpec& m, const cuda::PackedLayout& packed, int32_t dtype, int64_t batch_heads,
+                             int32_t head_dim, float scale, const void* q, const void* k, const void* v) {
   return cuda::AttentionParams{q, k, v, batch_heads, static_cast<int32_t>(m.seq_len()), head_dim, scale,
-                               static_cast<cuda::DType>(dtype), m, dl};
-}
-
-std::vector<cuda::ChunkRef> chunks_of(const std::vector<cuda::TensorEntry>& entries) {
-  std::vector<cuda::ChunkRef> chunks;
-  for (size_t t = 0; t < entries.size(); ++t)
-    for (int64_t c = 0; c * cuda::kChunk < entries[t].numel; ++c)
-      chunks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(c)});
-  return chunks;
+                               static_cast<cuda::DType>(dtype), m, packed.device_layout(packed.bytes.data())};
 }
 
 // n tensors with `buffers` buffers each: ptrs and kinds are [n][buffers].
@@ -39,15 +32,9 @@ std::vector<cuda::TensorEntry> entries_of(int n, int buffers, void* const* ptrs,
                                           const int64_t* numels, const int32_t* blocks) {
   std::vector<cuda::TensorEntry> entries;
   for (int t = 0; t < n; ++t) {
-    if (numels[t] == 0) continue;
-    cuda::TensorEntry e{};
-    for (int i = 0; i < buffers; ++i) {
-      e.ptr[i] = ptrs[t * buffers + i];
-      e.kind[i] = kinds[t * buffers + i];
-    }
-    e.numel = numels[t];
-    e.block = blocks[t];
-    entries.push_back(e);
+    cuda::FloatKind k[4];
+    for (int i = 0; i < buffers; ++i) k[i] = static_cast<cuda::FloatKind>(kinds[t * buffers + i]);
+    cuda::add_tensor_entry(entries, buffers, ptrs + t * buffers, k, numels[t], blocks[t]);
   }
   return entries;
 }
@@ -65,7 +52,8 @@ int emu_attention_forward(int32_t kind, int64_t text_len, int64_t image_size, in
                           int64_t batch_heads, int32_t head_dim, float scale, const void* q, const void* k,
                           const void* v, void* out, float* lse) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
-  return cuda::attention_forward(params(m, dtype, batch_heads, head_dim, scale, q, k, v), out, lse, nullptr);
+  const cuda::PackedLayout packed = cuda::pack_layout(*get_block_layout(m, cuda::kBlock));
+  return cuda::attention_forward(params(m, packed, dtype, batch_heads, head_dim, scale, q, k, v), out, lse, nullptr);
 }
 
 int emu_attention_backward(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int32_t dtype,
@@ -73,19 +61,19 @@ int emu_attention_backward(int32_t kind, int64_t text_len, int64_t image_size, i
                            const void* v, const void* grad_out, const void* out, const float* lse, float* delta,
                            void* dq, void* dk, void* dv) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
-  return cuda::attention_backward(params(m, dtype, batch_heads, head_dim, scale, q, k, v), grad_out, out, lse, delta,
-                                  dq, dk, dv, cuda_emu::smem_optin(), nullptr);
+  const cuda::PackedLayout packed = cuda::pack_layout(*get_block_layout(m, cuda::kBlock));
+  return cuda::attention_backward(params(m, packed, dtype, batch_heads, head_dim, scale, q, k, v), grad_out, out, lse,
+                                  delta, dq, dk, dv, cuda_emu::smem_optin(), nullptr);
 }
 
 int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size, int64_t position,
                          int32_t dtype, int64_t batch_heads, int32_t seq_len, int32_t head_dim, float scale,
                          const void* q, const void* k, const void* v, void* out, int32_t splits) {
   const MaskSpec m = spec(kind, text_len, image_size, kernel_size);
-  std::vector<KeyInterval> iv(max_key_intervals(m));
-  const int64_t n = key_intervals(m, position, iv.data());
-  if (n > cuda::kMaxDecodeIntervals)
-    return cuda_emu::host_error(cudaErrorInvalidValue, "decode: more key intervals than kMaxDecodeIntervals");
   cuda::DecodeParams p{};
+  int64_t num_keys = 0;
+  if (cuda::set_decode_intervals(p, m, position, &num_keys) > cuda::kMaxDecodeIntervals)
+    return cuda_emu::host_error(cudaErrorInvalidValue, "decode: more key intervals than kMaxDecodeIntervals");
   p.q = q;
   p.k = k;
   p.v = v;
@@ -95,11 +83,6 @@ int emu_attention_decode(int32_t kind, int64_t text_len, int64_t image_size, int
   p.head_dim = head_dim;
   p.scale = scale;
   p.dtype = static_cast<cuda::DecodeDType>(dtype);
-  p.num_intervals = static_cast<int32_t>(n);
-  for (int32_t t = 0; t < p.num_intervals; ++t) {
-    p.lo[t] = static_cast<int32_t>(iv[t].lo);
-    p.hi[t] = static_cast<int32_t>(iv[t].hi);
-  }
   p.splits = splits;
   // The splits' workspace as the GPU's would be: garbage (NaN) wherever the kernel does not write, with
   // guard words on both sides that must still hold their pattern afterwards.
@@ -131,10 +114,10 @@ int emu_grad_unscale_filter(const void* in, void* out, int64_t n, int32_t kind, 
 
 int emu_multi_unscale_check(int32_t n, void* const* ptrs, const int32_t* kinds, const int64_t* numels,
                             const int32_t* blocks, const float* scales, bool* found_inf) {
-  const auto entries = entries_of(n, 1, ptrs, kinds, numels, blocks);
-  const auto chunks = chunks_of(entries);
-  return cuda::multi_unscale_check(entries.data(), chunks.data(), static_cast<int64_t>(chunks.size()), scales,
-                                   found_inf, nullptr);
+  const cuda::MultiTensorTables tables = cuda::pack_tables(entries_of(n, 1, ptrs, kinds, numels, blocks));
+  const void* base = tables.bytes.data();
+  return cuda::multi_unscale_check(tables.entries(base), tables.chunks(base), tables.num_chunks, scales, found_inf,
+                                   nullptr);
 }
 
 int emu_scale_update(float* scales, int32_t* cooldown, const bool* found_inf, int64_t n, float growth,
@@ -146,13 +129,10 @@ int emu_scale_update(float* scales, int32_t* cooldown, const bool* found_inf, in
 int emu_adamw_step(int32_t n, void* const* ptrs, const int32_t* kinds, const int64_t* numels, const int32_t* blocks,
                    const bool* found_inf, const float* step_size, const float* bias_correction2_sqrt,
                    const float* decay, double beta1, double beta2, double eps) {
-  const auto entries = entries_of(n, 4, ptrs, kinds, numels, blocks);
-  const auto chunks = chunks_of(entries);
-  // As the glue: the constants are rounded to fp32 from the double hyperparameters.
-  const cuda::AdamWConstants c{static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta2), static_cast<float>(eps)};
-  return cuda::adamw_step(entries.data(), chunks.data(), static_cast<int64_t>(chunks.size()), found_inf, step_size,
-                          bias_correction2_sqrt, decay, c, nullptr);
+  const cuda::MultiTensorTables tables = cuda::pack_tables(entries_of(n, 4, ptrs, kinds, numels, blocks));
+  const void* base = tables.bytes.data();
+  return cuda::adamw_step(tables.entries(base), tables.chunks(base), tables.num_chunks, found_inf, step_size,
+                          bias_correction2_sqrt, decay, cuda::adamw_constants(beta1, beta2, eps), nullptr);
 }
 
 }  // extern "C"

@@ -1,5 +1,7 @@
-// CUDA host glue for dalle_fast::sparse_attention_fwd / _bwd / _decode: argument checks, the device copy
+// CUDA torch glue for dalle_fast::sparse_attention_fwd / _bwd / _decode: argument checks, the device copy
 // of the block layout (cached per mask and device), torch's current stream, and the launch error check.
+// What a launch needs beyond tensors (layout packing, decode's key intervals and splits, shared-memory
+// sizes) comes from host_setup.h, which the emulator's C API calls too.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -12,23 +14,24 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <tuple>
-#include <vector>
 
 #include "../checks.h"
 #include "attention_cuda.h"
+#include "capabilities.h"
 #include "glue.h"
+#include "host_setup.h"
 
 namespace dalle_fast {
 namespace {
 
-// The kernels index tokens in 32 bits, tiles running up to two blocks past seq_len included.
-constexpr int64_t kMaxSeqLen = INT32_MAX - 2 * cuda::kBlock;
+using cuda::kMaxSeqLen;
 
 // Uploaded layouts live as long as the process; there are a handful of (mask, device) pairs per model.
 struct UploadedLayout {
-  at::Tensor q_ptr, q_kblock, q_full, k_ptr, k_qblock, k_full;
-  int32_t num_blocks;
+  at::Tensor buffer;  // pack_layout's bytes on the device
+  cuda::DeviceLayout layout;
 };
 
 cuda::DeviceLayout device_layout(const MaskSpec& m, const at::Device& device) {
@@ -44,21 +47,14 @@ cuda::DeviceLayout device_layout(const MaskSpec& m, const at::Device& device) {
     TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
                 "dalle_fast: the first call for a mask uploads its block layout, which cannot happen during CUDA "
                 "graph capture; run the model once before capturing");
-    const auto L = get_block_layout(m, cuda::kBlock);
-    auto up = [&](const auto& vec, at::ScalarType dt) {
-      auto cpu = at::empty({static_cast<int64_t>(vec.size())}, at::TensorOptions().dtype(dt));
-      std::memcpy(cpu.data_ptr(), vec.data(), vec.size() * sizeof(vec[0]));
-      return cpu.to(device);
-    };
-    UploadedLayout u{up(L->q_ptr, at::kInt),   up(L->q_kblock, at::kInt), up(L->q_full, at::kByte),
-                     up(L->k_ptr, at::kInt),   up(L->k_qblock, at::kInt), up(L->k_full, at::kByte),
-                     static_cast<int32_t>(L->num_blocks)};
-    it = cache.emplace(key, std::move(u)).first;
+    const cuda::PackedLayout packed = cuda::pack_layout(*get_block_layout(m, cuda::kBlock));
+    at::Tensor host = at::empty({static_cast<int64_t>(packed.bytes.size())}, at::TensorOptions().dtype(at::kByte));
+    std::memcpy(host.data_ptr(), packed.bytes.data(), packed.bytes.size());
+    at::Tensor buffer = host.to(device);
+    const cuda::DeviceLayout layout = packed.device_layout(buffer.data_ptr());
+    it = cache.emplace(key, UploadedLayout{std::move(buffer), layout}).first;
   }
-  const UploadedLayout& u = it->second;
-  return cuda::DeviceLayout{u.q_ptr.data_ptr<int32_t>(),  u.q_kblock.data_ptr<int32_t>(), u.q_full.data_ptr<uint8_t>(),
-                            u.k_ptr.data_ptr<int32_t>(),  u.k_qblock.data_ptr<int32_t>(), u.k_full.data_ptr<uint8_t>(),
-                            u.num_blocks};
+  return it->second.layout;
 }
 
 // Contiguous and 16-byte aligned (the kernels load 16 bytes at a time).
@@ -68,19 +64,31 @@ at::Tensor prepared(const at::Tensor& t) {
   return c;
 }
 
+// "(32, 64, 128)": the head dims of capabilities.h, as Python prints the tuple _C.CUDA_HEAD_DIMS.
+std::string head_dims_text() {
+  std::ostringstream out;
+  out << "(";
+  for (int i = 0; i < cuda::kNumHeadDims; ++i) out << (i ? ", " : "") << cuda::kHeadDims[i];
+  out << ")";
+  return out.str();
+}
+
 void check_cuda_inputs(const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cuda(), "dalle_fast: expected CUDA tensors, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "dalle_fast: CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
   const int64_t d = q.size(3);
-  TORCH_CHECK(d == 32 || d == 64 || d == 128, "dalle_fast: head_dim (q.shape[3]) must be 32, 64 or 128 on CUDA, got ",
-              d);
+  TORCH_CHECK(cuda::is_supported_head_dim(static_cast<int>(d)), "dalle_fast: head_dim (q.shape[3]) must be one of ",
+              head_dims_text(), " on CUDA, got ", d);
   TORCH_CHECK(q.size(2) <= kMaxSeqLen, "dalle_fast: seq_len must be at most ", kMaxSeqLen,
               " for the CUDA kernels, got ", q.size(2));
-  int major = 0;
+  int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-  TORCH_CHECK(major >= 8, "dalle_fast: the CUDA attention kernels need a GPU of compute capability 8.0 or newer "
-              "(bf16 mma.sync, ldmatrix, cp.async); this one is ", major, ".x");
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
+  constexpr int kMin = cuda::kMinComputeCapability;
+  TORCH_CHECK(major * 10 + minor >= kMin, "dalle_fast: the CUDA attention kernels need a GPU of compute capability ",
+              kMin / 10, ".", kMin % 10, " or newer (bf16 mma.sync, ldmatrix, cp.async); this one is ", major, ".",
+              minor);
 }
 
 // The current device's opt-in shared memory per block.
@@ -189,24 +197,17 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   const auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "dalle_fast: the CUDA decode kernel takes float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(q_in.size(2) >= 1 && q_in.size(2) <= 256,
-              "dalle_fast: head_dim (q.shape[2]) must be in [1, 256] for decode, got ", q_in.size(2));
+  TORCH_CHECK(q_in.size(2) >= 1 && q_in.size(2) <= cuda::kMaxDecodeHeadDim, "dalle_fast: head_dim (q.shape[2]) must be "
+              "in [1, ", cuda::kMaxDecodeHeadDim, "] for decode, got ", q_in.size(2));
   TORCH_CHECK(k_in.size(2) <= kMaxSeqLen, "dalle_fast: seq_len must be at most ", kMaxSeqLen,
               " for the CUDA kernels, got ", k_in.size(2));
   TORCH_CHECK(q_in.size(0) * q_in.size(1) <= INT32_MAX, "dalle_fast: batch * heads too large for the CUDA decode "
               "kernel (one thread block each, at most 2^31 - 1), got ", q_in.size(0) * q_in.size(1));
   cuda::DecodeParams p{};
-  std::vector<KeyInterval> iv(max_key_intervals(m));
-  const int64_t n_iv = key_intervals(m, position, iv.data());
+  int64_t num_keys = 0;
+  const int64_t n_iv = cuda::set_decode_intervals(p, m, position, &num_keys);
   TORCH_CHECK(n_iv <= cuda::kMaxDecodeIntervals, "dalle_fast: this conv row has ", n_iv, " key intervals; the CUDA "
               "decode kernel takes at most ", cuda::kMaxDecodeIntervals, " (use a smaller kernel_size)");
-  p.num_intervals = static_cast<int32_t>(n_iv);
-  int64_t num_keys = 0;
-  for (int32_t t = 0; t < p.num_intervals; ++t) {
-    p.lo[t] = static_cast<int32_t>(iv[t].lo);
-    p.hi[t] = static_cast<int32_t>(iv[t].hi);
-    num_keys += iv[t].hi - iv[t].lo;
-  }
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
