@@ -1,0 +1,66 @@
+"""Loading trained runs: the dVAE, the transformer (with its tokenizer and dVAE) and the CLIP reranker.
+
+Errors name the run folder and what is wrong with it; the command lines add the flag that named it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from dalle_fast.data.tokenizer import CaptionTokenizer
+from dalle_fast.models.clip import CLIP, CLIPConfig
+from dalle_fast.models.dvae import DVAE, DVAEConfig
+from dalle_fast.models.transformer import DALLE, TransformerConfig
+from dalle_fast.runs.checkpoint import load_config, load_weights
+
+
+def load_model(run: str | Path, entry: str, name: str, build, weights: str) -> tuple[nn.Module, dict]:
+    """(model in eval mode, the run's config.json) for a run directory: build(meta[entry]) makes the model,
+    <run>/<weights> fills it."""
+    meta = load_config(run)
+    if entry not in meta:
+        raise ValueError(f"{run} is not a {name} run (its config.json has no {entry!r} entry)")
+    model = build(meta[entry])
+    try:
+        model.load_state_dict(load_weights(Path(run) / weights))
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {run} do not match its config: {e}") from e
+    return model.eval(), meta
+
+
+def load_tokenizer(run: str | Path) -> CaptionTokenizer:
+    """The caption tokenizer a transformer or CLIP run was trained with (its tokenizer.json)."""
+    try:
+        return CaptionTokenizer.load(Path(run) / "tokenizer.json")
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{run} has no readable tokenizer.json: {e}") from e
+
+
+def load_dvae(run: str | Path) -> DVAE:
+    """The stage-1 dVAE of a run directory, with its EMA weights, in eval mode."""
+    return load_model(run, "dvae", "dVAE", lambda c: DVAE(DVAEConfig(**c)), "ema.safetensors")[0]
+
+
+def load_transformer(run: str | Path, ema: bool = True) -> tuple[DALLE, CaptionTokenizer, DVAE]:
+    """A trained stage-2 run: (transformer with its EMA or live weights, tokenizer, dVAE), in eval mode."""
+    weights = "ema.safetensors" if ema else "model.safetensors"
+    model, meta = load_model(run, "transformer", "transformer", lambda c: DALLE(TransformerConfig(**c)), weights)
+    return model, load_tokenizer(run), load_dvae(meta["train"]["vae"])
+
+
+def load_clip(run: str | Path) -> tuple[CLIP, CaptionTokenizer]:
+    """A trained CLIP run: (model in eval mode, its tokenizer)."""
+    model, _ = load_model(run, "clip", "CLIP", lambda c: CLIP(CLIPConfig(**c)), "model.safetensors")
+    return model.eval(), load_tokenizer(run)
+
+
+def stage_state(out: str | Path, steps: int) -> str:
+    """A stage's run folder: "new", "partial" (a checkpoint short of `steps`: resume it) or "done"."""
+    out = Path(out)
+    if not (out / "state.pt").exists() or not (out / "config.json").exists():
+        return "new"
+    meta = json.loads((out / "config.json").read_text())
+    return "done" if meta.get("step", 0) >= min(steps, meta.get("train", {}).get("steps", steps)) else "partial"
