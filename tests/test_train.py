@@ -170,3 +170,45 @@ def test_grid_sets_the_groups(tmp_path):
     for bad in (12, 64, -8):
         with pytest.raises(ValueError, match="grid"):
             VAETrainConfig(grid=bad)
+
+
+def _folder(root, good: int, bad: int):
+    """A folder of `good` readable 32 px images and `bad` corrupt ones, each with a caption."""
+    root.mkdir()
+    for i in range(good + bad):
+        path = root / f"{i:03d}.png"
+        if i < good:
+            Image.new("RGB", (32, 32), (i * 40 % 256, 90, 200)).save(path)
+        else:
+            path.write_bytes(b"not a png")
+        (root / f"{i:03d}.txt").write_text(f"picture {i}")
+    return root
+
+
+def test_batches_of_only_bad_items_do_not_shorten_the_run(tmp_path):
+    """Batches of one item from a folder that is mostly corrupt: every update still happens (the run
+    ends at its step count, with its last checkpoint), the bad batches passed over."""
+    data = _folder(tmp_path / "data", good=2, bad=6)
+    cfg = _cfg(tmp_path / "run", data=f"folder:{data}", val_data="shapes", batch_size=1, steps=6)
+    with pytest.warns(UserWarning, match="skipped"):
+        metrics = train_vae(cfg)
+    assert metrics["step"] == 6 and json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 6
+
+
+def test_data_with_nothing_readable_is_refused(tmp_path):
+    data = _folder(tmp_path / "data", good=0, bad=4)
+    with pytest.raises(ValueError, match="data: .*held no readable item"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_vae(_cfg(tmp_path / "run", data=f"folder:{data}", val_data="shapes", batch_size=2))
+
+
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
+    """A run killed after logging steps past its last checkpoint logs them again when it resumes: the log
+    keeps each step once."""
+    cfg = _cfg(tmp_path / "run", steps=6, ckpt_every=4, log_every=1)
+    train_vae(cfg, stop_at=4)  # the checkpoint of step 4
+    log = tmp_path / "run" / "log.csv"
+    row5 = log.read_text().splitlines()[-1].replace("4,", "5,", 1)
+    log.write_text(log.read_text() + row5 + "\n")  # what the killed run had logged after it
+    train_vae(dataclasses.replace(cfg, resume=True))
+    assert [int(r["step"]) for r in csv.DictReader(open(log))] == [1, 2, 3, 4, 5, 6]

@@ -12,12 +12,15 @@ import math
 import sys
 from pathlib import Path
 
+from dalle_fast.files import atomic_write
+
 
 class RunLog:
     def __init__(self, out: Path | None, columns: list[str], tag: str, total: int, initial: int, resume: bool):
         """out: the run folder (None: log nothing); columns: the CSV's columns; tag: the TensorBoard
-        prefix and the bar's label; total/initial: the bar's steps; resume: append to an existing log.csv
-        (a resumed run with no log.csv starts one, header included)."""
+        prefix and the bar's label; total/initial: the bar's steps; resume: append to an existing log.csv,
+        from which the rows after step `initial` (logged after the checkpoint the run resumes from, and
+        logged again now) are dropped first (a resumed run with no log.csv starts one, header included)."""
         self.columns, self.tag = columns, tag
         self.file = self.csv = self.tb = self.bar = None
         if out is None:
@@ -25,6 +28,8 @@ class RunLog:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "log.csv"
         append = resume and path.exists()
+        if append:
+            _trim(path, initial)
         self.file = open(path, "a" if append else "w", newline="")
         self.csv = csv.writer(self.file)
         if not append:
@@ -72,3 +77,25 @@ class RunLog:
             if part is not None:
                 part.close()
         self.file = self.csv = self.tb = self.bar = None
+
+
+def _trim(path: Path, step: int) -> None:
+    """Drops the rows of log.csv past `step` (a row that cannot be read ends the kept part)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1]
+    for row in rows[1:]:
+        try:
+            if int(row[0]) > step:
+                break
+        except (IndexError, ValueError):
+            break
+        kept.append(row)
+    if len(kept) == len(rows):
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    atomic_write(path, write)

@@ -19,7 +19,7 @@ import torch
 from dalle_fast.data.batches import step_batches
 from dalle_fast.data.images import SkipCounter
 from dalle_fast.data.sources import open_datasets
-from dalle_fast.errors import field_errors
+from dalle_fast.errors import FieldError, field_errors
 from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, psnr
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.images import save_recon_grid
@@ -112,6 +112,9 @@ class VAETrainConfig:
         return dataclasses.replace(dcfg, groups=factor.bit_length())
 
 
+MAX_EMPTY_BATCHES = 100  # batches in a row with no readable item before the data is refused
+
+
 class VAERun(TrainingRun):
     """The dVAE's part of the training skeleton: its batches, schedules (tau, beta, lr), update and
     held-out PSNR and codebook usage."""
@@ -157,11 +160,15 @@ class VAERun(TrainingRun):
         cfg, dcfg = self.cfg, self.dcfg
         if self.counter.seen and step and step % 1000 == 0 and not self.streamed:  # a stream reports per pass
             self.counter.end_epoch()
-        for batch in self.batches:  # endless; a batch of only bad items is passed over
+        # Endless: a batch of only unreadable items is passed over for the next, so the run still does
+        # every update it was asked for; data with (almost) nothing readable is refused, not spun on.
+        for empty, batch in enumerate(self.batches):
             images, captions, skipped = batch
             self.counter.add(len(captions) + skipped, skipped)
             if captions:
                 break
+            if empty + 1 >= MAX_EMPTY_BATCHES:
+                raise FieldError("data", f"{cfg.data}: {MAX_EMPTY_BATCHES} batches in a row held no readable item")
         at = schedule_position(step, self.seconds, cfg.steps, cfg.time_limit)
         tau = cosine_anneal(at, int(cfg.steps * cfg.tau_anneal), dcfg.tau_start, dcfg.tau_end)
         beta = linear_ramp(at, int(cfg.steps * cfg.kl_ramp), dcfg.kl_max)
