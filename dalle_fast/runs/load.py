@@ -14,7 +14,7 @@ from dalle_fast.data.tokenizer import CaptionTokenizer
 from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.models.dvae import DVAE, DVAEConfig
 from dalle_fast.models.transformer import DALLE, TransformerConfig
-from dalle_fast.runs.checkpoint import load_config, load_weights
+from dalle_fast.runs.checkpoint import check_steps, load_config, load_weights
 
 
 def load_model(run: str | Path, entry: str, name: str, build, weights: str) -> tuple[nn.Module, dict]:
@@ -23,6 +23,7 @@ def load_model(run: str | Path, entry: str, name: str, build, weights: str) -> t
     meta = load_config(run)
     if entry not in meta:
         raise ValueError(f"{run} is not a {name} run (its config.json has no {entry!r} entry)")
+    check_steps(run, [weights])
     model = build(meta[entry])
     try:
         model.load_state_dict(load_weights(Path(run) / weights))

@@ -29,7 +29,7 @@ from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.load import load_tokenizer
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TrainingRun, claim_output, seed_everything, set_threads
+from dalle_fast.training.loop import TrainingRun, seed_everything, set_threads
 from dalle_fast.training.schedules import warmup_cosine
 
 
@@ -119,7 +119,6 @@ class CLIPRun(TrainingRun):
         device = choose_device(cfg.device)  # plain PyTorch layers: any GPU
         set_threads(cfg.threads)
         super().__init__(cfg, device)
-        claim_output(self.out, cfg.resume)
         with field_errors("dalle"):
             meta = load_config(cfg.dalle)
             self.tok = load_tokenizer(cfg.dalle)

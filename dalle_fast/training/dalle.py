@@ -193,7 +193,7 @@ class DALLERun(TrainingRun):
 
     def __init__(self, cfg: DALLETrainConfig):
         set_threads(cfg.threads)
-        claim_output(Path(cfg.out), cfg.resume)
+        claim_output(Path(cfg.out), cfg.resume)  # before joining a process group: refuse early
         device, self.precision = resolve_device(cfg)
         dist = init_from_env(device.type, cfg.dist_timeout)
         if dist.enabled and device.type == "cuda":

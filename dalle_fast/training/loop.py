@@ -29,15 +29,28 @@ import torch
 
 from dalle_fast.errors import FieldError
 from dalle_fast.runs import checkpoint
-from dalle_fast.runs.checkpoint import load_state, rng_state, save_run, set_rng_state
+from dalle_fast.runs.checkpoint import (
+    COMPLETE,
+    JOURNAL,
+    RunLock,
+    check_steps,
+    load_state,
+    recover,
+    rng_state,
+    save_run,
+    set_rng_state,
+)
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.distributed import DistInfo, rank0_value
+from dalle_fast.training.distributed import DistInfo, barrier, rank0_value
 
 
 def claim_output(out: Path, resume: bool) -> None:
-    """A new run refuses a folder that already holds one (resume it, or choose another folder)."""
+    """Before any work: a new run refuses a folder that already holds one (resume it, or choose another
+    folder); a resume refuses a folder without a checkpoint (and does not create it)."""
     if not resume and (out / "state.pt").exists():
         raise FieldError("out", f"{out} already holds a run: resume it, or choose another folder")
+    if resume and not (out / "state.pt").exists() and not (out / JOURNAL / COMPLETE).exists():
+        raise FieldError("out", f"cannot resume {out}: it holds no checkpoint")
 
 
 def set_threads(threads: int) -> None:
@@ -66,7 +79,13 @@ class TrainingRun:
         self.step, self.seconds = 0, 0.0  # training time so far, across resumes (the time limit is the run's)
         self.ema: dict[str, torch.Tensor] | None = None
         self.sharded_ema = False  # EMA entries are shards (DTensors) of a sharded model
-
+        claim_output(self.out, cfg.resume)
+        # One writer per run folder (rank 0 under torchrun), which first completes or drops a checkpoint
+        # its predecessor was killed in.
+        self.lock = RunLock(self.out) if self.dist.main else None
+        if self.dist.main:
+            recover(self.out)
+        barrier(self.dist)
     # ---- what a stage supplies ---------------------------------------------------------------------
 
     def update(self, step: int) -> dict:
@@ -149,8 +168,9 @@ class TrainingRun:
     def resume(self) -> None:
         """Everything a checkpoint holds, back in place."""
         state = load_state(self.out)
-        self.check_resume(state)
         names = ["model"] + (["ema"] if self.ema is not None else [])
+        check_steps(self.out, [f"{n}.safetensors" for n in names], state)
+        self.check_resume(state)
         try:
             self.load_weights({n: checkpoint.load_weights(self.out / f"{n}.safetensors") for n in names})
             self.load_extra_state(state)  # after the weights: a sharded optimizer needs its model's
@@ -192,6 +212,8 @@ class TrainingRun:
                     break
         finally:
             log.close()
+            if self.lock is not None:
+                self.lock.release()
         return metrics
 
     def after_log(self) -> None:

@@ -24,7 +24,7 @@ from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, ps
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.images import save_recon_grid
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TrainingRun, claim_output, seed_everything, set_threads
+from dalle_fast.training.loop import TrainingRun, seed_everything, set_threads
 from dalle_fast.training.schedules import cosine_anneal, linear_ramp, schedule_position
 
 
@@ -129,7 +129,6 @@ class VAERun(TrainingRun):
         if device.type == "cuda" and device.index is not None:  # cuda:N: where batches pin, the RNG state is read
             torch.cuda.set_device(device)
         super().__init__(cfg, device)
-        claim_output(self.out, cfg.resume)
         seed_everything(cfg.seed)
         # channels_last: oneDNN's preferred layout for the convolutions on a CPU; the checkpoints store
         # ordinary contiguous tensors.
