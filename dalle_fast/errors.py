@@ -7,6 +7,8 @@ speaks of flags and a caller of the library reads the names it passed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 
 
 class FieldError(ValueError):
@@ -27,3 +29,12 @@ def field_errors(field: str):
         raise
     except ValueError as e:
         raise FieldError(field, str(e)) from e
+
+
+def check_finite(cfg) -> None:
+    """FieldError for the first float field of a config dataclass that is NaN or infinite (every config
+    calls it first in __post_init__, so no float setting can train NaN weights or break sampling)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FieldError(f.name, f"must be a finite number, got {value}")

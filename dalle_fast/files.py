@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from dalle_fast.errors import FieldError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -15,3 +18,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def check_writable(folder: str | Path, field: str = "out") -> Path:
+    """Makes `folder` (and its parents) and proves a file can be written there, before any work whose
+    results would go there; a FieldError of `field` otherwise (an unwritable, read-only or full place)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise FieldError(field, f"cannot write to {folder}: {e.strerror or e}") from e
+    return folder

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from dalle_fast.cli import build_parser, parse_config, run_or_exit
-from dalle_fast.errors import FieldError, field_errors
+from dalle_fast.errors import FieldError, check_finite, field_errors
+from dalle_fast.files import check_writable
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.images import save_captioned_grid, save_png
 from dalle_fast.runs.load import load_transformer
 from dalle_fast.sampling.rerank import load_scorer
-from dalle_fast.sampling.sample import check_captions, generate, load_prime, sampling_device
+from dalle_fast.sampling.sample import MIN_TEMPERATURE, check_captions, generate, load_prime, sampling_device
 
 
 @dataclass
@@ -52,6 +53,7 @@ class GenerateConfig:
     )
 
     def __post_init__(self):
+        check_finite(self)
         if not self.run:
             raise ValueError("--run is required: the stage-2 run directory")
         if self.images < 1 or self.batch_size < 1:
@@ -60,8 +62,8 @@ class GenerateConfig:
             raise ValueError(f"--rerank ({self.rerank}) must be 0 or at least -n/--keep ({self.images})")
         if self.rerank < 0 or self.prime_rows < 0:
             raise ValueError("--rerank and --prime-rows must be >= 0")
-        if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1")
+        if not MIN_TEMPERATURE <= self.temperature or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need --temperature >= {MIN_TEMPERATURE}, --top-k >= 0 and 0 < --top-p <= 1")
         if not self.guidance >= 1:
             raise ValueError(f"--guidance must be >= 1 (1: none), got {self.guidance}")
         if self.prime_rows and not self.prime:
@@ -75,8 +77,10 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
             captions = list(captions) + [ln for ln in Path(cfg.captions_file).read_text().splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise FieldError("captions_file", f"cannot read {cfg.captions_file}: {e}") from e
+    out = Path(cfg.out or Path(cfg.run) / "generated")
     with field_errors("run"):
         model, tok, dvae = load_transformer(cfg.run)
+    check_writable(out)  # before any sampling: its results must have somewhere to go
     device = sampling_device(cfg.device, model, cache=not cfg.no_cache)
     model.to(device)
     if cfg.guidance != 1 and not load_config(cfg.run).get("train", {}).get("caption_dropout", 0):
@@ -107,7 +111,6 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
         prime=prime, batch_size=cfg.batch_size, generator=torch.Generator(device).manual_seed(cfg.seed),
         cache=not cfg.no_cache, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, guidance=cfg.guidance,
     )  # fmt: skip
-    out = Path(cfg.out or Path(cfg.run) / "generated")
     images = result["images"]  # (C, keep, 3, H, W)
     labels = [c for c in captions for _ in range(cfg.images)]
     grid_images = images.flatten(0, 1)

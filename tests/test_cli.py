@@ -29,3 +29,45 @@ def test_library_errors_name_the_path_and_the_field(tmp_path):
     with pytest.raises(FieldError) as e, field_errors("vae"):
         load_dvae(tmp_path / "none")
     assert e.value.field == "vae" and flag_message(e.value, Config).startswith(f"--vae: {tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize(
+    "cls_name,kw,match",
+    [
+        ("vae", {"lr": float("inf")}, "lr: must be a finite number, got inf"),
+        ("dalle", {"grad_clip": float("nan")}, "grad_clip: must be a finite number, got nan"),
+        ("dalle", {"text_len": 1}, "text_len must be 0"),
+        ("clip", {"time_limit": float("inf")}, "time_limit: must be a finite number"),
+        ("generate", {"run": "r", "temperature": float("nan")}, "temperature: must be a finite number"),
+        ("generate", {"run": "r", "temperature": 1e-45}, "--temperature >= 0.001"),
+        ("generate", {"run": "r", "guidance": float("inf")}, "guidance: must be a finite number"),
+        ("evaluate", {"run": "r", "guidance": float("inf")}, "guidance: must be a finite number"),
+        ("pipeline", {"dalle_minutes": float("nan")}, "dalle_minutes: must be a finite number"),
+    ],
+)
+def test_non_finite_and_out_of_range_settings_are_refused(cls_name, kw, match):
+    from dalle_fast.evaluation.fidelity import EvaluateConfig
+    from dalle_fast.generate import GenerateConfig
+    from dalle_fast.training.clip import CLIPTrainConfig
+    from dalle_fast.training.dalle import DALLETrainConfig
+    from dalle_fast.training.pipeline import PipelineConfig
+    from dalle_fast.training.vae import VAETrainConfig
+
+    cls = {"vae": VAETrainConfig, "dalle": DALLETrainConfig, "clip": CLIPTrainConfig, "generate": GenerateConfig,
+           "evaluate": EvaluateConfig, "pipeline": PipelineConfig}[cls_name]  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+
+
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
+    from dalle_fast.files import check_writable
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a folder should be")
+    with pytest.raises(FieldError, match="out: cannot write to"):
+        check_writable(blocked / "sub")
+    from dalle_fast.train import main
+
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(blocked / "run"), "--steps", "1"])
+    assert "--out: cannot write to" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import tarfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,39 @@ def test_coco_dataset(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="COCO captions JSON"):
         CocoDataset(tmp_path / "bad.json", tmp_path / "img")
+
+
+def test_bad_coco_annotations_are_skipped_and_counted(tmp_path):
+    """A null or numeric caption and an image without a file name are skipped (one warning), not a crash."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1.png").write_bytes(_png())
+    meta = {
+        "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": None}, "junk"],
+        "annotations": [
+            {"image_id": 1, "caption": "A cat."},
+            {"image_id": 1, "caption": None},
+            {"image_id": 1, "caption": 42},
+            {"image_id": 2, "caption": "No file."},
+            None,
+        ],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="skipped 4 annotations"):
+        ds = CocoDataset(tmp_path / "captions.json", tmp_path / "img", image_size=8)
+    assert len(ds) == 1 and ds.captions(0) == ["A cat."] and ds[0][1] == "A cat."
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_images_keep_their_levels(tmp_path, mode):
+    """A left-to-right ramp over the mode's whole range keeps a mean near one half (Pillow's own RGB
+    conversion clips 16-bit values, which turned such a ramp white: mean 0.998)."""
+    top = {"I;16": 65535, "I": 65535, "F": 1.0}[mode]
+    ramp = np.tile(np.linspace(0, top, 64), (64, 1)).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    img = Image.fromarray(ramp, mode) if mode != "I;16" else Image.fromarray(ramp)
+    assert img.mode == mode
+    x = preprocess(img, 32)
+    assert x.shape == (3, 32, 32) and abs(float(x.mean()) - 0.5) < 0.02
+    assert float(x[:, :, 0].mean()) < 0.05 and float(x[:, :, -1].mean()) > 0.95
 
 
 def _shard(path, samples) -> str:

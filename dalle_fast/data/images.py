@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -25,9 +26,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # ---- preprocessing ---------------------------------------------------------------------------------
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float grey images as 8-bit ones (Pillow's RGB conversion clips them: a 16-bit ramp
+    would turn white). 16-bit modes span 0..65535; a 32-bit integer image that stays within 0..255 is
+    taken as 8-bit data, else as 16-bit; a float image within 0..1 as fractions, else as 0..255."""
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float32)
+    if img.mode.startswith("I;16"):
+        arr = arr / 65535
+    elif img.mode == "I":
+        arr = arr / (65535 if arr.max(initial=0) > 255 else 255)
+    elif arr.max(initial=0) > 1:
+        arr = arr / 255
+    return Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+
+
 def preprocess(img: Image.Image, size: int, rng: random.Random | None = None) -> torch.Tensor:
     """Square crop (random near the centre when rng is given, else centred), resize, to [3, size, size] in [0, 1]."""
-    img = img.convert("RGB")
+    img = _to_8bit(img).convert("RGB")
     w, h = img.size
     side = min(w, h)
     slack_x, slack_y = w - side, h - side

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -95,16 +96,39 @@ class CocoDataset(_CaptionedImages):
         super().__init__(image_size, train, seed)
         try:
             meta = json.loads(Path(annotations).read_text())
-            files = {im["id"]: im["file_name"] for im in meta["images"]}
-            caps: dict[int, list[str]] = {}
-            for a in meta["annotations"]:
-                caps.setdefault(a["image_id"], []).append(a["caption"])
+            images_meta, annotations_meta = meta["images"], meta["annotations"]
+            if not isinstance(images_meta, list) or not isinstance(annotations_meta, list):
+                raise TypeError("its images and annotations must be lists")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"annotations must be a COCO captions JSON, could not read {annotations}: {e}") from e
         self.images = Path(images)
         if not self.images.is_dir():
             raise ValueError(f"images must be an existing folder, got {str(images)!r}")
-        self.items = sorted((files[i], c) for i, c in caps.items() if i in files)
+        # A bad entry (a caption that is not text, an image without a file name) is skipped and counted,
+        # like an unreadable image: one bad annotation does not stop a run.
+        files = {im.get("id"): im.get("file_name") for im in images_meta if isinstance(im, dict)}
+        caps: dict = {}
+        bad = 0
+        for a in annotations_meta:
+            caption = a.get("caption") if isinstance(a, dict) else None
+            if isinstance(caption, str) and caption.strip():
+                caps.setdefault(a.get("image_id"), []).append(caption)
+            else:
+                bad += 1
+        self.items = []
+        for i, c in caps.items():
+            name = files.get(i)
+            if isinstance(name, str) and name:
+                self.items.append((name, c))
+            else:
+                bad += len(c)
+        self.items.sort()
+        if bad:
+            warnings.warn(
+                f"{annotations}: skipped {bad} annotations (a caption that is not text, or an image without a "
+                "file name)",
+                stacklevel=2,
+            )
 
     def _source(self, index: int) -> tuple[Path, list[str] | None]:
         name, captions = self.items[index]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_fast.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset
-from dalle_fast.errors import FieldError, field_errors
+from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.judge import AttributeClassifier
 from dalle_fast.ops.device import parse_device
 from dalle_fast.runs.load import load_transformer
@@ -155,6 +155,7 @@ class EvaluateConfig:
     )
 
     def __post_init__(self):
+        check_finite(self)
         if not self.run:
             raise FieldError("run", "required: the stage-2 run directory")
         for name in ("captions", "draws", "classifier_steps", "batch_size"):

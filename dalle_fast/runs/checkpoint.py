@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dalle_fast.errors import FieldError
+from dalle_fast.files import check_writable
 
 JOURNAL = ".checkpoint.tmp"  # the checkpoint being written
 COMPLETE = "COMPLETE"  # in the journal: every file is written and synced; its lines name them
@@ -147,8 +148,8 @@ class RunLock:
 
     def __init__(self, out: Path):
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         self.path = out / ".lock"
+        check_writable(out)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,6 +11,7 @@ against. Both draw the same random numbers in the same order, so for a seed they
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ from dalle_fast.models.tokens import PAD
 from dalle_fast.models.transformer import DALLE
 from dalle_fast.ops.device import choose_device
 from dalle_fast.sampling.rerank import Scorer, rerank
+
+# Below it, logits / temperature overflow fp32 (a greedy draw is temperature -> 0; use top_k=1 for it).
+MIN_TEMPERATURE = 1e-3
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -82,10 +86,10 @@ def sample_tokens(
 def _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache) -> torch.Tensor:
     cfg = model.cfg
     n = cfg.image_size**2
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if guidance < 1:
-        raise ValueError(f"guidance must be >= 1 (1: none), got {guidance}")
+    if not MIN_TEMPERATURE <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE}, got {temperature}")
+    if not 1 <= guidance < math.inf:
+        raise ValueError(f"guidance must be finite and >= 1 (1: none), got {guidance}")
     image = torch.zeros(text.shape[0], n, dtype=torch.long, device=text.device)
     start = 0
     if prime is not None:

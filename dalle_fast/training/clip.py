@@ -23,7 +23,7 @@ import torch
 from dalle_fast.data.batches import step_generator
 from dalle_fast.data.sources import open_datasets
 from dalle_fast.data.token_cache import caption_lines
-from dalle_fast.errors import FieldError, field_errors
+from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.checkpoint import load_config
@@ -65,6 +65,7 @@ class CLIPTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out where it stopped"})
 
     def __post_init__(self):
+        check_finite(self)
         for name in ("width", "embed_dim", "max_items", "val_items", "steps", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

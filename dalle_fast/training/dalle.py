@@ -37,7 +37,7 @@ from dalle_fast.data.batches import step_generator
 from dalle_fast.data.sources import open_datasets
 from dalle_fast.data.token_cache import TokenCache, encode_images
 from dalle_fast.data.tokenizer import CaptionTokenizer
-from dalle_fast.errors import FieldError, field_errors
+from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.tokens import PAD
 from dalle_fast.models.transformer import ATTENTION_MODES, DALLE, PRESETS, preset
 from dalle_fast.ops.device import PRECISIONS, autocast, choose_device, choose_precision
@@ -131,6 +131,7 @@ class DALLETrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
 
     def __post_init__(self):
+        check_finite(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.attention not in ATTENTION_MODES:
@@ -162,6 +163,8 @@ class DALLETrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.text_len == 1:
+            raise ValueError("text_len must be 0 (the preset's) or >= 2 (one text position leaves no text to predict)")
         if self.vocab_size and self.vocab_size < 257:
             raise ValueError(f"vocab_size must be 0 or >= 257, got {self.vocab_size}")
         if not (self.lr > 0 and 0 <= self.lr_end <= self.lr):

@@ -86,6 +86,7 @@ class TrainingRun:
         if self.dist.main:
             recover(self.out)
         barrier(self.dist)
+
     # ---- what a stage supplies ---------------------------------------------------------------------
 
     def update(self, step: int) -> dict:

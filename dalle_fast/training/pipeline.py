@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.errors import check_finite
 from dalle_fast.ops.device import parse_device
 from dalle_fast.ops.support import cpu_has_native_bf16
 from dalle_fast.runs.images import save_captioned_grid
@@ -57,6 +58,7 @@ class PipelineConfig:
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
 
     def __post_init__(self):
+        check_finite(self)
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty folder name, got {self.name!r}")
         for name in ("vae_steps", "dalle_steps", "dalle_batch", "clip_steps", "items", "captions", "per_caption"):

@@ -19,7 +19,7 @@ import torch
 from dalle_fast.data.batches import step_batches
 from dalle_fast.data.images import SkipCounter
 from dalle_fast.data.sources import open_datasets
-from dalle_fast.errors import FieldError, field_errors
+from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, psnr
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.images import save_recon_grid
@@ -83,6 +83,7 @@ class VAETrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
 
     def __post_init__(self):
+        check_finite(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_images"):
