@@ -116,3 +116,28 @@ def test_one_writer_per_run(tmp_path):
     # The OS released the dead holder's lock: the folder is free again.
     RunLock(out).release()
     assert train_vae(_cfg(out, steps=2))["step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("move", [2, 5])
+def test_the_transformer_killed_mid_save_resumes_to_the_same_weights(tmp_path, move):
+    """The transformer's run, killed in its first and in its second save (without BPE dropout: its
+    pre-drawn variants come from an unseeded RNG, so two fresh runs differ in them)."""
+    from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
+
+    vae = tmp_path / "vae"
+    train_vae(_cfg(vae, steps=2))
+    kw = dict(
+        vae=str(vae), preset="micro", steps=6, batch_size=4, ckpt_every=3, log_every=3, max_items=48, val_items=8,
+        samples=0, warmup=2, bpe_dropout=0.0, vocab_size=300, text_len=48, seed=3, device="cpu",
+    )  # fmt: skip
+    train_dalle(DALLETrainConfig(out=str(tmp_path / "a"), **kw))
+    out = tmp_path / "b"
+    code = (
+        "from dalle_fast.training.dalle import DALLETrainConfig, train_dalle\n"
+        f"train_dalle(DALLETrainConfig(out={str(out)!r}, **{kw!r}))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DALLE_FAST_KILL_AT_MOVE": str(move)})
+    assert killed.returncode == -9
+    train_dalle(DALLETrainConfig(out=str(out), resume=True, **kw))
+    _same_weights(tmp_path / "a", out)
