@@ -8,6 +8,8 @@ The library names a bad setting by its config field ("steps must be >= 1", dalle
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 from dataclasses import fields
 
@@ -55,8 +57,17 @@ def parse_config(ap: argparse.ArgumentParser, cls, values: dict):
 
 
 def run_or_exit(ap: argparse.ArgumentParser, cls, job, *args):
-    """job(*args), with a ValueError reported as a usage error naming the flag (exit status 2)."""
+    """job(*args), with a ValueError reported as an error naming the flag (exit status 2; the flags
+    parsed, so no usage text above it)."""
     try:
         return job(*args)
     except ValueError as e:
-        ap.error(flag_message(e, cls))
+        ap.exit(2, f"{ap.prog}: error: {flag_message(e, cls)}\n")
+
+
+def json_line(result: dict) -> str:
+    """A result as one line of valid JSON: floats rounded, NaN and infinities as null."""
+    clean = {
+        k: (None if not math.isfinite(v) else round(v, 4)) if isinstance(v, float) else v for k, v in result.items()
+    }
+    return json.dumps(clean)

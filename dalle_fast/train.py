@@ -10,11 +10,10 @@ Each takes --help for its flags, which are its config dataclass's fields.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from dalle_fast.cli import build_parser, parse_config, run_or_exit
+from dalle_fast.cli import build_parser, json_line, parse_config, run_or_exit
 from dalle_fast.training.clip import CLIPTrainConfig, train_clip
 from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
 from dalle_fast.training.pipeline import PipelineConfig, run_pipeline
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ap, cls, vars(ap.parse_args(argv[1:] if stage != "all" else argv)))
     result = run_or_exit(ap, cls, job, cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one result line, rank 0's
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        print(json_line(result))
     return 0
 
 

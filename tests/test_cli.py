@@ -71,3 +71,21 @@ def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(blocked / "run"), "--steps", "1"])
     assert "--out: cannot write to" in capsys.readouterr().err
+
+
+def test_results_are_valid_json_and_runtime_errors_skip_the_usage(tmp_path, capsys):
+    import json
+    import math
+
+    from dalle_fast.cli import json_line
+    from dalle_fast.train import main
+
+    line = json_line({"step": 3, "val_near_miss": math.nan, "loss": 1.23456, "x": math.inf})
+    assert json.loads(line) == {"step": 3, "val_near_miss": None, "loss": 1.2346, "x": None}
+    args = ["vae", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--eval-images", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)  # the folder holds a run: a clear error, no usage text above it
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out: " in err and "already holds a run" in err and "usage:" not in err

@@ -117,3 +117,34 @@ def test_cli_stage_and_errors(dalle_run, tmp_path, capsys):
     for spec, msg in [(str(tmp_path / "none"), "not a run directory"), ("open_clip:x", "open_clip:ARCH")]:
         with pytest.raises(ValueError, match=msg):
             load_scorer(spec)
+
+
+def test_a_folder_run_s_reranker_follows_its_data_and_evaluate_refuses_it(tmp_path, capsys):
+    """train clip without --data trains on the data of its --dalle run (said on stderr), and evaluate,
+    whose judge knows only the built-in scenes, refuses a run trained on other data, saying what to use."""
+    from PIL import Image
+
+    from dalle_fast.evaluation.fidelity import EvaluateConfig, evaluate
+    from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
+    from dalle_fast.training.vae import VAETrainConfig, train_vae
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(24):
+        Image.new("RGB", (32, 32), ((i * 37) % 256, 80, 160)).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"a tile of colour {i % 5}")
+    spec = f"folder:{data}"
+    vae, dalle, clip = tmp_path / "vae", tmp_path / "dalle", tmp_path / "clip"
+    train_vae(VAETrainConfig(data=spec, out=str(vae), steps=2, batch_size=4, ckpt_every=2, eval_images=4))
+    train_dalle(
+        DALLETrainConfig(
+            data=spec, vae=str(vae), out=str(dalle), preset="micro", steps=1, batch_size=4, val_items=4,
+            samples=0, vocab_size=300, text_len=12, device="cpu",
+        )
+    )  # fmt: skip
+    capsys.readouterr()
+    train_clip(CLIPTrainConfig(dalle=str(dalle), out=str(clip), steps=1, batch_size=4, val_items=4, device="cpu"))
+    assert json.loads((clip / "config.json").read_text())["train"]["data"] == spec
+    assert f"data: {spec} (the data of {dalle})" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"run: .*trained on {spec}.*built-in shapes data only"):
+        evaluate(EvaluateConfig(run=str(dalle), device="cpu"))

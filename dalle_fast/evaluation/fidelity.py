@@ -27,6 +27,7 @@ from dalle_fast.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset
 from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.judge import AttributeClassifier
 from dalle_fast.ops.device import parse_device
+from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.load import load_transformer
 from dalle_fast.sampling.rerank import load_scorer
 from dalle_fast.sampling.sample import generate, sampling_device
@@ -168,6 +169,13 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     with field_errors("run"):
+        data = load_config(cfg.run).get("train", {}).get("data", "shapes")
+        if data != "shapes":  # the judge knows only the built-in scenes
+            raise ValueError(
+                f"{cfg.run} was trained on {data}; caption fidelity here is judged on the built-in shapes data "
+                "only. For other data, the reranker's held-out retrieval (python -m dalle_fast.train clip "
+                "prints it) measures how well images and captions match"
+            )
         model, tok, dvae = load_transformer(cfg.run)
     device = sampling_device(cfg.device, model)  # the sampling only: the classifier is small
     model.to(device)

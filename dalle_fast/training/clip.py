@@ -37,7 +37,10 @@ from dalle_fast.training.schedules import warmup_cosine
 class CLIPTrainConfig:
     """Reranker: a contrastive image-text model on the transformer's BPE tokens."""
 
-    data: str = field(default="shapes", metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR"})
+    data: str = field(
+        default="",
+        metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR; empty: the data of the --dalle run"},
+    )
     dalle: str = field(
         default="runs/dalle", metadata={"help": "stage-2 run whose tokenizer (and dVAE image size) to use"}
     )
@@ -119,6 +122,11 @@ class CLIPRun(TrainingRun):
     def __init__(self, cfg: CLIPTrainConfig):
         device = choose_device(cfg.device)  # plain PyTorch layers: any GPU
         set_threads(cfg.threads)
+        if not cfg.data:  # the data the transformer was trained on, said aloud
+            with field_errors("dalle"):
+                data = load_config(cfg.dalle).get("train", {}).get("data") or "shapes"
+            print(f"data: {data} (the data of {cfg.dalle})", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, data=data)
         super().__init__(cfg, device)
         with field_errors("dalle"):
             meta = load_config(cfg.dalle)
