@@ -29,6 +29,7 @@ from dalle_fast import MASK_KINDS, block_sparse_attention, sparse_attention_refe
 from dalle_fast.ops import grad_scaling as amp
 from dalle_fast.ops.attention import sparse_attention_decode
 from dalle_fast.ops.masks import attention_mask
+from dalle_fast.ops.support import CUDA_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "csrc" / "testing" / "cuda_emulator"
@@ -353,7 +354,7 @@ def check_attention(emu, kind, T, W, dtype, head_dim, kernel_size=11, batch=1, h
     return out, lse, dq, dk, dv
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_attention_matches_reference(emu, kind, dtype, head_dim):
@@ -401,7 +402,7 @@ def test_attention_paper_shape(emu, kind):
     check_attention(emu, kind, 256, 32, torch.bfloat16, 64, heads=1)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_attention_is_race_free_and_deterministic(emu, kind, head_dim):
     """Bitwise the same results under eight thread schedules. (The kernels use no atomics, so the bits
@@ -440,7 +441,7 @@ def test_attention_matches_cpu_kernel(emu, kind):
 def test_shared_memory_fits_sm80_and_sm86(emu):
     """Every pass fits both per-block limits; the backward double-buffers where it fits, which on a 99 KiB
     GPU is every head dim but 128 (103 KiB double-buffered)."""
-    for d in (32, 64, 128):
+    for d in CUDA_HEAD_DIMS:
         assert emu.lib.emu_forward_smem_bytes(d) <= SM86_SMEM_OPTIN
         two = emu.lib.emu_backward_smem_bytes(d, SM80_SMEM_OPTIN)
         assert two <= SM80_SMEM_OPTIN and emu.lib.emu_backward_smem_bytes(d, two) == two
