@@ -89,3 +89,20 @@ def test_results_are_valid_json_and_runtime_errors_skip_the_usage(tmp_path, caps
         main(args)  # the folder holds a run: a clear error, no usage text above it
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--out: " in err and "already holds a run" in err and "usage:" not in err
+
+
+def test_auto_precision_is_one_rule(monkeypatch):
+    """auto on a CPU: bf16 where the CPU multiplies it in hardware, else fp32 (training and the main job
+    alike); on CUDA fp16, or bf16 when sharded."""
+    import torch
+
+    from dalle_fast.ops import device as policy
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(policy, "cpu_has_native_bf16", lambda native=native: native)
+        assert policy.choose_precision("auto", cpu) == want
+    assert policy.choose_precision("auto", cuda) == "fp16"
+    assert policy.choose_precision("auto", cuda, sharded=True) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        policy.choose_precision("fp16", cpu)

@@ -175,10 +175,10 @@ def test_main_job_smoke(tmp_path):
     assert where["reranker"] == str(run / "clip")
     for f in ("vae/ema.safetensors", "dalle/ema.safetensors", "dalle/tokenizer.json", "clip/config.json"):
         assert (run / f).exists(), f
-    # The transformer trains in bf16 on a CPU that multiplies bf16 in hardware, else in the trainer's auto.
+    # The transformer trains in bf16 on a CPU that multiplies bf16 in hardware (the policy's auto).
     native = cuda_unusable_reason() is not None and cpu_has_native_bf16()  # the stage runs on the CPU
-    precision = json.loads((run / "dalle" / "config.json").read_text())["train"]["precision"]
-    assert precision == ("bf16" if native else "auto") and isinstance(cpu_has_native_bf16(), bool)
+    state = torch.load(run / "dalle" / "state.pt", weights_only=False)
+    assert state["precision"] == ("bf16" if native else "fp32") or cuda_unusable_reason() is None
     # A second call finds every stage done and only draws the samples again.
     before = (run / "dalle" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(cfg)
@@ -208,8 +208,8 @@ def test_main_job_grid_width_and_batch(tmp_path):
     run = tmp_path / "g16"
     for stage in ("vae", "dalle", "clip"):  # --device reaches every stage
         assert json.loads((run / stage / "config.json").read_text())["train"]["device"] == "cpu", stage
-    precision = json.loads((run / "dalle" / "config.json").read_text())["train"]["precision"]
-    assert precision == ("bf16" if cpu_has_native_bf16() else "auto")
+    precision = torch.load(run / "dalle" / "state.pt", weights_only=False)["precision"]
+    assert precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
         dataclasses.replace(cfg, device="cuda:first")
     assert json.loads((run / "vae" / "config.json").read_text())["dvae"]["groups"] == 2
@@ -258,12 +258,13 @@ def test_resblock_scaling_path_resumes_exactly(vae_run, tmp_path):
     """The fp16 path's machinery (per-resblock scales, BlockAdamW, the scaler's state in the checkpoint),
     run in fp32 on the CPU."""
     a, b = tmp_path / "a", tmp_path / "b"
-    train_dalle(_cfg(vae_run, a, resblock_scaling=True, bpe_dropout=0.0))
-    train_dalle(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0), stop_at=3)
+    fp32 = dict(resblock_scaling=True, bpe_dropout=0.0, precision="fp32")
+    train_dalle(_cfg(vae_run, a, **fp32))
+    train_dalle(_cfg(vae_run, b, **fp32), stop_at=3)
     # Resumed without the scaling (as a fp16 GPU run resumed in fp32 on a CPU would be): a clear refusal.
     with pytest.raises(ValueError, match=r"trained with precision fp32 \(with per-resblock gradient scaling\)"):
-        Trainer(_cfg(vae_run, b, bpe_dropout=0.0, resume=True))
-    trainer = Trainer(_cfg(vae_run, b, resblock_scaling=True, bpe_dropout=0.0, resume=True))
+        Trainer(_cfg(vae_run, b, bpe_dropout=0.0, precision="fp32", resume=True))
+    trainer = Trainer(_cfg(vae_run, b, resume=True, **fp32))
     assert trainer.scaler is not None and trainer.step == 3
     assert (trainer.scaler.scales > 2.0**13).all()  # three clean updates grew every scale
     trainer.train()
@@ -284,6 +285,7 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
     touches no GPU): a preset whose head_dim has no CUDA kernel is refused up front, with what to do."""
     from dalle_fast.ops import support as ops
 
+    cpu_auto = "bf16" if cpu_has_native_bf16() else "fp32"  # the policy's auto on a CPU
     pretend_gpu()
     with pytest.raises(ValueError, match=r"head_dim 16 has no CUDA attention kernel.*run on the CPU"):
         resolve_device(DALLETrainConfig(preset="micro", device="cuda"))
@@ -293,7 +295,7 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
     )
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cuda"), "fp16")
     with pytest.warns(UserWarning, match="running on the CPU, since head_dim 16"):
-        assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
+        assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), cpu_auto)
     # Sharded (FSDP) runs take bf16: per-resblock scaling does not combine with sharding.
     assert resolve_device(DALLETrainConfig(preset="tiny", device="auto", shard=True)) == (torch.device("cuda"), "bf16")
     with pytest.raises(ValueError, match="precision fp32 on CUDA"):
@@ -305,11 +307,11 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
         else:
             monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", {"sparse_attention_fwd": False})
         with pytest.warns(UserWarning, match=why):
-            assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cpu"), "fp32")
+            assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cpu"), cpu_auto)
         with pytest.raises(ValueError, match=why):
             resolve_device(DALLETrainConfig(preset="tiny", device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), "fp32")
+    assert resolve_device(DALLETrainConfig(preset="micro", device="auto")) == (torch.device("cpu"), cpu_auto)
 
 
 @pytest.mark.skipif(cuda_unusable_reason() is not None, reason="needs a GPU this build's CUDA kernels run on")

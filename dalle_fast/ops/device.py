@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from dalle_fast.ops.support import CUDA_HEAD_DIMS, cuda_unusable_reason
+from dalle_fast.ops.support import CUDA_HEAD_DIMS, cpu_has_native_bf16, cuda_unusable_reason
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,15 +74,15 @@ def choose_device(name: str, kernels: bool = False, head_dim: int | None = None)
 
 def choose_precision(name: str, device: torch.device, sharded: bool = False, cuda_kernels: bool = True) -> str:
     """fp32 | bf16 | fp16 for training on `device`. auto: on CUDA fp16 (the paper's, with per-resblock
-    scaling), bf16 when sharded (the scaling does not combine with sharding); on a CPU fp32 (bf16 is
-    faster only where the CPU multiplies it in hardware: ops.support.cpu_has_native_bf16).
+    scaling), bf16 when sharded (the scaling does not combine with sharding); on a CPU bf16 where it
+    multiplies bf16 in hardware (ops.support.cpu_has_native_bf16: faster than fp32 there), else fp32.
     cuda_kernels: the model's attention runs this build's CUDA kernels, which take fp16 and bf16 only."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if sharded else "fp16"
-        return "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if device.type == "cpu" and name == "fp16":
         raise ValueError("precision fp16 needs a CUDA device (CPU: fp32 or bf16)")
     if device.type == "cuda" and name == "fp32" and cuda_kernels:

@@ -104,7 +104,8 @@ class DALLETrainConfig:
     grad_clip: float = field(default=4.0, metadata={"help": "gradient-norm clip (the paper's 4); 0: none"})
     ema: float = field(default=0.999, metadata={"help": "decay of the parameter EMA used for sampling"})
     precision: str = field(
-        default="auto", metadata={"help": "auto (CPU fp32, CUDA fp16; bf16 with --shard) | fp32 | bf16 | fp16"}
+        default="auto",
+        metadata={"help": "auto (CUDA fp16, bf16 with --shard; CPU bf16 where native, else fp32) | fp32 | bf16 | fp16"},
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     shard: bool = field(default=False, metadata={"help": "under torchrun: FSDP (sharded parameters) instead of DDP"})
@@ -203,6 +204,8 @@ class DALLERun(TrainingRun):
             device = torch.device("cuda", dist.local_rank)
             torch.cuda.set_device(device)
         super().__init__(cfg, device, dist)
+        if self.dist.main:
+            print(f"device {self.device}, precision {self.precision}", file=sys.stderr)
         if cfg.batch_size % dist.world:
             raise FieldError(
                 "batch_size", f"{cfg.batch_size} is not a multiple of the number of processes ({dist.world})"

@@ -19,13 +19,12 @@ import torch
 from dalle_fast.data.shapes import ShapesDataset
 from dalle_fast.errors import check_finite
 from dalle_fast.ops.device import parse_device
-from dalle_fast.ops.support import cpu_has_native_bf16
 from dalle_fast.runs.images import save_captioned_grid
 from dalle_fast.runs.load import load_clip, load_transformer, stage_state
 from dalle_fast.sampling.rerank import CLIPScorer
 from dalle_fast.sampling.sample import generate, sampling_device
 from dalle_fast.training.clip import CLIPTrainConfig, train_clip
-from dalle_fast.training.dalle import DALLETrainConfig, resolve_device, train_dalle
+from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
 from dalle_fast.training.loop import set_threads
 from dalle_fast.training.vae import VAETrainConfig, train_vae
 
@@ -95,9 +94,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         steps=cfg.dalle_steps, batch_size=cfg.dalle_batch, max_items=cfg.items, time_limit=cfg.dalle_minutes * 60,
         seed=cfg.seed, threads=cfg.threads, device=cfg.device,
     )  # fmt: skip
-    # On a CPU that multiplies bf16 in hardware the transformer trains in bf16 (faster than fp32 there).
-    if resolve_device(dalle_cfg)[0].type == "cpu" and cpu_has_native_bf16():
-        dalle_cfg = dataclasses.replace(dalle_cfg, precision="bf16")
     _run_stage("[2/4] tokenizer and transformer", dalle_cfg, train_dalle)
     clip_cfg = CLIPTrainConfig(
         data="shapes", dalle=dalle_cfg.out, out=str(run / "clip"), steps=cfg.clip_steps, max_items=min(cfg.items, 8000),
