@@ -125,10 +125,11 @@ def recover(out: Path) -> None:
             tmp.unlink()
 
 
-def check_steps(out: Path, names: list[str], state: dict | None = None) -> None:
-    """ValueError unless config.json, the named weights files and `state` (if given) record one step."""
+def check_steps(out: Path, meta: dict, names: list[str], state: dict | None = None) -> None:
+    """ValueError unless config.json (read as `meta`), the named weights files and `state` (if given)
+    record one step."""
     out = Path(out)
-    steps = {"config.json": load_config(out).get("step")}
+    steps = {"config.json": meta.get("step")}
     if state is not None:
         steps["state.pt"] = state.get("step")
     for name in names:

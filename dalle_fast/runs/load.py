@@ -23,7 +23,7 @@ def load_model(run: str | Path, entry: str, name: str, build, weights: str) -> t
     meta = load_config(run)
     if entry not in meta:
         raise ValueError(f"{run} is not a {name} run (its config.json has no {entry!r} entry)")
-    check_steps(run, [weights])
+    check_steps(run, meta, [weights])
     model = build(meta[entry])
     try:
         model.load_state_dict(load_weights(Path(run) / weights))

@@ -122,14 +122,14 @@ class CLIPRun(TrainingRun):
     def __init__(self, cfg: CLIPTrainConfig):
         device = choose_device(cfg.device)  # plain PyTorch layers: any GPU
         set_threads(cfg.threads)
+        with field_errors("dalle"):
+            meta = load_config(cfg.dalle)
         if not cfg.data:  # the data the transformer was trained on, said aloud
-            with field_errors("dalle"):
-                data = load_config(cfg.dalle).get("train", {}).get("data") or "shapes"
+            data = meta.get("train", {}).get("data") or "shapes"
             print(f"data: {data} (the data of {cfg.dalle})", file=sys.stderr)
             cfg = dataclasses.replace(cfg, data=data)
         super().__init__(cfg, device)
         with field_errors("dalle"):
-            meta = load_config(cfg.dalle)
             self.tok = load_tokenizer(cfg.dalle)
         image_size = meta.get("dvae", {}).get("image_size", 32)
         self.ccfg = CLIPConfig(
@@ -169,8 +169,7 @@ class CLIPRun(TrainingRun):
         text = text.to(self.device, non_blocking=True)
         # The schedule follows the steps only: a time-limited run stops early on a still-high rate.
         self.lr = warmup_cosine(step, cfg.steps, cfg.lr, 0.0, self.warmup)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
+        self.set_lr(self.lr)
         parts = self.model(x, text)
         self.opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -201,15 +200,9 @@ class CLIPRun(TrainingRun):
             + (f", near misses told apart {metrics['val_near_miss']:.1%}" if self.near else "")
         )
 
-    def extra_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict()}
-
-    def check_resume(self, state: dict) -> None:
-        if load_config(self.out).get("clip") != dataclasses.asdict(self.ccfg):
+    def check_resume(self, state: dict, meta: dict) -> None:
+        if meta.get("clip") != dataclasses.asdict(self.ccfg):
             raise ValueError(f"cannot resume {self.out}: it holds a different CLIP configuration")
-
-    def load_extra_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
 
     def meta(self) -> dict:
         return {"clip": dataclasses.asdict(self.ccfg), "train": dataclasses.asdict(self.cfg), "step": self.step}

@@ -366,8 +366,7 @@ class DALLERun(TrainingRun):
         cfg = self.cfg
         text, image = self.batch(step)
         self.lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup, self.seconds, cfg.time_limit)
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr
+        self.set_lr(self.lr)
         with autocast(self.device, self.precision):
             parts = self.forward_loss(text, image)
         self.opt.zero_grad(set_to_none=True)
@@ -480,8 +479,8 @@ class DALLERun(TrainingRun):
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def check_resume(self, state: dict) -> None:
-        saved = load_config(self.out).get("transformer")
+    def check_resume(self, state: dict, meta: dict) -> None:
+        saved = meta.get("transformer")
         if saved != dataclasses.asdict(self.mcfg):
             raise ValueError(f"cannot resume {self.out}: it holds a different model configuration: {saved}")
         if ("scaler" in state) != (self.scaler is not None):

@@ -9,8 +9,10 @@ subclasses it and supplies only its own parts:
     log_values(losses) -> dict    the floats of a log row from those losses (default: each as a float)
     evaluate() -> dict            held-out metrics, at checkpoints
     at_checkpoint(metrics)        pictures and a line for the terminal, after the checkpoint is saved
-    extra_state() / load_extra_state(state)   what else --resume needs (optimizer, scaler, ...)
-    weights() -> dict             the state dicts to save as safetensors (model, ema)
+    after_log()                   after each logged step
+    extra_state() / load_extra_state(state)   what else a resume needs (default: the optimizer, self.opt)
+    check_resume(state, meta)     refuses a checkpoint of another configuration
+    weights() -> dict             the state dicts to save as safetensors (default: model, ema)
     load_weights(weights)         puts them back on resume
     meta() -> dict                config.json: what was trained, how
 
@@ -65,9 +67,9 @@ def seed_everything(seed: int) -> None:
 
 
 class TrainingRun:
-    """The skeleton (see the module docstring). Subclasses set, before calling `start()`: cfg (with out,
-    steps, resume, time_limit, ckpt_every and optionally log_every and ema), device, dist, model, tag
-    and columns."""
+    """The skeleton (see the module docstring). cfg has out, steps, resume, time_limit, ckpt_every and
+    optionally log_every and ema; a stage's __init__ calls this one, then builds self.model and self.opt
+    (and init_ema) before resume(). tag and columns are class attributes."""
 
     tag: str = "run"  # TensorBoard prefix and progress-bar label
     columns: list[str] = ["step", "seconds"]  # log.csv
@@ -102,13 +104,13 @@ class TrainingRun:
         pass
 
     def extra_state(self) -> dict:
-        return {}
+        return {"optimizer": self.opt.state_dict()}
 
-    def check_resume(self, state: dict) -> None:
-        """ValueError when the checkpoint's run cannot continue as this one (another configuration)."""
+    def check_resume(self, state: dict, meta: dict) -> None:
+        """ValueError when the checkpoint's run (state.pt, config.json) cannot continue as this one."""
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        self.opt.load_state_dict(state["optimizer"])
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         out = {"model": self.model.state_dict()}
@@ -126,6 +128,11 @@ class TrainingRun:
         raise NotImplementedError
 
     # ---- the shared parts --------------------------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of this update, in every parameter group."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def init_ema(self) -> None:
         """A parameter EMA (evaluation and sampling use it), started at the initial weights."""
@@ -168,10 +175,10 @@ class TrainingRun:
 
     def resume(self) -> None:
         """Everything a checkpoint holds, back in place."""
-        state = load_state(self.out)
+        state, meta = load_state(self.out), checkpoint.load_config(self.out)
         names = ["model"] + (["ema"] if self.ema is not None else [])
-        check_steps(self.out, [f"{n}.safetensors" for n in names], state)
-        self.check_resume(state)
+        check_steps(self.out, meta, [f"{n}.safetensors" for n in names], state)
+        self.check_resume(state, meta)
         try:
             self.load_weights({n: checkpoint.load_weights(self.out / f"{n}.safetensors") for n in names})
             self.load_extra_state(state)  # after the weights: a sharded optimizer needs its model's

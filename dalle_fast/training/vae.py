@@ -173,8 +173,7 @@ class VAERun(TrainingRun):
         tau = cosine_anneal(at, int(cfg.steps * cfg.tau_anneal), dcfg.tau_start, dcfg.tau_end)
         beta = linear_ramp(at, int(cfg.steps * cfg.kl_ramp), dcfg.kl_max)
         lr = cosine_anneal(at, cfg.steps, cfg.lr, cfg.lr_end)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        self.set_lr(lr)
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         parts = self.model(images, tau, beta)
         self.opt.zero_grad(set_to_none=True)
@@ -195,12 +194,6 @@ class VAERun(TrainingRun):
         save_recon_grid(self.out / f"recon_{self.step:07d}.png", self.val_images[:8].cpu(), self.recon[:8].cpu())
         log.print(f"step {self.step}: loss {metrics['loss']:.4f} psnr {metrics['psnr']:.2f} dB "
                   f"codebook {metrics['usage']:.0%}")  # fmt: skip
-
-    def extra_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
 
     def meta(self) -> dict:
         return {"train": dataclasses.asdict(self.cfg), "dvae": dataclasses.asdict(self.dcfg), "step": self.step}
