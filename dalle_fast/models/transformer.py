@@ -10,7 +10,7 @@ the first image token and the stream needs no extra start token.
 - Image: token embedding + a broadcast row embedding + a broadcast column embedding.
 - Layers: pre-norm resblocks, each layer an attention resblock then an MLP resblock (so 2 * n_layers
   resblocks: 128 in the paper, one gradient scale each). Layer i's attention uses the mask
-  `masks.layer_kinds(n_layers)[i]` through `dalle_fast.block_sparse_attention`; column layers transpose
+  `ops.masks.layer_kinds(n_layers)[i]` through `dalle_fast.block_sparse_attention`; column layers transpose
   the image states before their qkv projection and back after their output projection (the projections
   act per token, so this equals transposing q, k and v, at a third of the copies).
 - Logits in fp32; loss = 1/8 text cross-entropy + 7/8 image cross-entropy, each normalised by its own
