@@ -1,13 +1,17 @@
 """Sampling from the command line: python -m dalle_fast.generate --run RUN "a caption" [...].
 
-Writes grid.png (each caption's images in a row, with the caption under each) and one PNG per image
-into --out (default RUN/generated); prints a JSON line of what it wrote.
+Writes into --out (default RUN/generated): grid.png (each caption's images in a row, with the caption
+under each), one PNG per image named by caption index, caption and rank (003_a-red-circle_01.png: the
+4th caption's second image, the best first when reranked), and captions.json, which maps every file to
+its caption and score and records the settings that drew them (the same settings and seed draw the same
+images). Prints a JSON line of what it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 
 from dalle_fast.cli import build_parser, parse_config, run_or_exit
 from dalle_fast.errors import FieldError, check_finite, field_errors
-from dalle_fast.files import check_writable
+from dalle_fast.files import atomic_write, check_writable
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.images import save_captioned_grid, save_png
 from dalle_fast.runs.load import load_transformer
@@ -47,6 +51,7 @@ class GenerateConfig:
     captions_file: str = field(default="", metadata={"help": "more captions, one per line"})
     out: str = field(default="", metadata={"help": "output folder; empty: RUN/generated"})
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     no_cache: bool = field(default=False, metadata={"help": "recompute the sequence per token (the slow reference)"})
     device: str = field(
         default="auto", metadata={"help": "auto (the GPU when the model's attention runs there) | cpu | cuda | cuda:N"}
@@ -60,8 +65,8 @@ class GenerateConfig:
             raise ValueError(f"-n and --batch-size must be >= 1, got {self.images}, {self.batch_size}")
         if self.rerank and self.rerank < self.images:
             raise ValueError(f"--rerank ({self.rerank}) must be 0 or at least -n/--keep ({self.images})")
-        if self.rerank < 0 or self.prime_rows < 0:
-            raise ValueError("--rerank and --prime-rows must be >= 0")
+        if self.rerank < 0 or self.prime_rows < 0 or self.threads < 0:
+            raise ValueError("--rerank, --prime-rows and --threads must be >= 0")
         if not MIN_TEMPERATURE <= self.temperature or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need --temperature >= {MIN_TEMPERATURE}, --top-k >= 0 and 0 < --top-p <= 1")
         if not self.guidance >= 1:
@@ -77,6 +82,8 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
             captions = list(captions) + [ln for ln in Path(cfg.captions_file).read_text().splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise FieldError("captions_file", f"cannot read {cfg.captions_file}: {e}") from e
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out or Path(cfg.run) / "generated")
     with field_errors("run"):
         model, tok, dvae = load_transformer(cfg.run)
@@ -120,15 +127,30 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
         grid_images = torch.cat([torch.stack([shown] * len(captions)).unsqueeze(1), images], 1).flatten(0, 1)
         labels = [x for c in captions for x in ["prime (kept rows)"] + [c] * cfg.images]
     grid = save_captioned_grid(out / "grid.png", grid_images, labels, columns=len(labels) // len(captions))
-    files = [
-        str(save_png(out / f"{c:03d}_{k:03d}.png", image))
-        for c, per_caption in enumerate(images)
-        for k, image in enumerate(per_caption)
-    ]
-    summary = {"grid": str(grid), "images": len(files), "out": str(out)}
+    files: dict[str, dict] = {}
+    for c, per_caption in enumerate(images):
+        for k, image in enumerate(per_caption):
+            name = save_png(out / f"{c:03d}_{_slug(captions[c])}_{k + 1:02d}.png", image).name
+            files[name] = {"caption": captions[c], "caption_index": c, "rank": k + 1}
+            if cfg.rerank:
+                files[name]["score"] = round(float(result["scores"][c, k]), 4)
+    settings = {
+        "run": cfg.run, "seed": cfg.seed, "images": cfg.images, "rerank": cfg.rerank, "clip": cfg.clip,
+        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "guidance": cfg.guidance,
+        "prime": cfg.prime, "prime_rows": cfg.prime_rows, "batch_size": cfg.batch_size, "cache": not cfg.no_cache,
+        "device": str(device),
+    }  # fmt: skip
+    record = json.dumps({"settings": settings, "files": files}, indent=1)
+    atomic_write(out / "captions.json", lambda tmp: tmp.write_text(record))
+    summary = {"grid": str(grid), "images": len(files), "out": str(out), "captions": str(out / "captions.json")}
     if cfg.rerank:
         summary["mean_kept_score"] = round(float(result["scores"].mean()), 4)
     return summary
+
+
+def _slug(caption: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a caption: "A red circle!" -> "a-red-circle"."""
+    return re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")[:limit].rstrip("-") or "caption"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from dalle_fast.data.tokenizer import PAD, CaptionTokenizer
 from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.runs.load import load_clip
 from dalle_fast.sampling.rerank import load_scorer, rerank
-from dalle_fast.training.clip import CLIPTrainConfig, _batch_index, _read_items, train_clip
+from dalle_fast.training.clip import CLIPRun, CLIPTrainConfig, _batch_index, _read_items, train_clip
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,19 @@ def test_training_learns_and_resumes(dalle_run, tmp_path):
     images = torch.stack([ds[i][0] for i in range(4)])
     s = scorer.score(images, [ds.captions(i)[0] for i in range(4)])
     assert s.shape == (4,) and ((s >= -1.0001) & (s <= 1.0001)).all()
+
+
+def test_learning_rate_follows_the_clock_under_a_time_limit(dalle_run, tmp_path):
+    """Stopped by --time-limit, the reranker ends on an annealed learning rate, as the other stages do."""
+    cfg = CLIPTrainConfig(
+        dalle=str(dalle_run), out=str(tmp_path / "c"), width=32, embed_dim=32, max_items=64, val_items=16,
+        steps=10_000, batch_size=8, lr=3e-3, time_limit=100.0,
+    )  # fmt: skip
+    run = CLIPRun(cfg)
+    run.step, run.seconds = 600, 52.5  # past the warm-up (5% of the run), half-way through the decay
+    half = run.update(run.step)["lr"]
+    run.seconds = 99.9
+    assert half == pytest.approx(1.5e-3, rel=0.01) and run.update(run.step)["lr"] < 3e-3 * 1e-3
 
 
 @pytest.mark.cuda

@@ -1,6 +1,8 @@
 """Sampling: the key/value cache against the full forward pass for every mask kind, determinism, priming,
 and the generate CLI's errors. (The decode op itself: tests/test_decode.py.)"""
 
+import json
+
 import pytest
 import torch
 
@@ -248,9 +250,22 @@ def test_cli_writes_a_grid_and_is_deterministic(runs, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b"), "--top-k", "4", "--top-p", "0.9", "--temperature", "0.8"]) == 0
     assert main([*args, "--out", str(tmp_path / "c"), "--top-k", "4", "--top-p", "0.9", "--temperature", "0.8"]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["000_000.png", "000_001.png", "001_000.png", "001_001.png", "grid.png"]
+    drawn = ["000_a-large-red-circle_01.png", "000_a-large-red-circle_02.png", "001_a-small-blue-square_01.png"]
+    assert names == [*drawn, "001_a-small-blue-square_02.png", "captions.json", "grid.png"]
     for name in names:
-        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+        if name != "captions.json":
+            assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+    # captions.json: every file's caption, rank and score, and the settings that drew them.
+    record = json.loads((tmp_path / "b" / "captions.json").read_text())
+    assert set(record["files"]) == set(names) - {"captions.json", "grid.png"}
+    entry = record["files"]["001_a-small-blue-square_02.png"]
+    assert (entry["caption"], entry["caption_index"], entry["rank"]) == ("a small blue square", 1, 2)
+    first = record["files"]["001_a-small-blue-square_01.png"]["score"]
+    assert first >= entry["score"]  # reranked: best first
+    settings = record["settings"]
+    assert (settings["seed"], settings["top_k"], settings["top_p"], settings["temperature"]) == (0, 4, 0.9, 0.8)
+    assert settings["rerank"] == 3 and settings["run"] == str(runs / "dalle")
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["captions"] == str(tmp_path / "c" / "captions.json")
 
 
 def test_cli_completion(runs, tmp_path):
@@ -270,7 +285,9 @@ def test_cli_completion(runs, tmp_path):
     out = tmp_path / "out"
     args = ["--run", str(runs / "dalle"), "a red triangle", "-n", "2", "--prime", str(tmp_path / "in.png")]
     assert main([*args, "--prime-rows", "3", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000_000.png", "000_001.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000_a-red-triangle_01.png", "000_a-red-triangle_02.png", "captions.json", "grid.png"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -315,6 +332,20 @@ def test_cli_warns_about_a_long_caption(runs, tmp_path, capsys):
     assert main(["--run", str(runs / "dalle"), long, "-n", "1", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "caption 1 is longer than 24 tokens and was truncated" in err and "Traceback" not in err
+
+
+def test_cli_warns_about_words_never_seen_in_training(runs, tmp_path, capsys):
+    from dalle_fast.generate import main
+
+    args = ["--run", str(runs / "dalle"), "a red circle", "a zebra beside a red circle", "-n", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*args, "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "caption 2 has words no training caption had: 'zebra', 'beside'" in err and "caption 1 has" not in err
 
 
 def test_cli_guidance_warns_for_a_run_without_caption_dropout(runs, tmp_path, capsys):

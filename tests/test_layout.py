@@ -1,6 +1,7 @@
 """The package's imports point one way, from the kernels' bindings up to the command lines.
 
-    ops (and _C, errors, files) -> models -> data -> runs -> sampling -> training | evaluation -> command lines
+    ops (and _C, errors, files, progress) -> models -> data -> runs -> sampling -> training | evaluation
+    -> command lines
 
 Read from the source with ast (nothing is imported): a module may import its own layer and the layers
 below it, never one above; training and evaluation do not import each other; no import circle; and no
@@ -18,6 +19,7 @@ LAYERS = {  # first dotted part under dalle_fast -> layer
     "_C": 0,
     "errors": 0,
     "files": 0,
+    "progress": 0,
     "ops": 0,
     "models": 1,
     "data": 2,

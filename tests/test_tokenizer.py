@@ -1,5 +1,7 @@
 """The caption tokenizer: training, fixed-length encoding with PAD, truncation, dropout, save/load."""
 
+import json
+
 import pytest
 import torch
 
@@ -91,3 +93,17 @@ def test_bad_arguments(tok):
         CaptionTokenizer.train(CAPTIONS, vocab_size=300, text_len=0)
     with pytest.raises(ValueError, match="strings"):
         tok.encode([1, 2])
+
+
+def test_unseen_words_are_named_and_survive_a_save(tmp_path):
+    """The words of the training captions travel with the tokenizer, so a caption's new words can be named
+    (generate warns about them); a tokenizer file without them (an older run) names none."""
+    tok = CaptionTokenizer.train(["A red circle", "a blue SQUARE above it"] * 20, vocab_size=300, text_len=16)
+    assert tok.unseen_words("a Red square") == []  # normalised as the tokenizer normalises
+    assert tok.unseen_words("a purple circle beside a purple zebra") == ["purple", "beside", "zebra"]
+    loaded = CaptionTokenizer.load(tok.save(tmp_path / "tok.json"))
+    assert loaded.unseen_words("a zebra") == ["zebra"]
+    payload = json.loads((tmp_path / "tok.json").read_text())
+    del payload["words"]
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    assert CaptionTokenizer.load(tmp_path / "old.json").unseen_words("a zebra") == []

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dalle_fast.progress import Progress
 from dalle_fast.train import main
-from dalle_fast.training.schedules import schedule_position
+from dalle_fast.training.schedules import Budget
 from dalle_fast.training.vae import VAETrainConfig, train_vae
 
 
@@ -66,10 +67,23 @@ def test_cli(tmp_path, capsys):
 
 
 def test_schedules_follow_the_clock_under_a_time_limit():
-    assert schedule_position(10, 50.0, 1000, 100.0) == 500  # half the time gone: half-way through the schedules
-    assert schedule_position(800, 50.0, 1000, 100.0) == 800  # ... or further, when the steps run out first
-    assert schedule_position(10, 250.0, 1000, 100.0) == 1000
-    assert schedule_position(10, 50.0, 1000, 0.0) == 10  # no time limit: steps only
+    budget = Budget(1000, 100.0)
+    assert budget.progress(10, 50.0) == 0.5  # half the time gone: half-way through the schedules
+    assert budget.progress(800, 50.0) == 0.8  # ... or further, when the steps run out first
+    assert budget.progress(10, 250.0) == 1.0 and budget.spent(10, 100.0) and not budget.spent(10, 99.0)
+    assert Budget(1000).progress(10, 50.0) == 0.01 and not Budget(1000).spent(999, 1e9)  # no limit: steps only
+
+
+def test_a_raised_budget_continues_the_schedules_where_they_stood():
+    """A resume with other steps or time limit goes on from the progress reached: no schedule jumps back."""
+    budget = Budget(1000, 100.0)
+    assert budget.resumed(1000, 100.0, 10, 50.0) is budget  # the same settings: exactly the same schedules
+    raised = budget.resumed(1000, 300.0, 10, 50.0)  # 0.5 reached; the other half over the 250 s left
+    assert raised.progress(10, 50.0) == 0.5 and raised.progress(10, 175.0) == 0.75 and raised.progress(10, 300.0) == 1
+    more_steps = Budget(100).resumed(300, 0.0, 50, 9.0)  # half-way; the other half over the 250 steps left
+    assert more_steps.progress(50, 0.0) == 0.5 and more_steps.progress(175, 0.0) == 0.75
+    done = Budget(100, 10.0).resumed(100, 20.0, 5, 10.0)  # stopped by its limit: the schedules had ended
+    assert done.progress(6, 11.0) == 1.0 and not done.spent(6, 11.0)
 
 
 def _shard(path, n_good: int) -> str:
@@ -212,3 +226,40 @@ def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
     log.write_text(log.read_text() + row5 + "\n")  # what the killed run had logged after it
     train_vae(dataclasses.replace(cfg, resume=True))
     assert [int(r["step"]) for r in csv.DictReader(open(log))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_time_limit_on_resume(tmp_path, capsys):
+    """One rule for --time-limit: the run's training time across resumes. A resume with the time used up
+    trains nothing and says so; one that raises the limit goes on with its schedules where they stood (the
+    run ended on lr_end, and stays there) instead of warming up again."""
+    cfg = _cfg(tmp_path / "run", steps=50, ckpt_every=50, log_every=1, time_limit=1e-6, lr_end=1e-5)
+    assert train_vae(cfg)["step"] == 1  # the first update already used the limit
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    result = train_vae(dataclasses.replace(cfg, resume=True))
+    assert result["nothing_left"] and result["step"] == 1
+    assert "nothing left to train" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before  # not a step more
+    assert train_vae(dataclasses.replace(cfg, resume=True, steps=4, time_limit=0.0))["step"] == 4
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
+    # Step 1 ran at the peak and used the limit up; a raised budget: the schedules had ended, and stay ended.
+    assert lrs == [pytest.approx(1e-3)] + [pytest.approx(1e-5)] * 3
+    assert train_vae(dataclasses.replace(cfg, resume=True, steps=4, time_limit=0.0))["nothing_left"]
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, capsys):
+    """Not a terminal (pytest captures stderr): a line per logged step with steps, rate, ETA and losses, and
+    no progress bar's carriage returns; work outside the training loop (encoding, reading) reports through
+    the same lines."""
+    train_vae(_cfg(tmp_path / "run", steps=4, ckpt_every=4, log_every=2))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = [line for line in err.splitlines() if line.startswith("vae ")]
+    assert [line.split(",")[0] for line in lines] == ["vae 2/4 (50%)", "vae 4/4 (100%)"], err
+    assert all(" step/s" in line and " loss " in line for line in lines) and "ETA" in lines[0]
+    progress = Progress(3, "encoding", "image", interval=0.0)
+    for _ in range(3):
+        progress.update()
+    progress.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("encoding 1/3 (33%)") and err[-1].startswith("encoding 3/3 (100%)"), err
+    assert "done in" in err[-1]

@@ -221,6 +221,39 @@ def test_main_job_grid_width_and_batch(tmp_path):
         run_pipeline(dataclasses.replace(cfg, name="bad", grid=12))
 
 
+def test_main_job_on_a_folder_of_the_user_s_images(tmp_path, capsys):
+    """python -m dalle_fast.train --data folder:DIR: every stage trains on the folder (the reranker too), at
+    --image-size, says what the data is, and draws samples for the captions of its held-out items."""
+    from PIL import Image
+
+    data = tmp_path / "my_pictures"
+    data.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    for i in range(30):
+        name, rgb = list(colours.items())[i % 3]
+        Image.new("RGB", (40 + i, 30), rgb).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"a {name} picture\na picture that is {name}\n")
+    Image.new("RGB", (8, 8)).save(data / "uncaptioned.png")  # no .txt: left out, and said so
+    cfg = PipelineConfig(
+        data=f"folder:{data}", root=str(tmp_path / "runs"), image_size=16, vae_steps=2, dalle_steps=2,
+        clip_steps=2, items=32, captions=2, rerank=2, per_caption=1, device="cpu",
+    )  # fmt: skip
+    assert cfg.name == "my_pictures"
+    where = run_pipeline(cfg)
+    run = tmp_path / "runs" / "my_pictures"
+    for stage in ("vae", "dalle", "clip"):
+        assert json.loads((run / stage / "config.json").read_text())["train"]["data"] == f"folder:{data}", stage
+    dvae = json.loads((run / "vae" / "config.json").read_text())["dvae"]
+    assert (dvae["image_size"], 2 ** (dvae["groups"] - 1)) == (16, 4)  # the tiny preset's factor: a 4x4 grid
+    assert where["samples"] == str(run / "samples.png") and (run / "samples.png").exists()
+    err = capsys.readouterr().err
+    assert "30 captioned images (29 for training, 1 held out)" in err and "resized to 16x16" in err
+    assert "1 without a same-stem .txt caption left out" in err and "the first is 40x30" in err
+    assert "samples for 1 captions of held-out items" in err
+    with pytest.raises(ValueError, match="image_size: must be a positive multiple of the tiny preset's"):
+        PipelineConfig(data=f"folder:{data}", image_size=18)
+
+
 def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path):
     from PIL import Image
 
@@ -238,10 +271,11 @@ def test_folder_data_keeps_every_caption_and_skips_bad_images(vae_run, tmp_path)
 
 
 def test_learning_rate_schedule():
-    from dalle_fast.training.schedules import warmup_cosine
+    from dalle_fast.training.schedules import Budget, warmup_cosine
 
     def learning_rate(step, cfg, seconds=0.0):
-        return warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup, seconds, cfg.time_limit)
+        progress = Budget(cfg.steps, cfg.time_limit).progress(step, seconds)
+        return warmup_cosine(step, progress, cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
 
     cfg = DALLETrainConfig(lr=1e-3, lr_end=1e-5, warmup=10, steps=110)
     assert learning_rate(0, cfg) == pytest.approx(1e-4)
@@ -249,8 +283,9 @@ def test_learning_rate_schedule():
     assert learning_rate(60, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
     assert learning_rate(110, cfg) == pytest.approx(1e-5)
     timed = DALLETrainConfig(lr=1e-3, lr_end=1e-5, warmup=10, steps=10_000, time_limit=100.0)
-    # Cut short by the clock, the decay follows the time: half-way in time, half-way down.
-    assert learning_rate(20, timed, seconds=50.0) == pytest.approx((1e-3 + 1e-5) / 2)
+    # Cut short by the clock, the decay follows the time: half-way in time (after the warm-up's 0.1%),
+    # half-way down.
+    assert learning_rate(20, timed, seconds=50.05) == pytest.approx((1e-3 + 1e-5) / 2)
     assert learning_rate(20, timed, seconds=100.0) == pytest.approx(1e-5)
 
 

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from dalle_fast.data.batches import mix_seed
 from dalle_fast.data.images import IMAGE_EXTENSIONS, SkipCounter, _load_image, _pick_caption, collate_skip
@@ -73,11 +74,13 @@ class FolderDataset(_CaptionedImages):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root must be an existing folder, got {str(root)!r}")
-        self.items = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.with_suffix(".txt").exists()
-        )
+        images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.items = [p for p in images if p.with_suffix(".txt").exists()]
+        self.uncaptioned = len(images) - len(self.items)  # images left out: no caption file
         if not self.items:
-            raise ValueError(f"no images with same-stem .txt captions under {self.root}")
+            raise ValueError(
+                f"no images with same-stem .txt captions under {self.root} ({len(images)} images without one)"
+            )
 
     def _source(self, index: int) -> tuple[Path, list[str] | None]:
         path = self.items[index]
@@ -123,6 +126,7 @@ class CocoDataset(_CaptionedImages):
             else:
                 bad += len(c)
         self.items.sort()
+        self.bad_annotations = bad
         if bad:
             warnings.warn(
                 f"{annotations}: skipped {bad} annotations (a caption that is not text, or an image without a "
@@ -313,6 +317,30 @@ def _stream_prefix(urls: list[str], image_size: int, n: int, spec: str, flag: st
     if not items:
         raise FieldError(flag, f"{spec!r}: no readable image + txt sample in the shards")
     return ListDataset(items), frozenset(ids)
+
+
+def describe(spec: str, train, held, image_size: int, val_spec: str | None = None) -> str:
+    """What a run trains on, in a line for its start: the items found, those left out and why, the
+    held-out part, and the size images are brought to."""
+    full = train.dataset if isinstance(train, torch.utils.data.Subset) else train
+    held_out = f"{len(held):,} held out" + (f" from {val_spec}" if val_spec else "")
+    if isinstance(full, ShapesDataset):
+        return f"data: {spec}: built-in scenes drawn at {image_size}x{image_size} ({held_out})"
+    resize = f"cropped to a square near the centre and resized to {image_size}x{image_size}"
+    if isinstance(train, WebDatasetStream):
+        return f"data: {spec}: {len(train.urls)} shards, streamed ({held_out}); each image {resize}"
+    parts = [f"{len(full):,} captioned images ({len(train):,} for training, {held_out})"]
+    if getattr(full, "uncaptioned", 0):
+        parts.append(f"{full.uncaptioned:,} without a same-stem .txt caption left out")
+    if getattr(full, "bad_annotations", 0):
+        parts.append(f"{full.bad_annotations:,} unusable annotations skipped")
+    try:
+        with Image.open(full._source(0)[0]) as img:
+            resize = f"the first is {img.width}x{img.height}; each is {resize}"
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        pass
+    parts += [resize, "unreadable ones are skipped and counted as they are read"]
+    return f"data: {spec}: " + "; ".join(parts)
 
 
 def _open_map_style(kind: str, arg: str, image_size: int, seed: int, spec: str, flag: str):

@@ -19,6 +19,7 @@ from dalle_fast.data.images import SkipCounter
 from dalle_fast.data.tokenizer import CaptionTokenizer
 from dalle_fast.files import atomic_write
 from dalle_fast.models.dvae import DVAE
+from dalle_fast.progress import Progress
 
 
 def caption_lines(dataset, index: int) -> list[str] | None:
@@ -75,7 +76,9 @@ def encode_images(
         pin_memory=device.type == "cuda",
     )
     codes, lines, index, counter = [], [], [], SkipCounter(desc)
+    progress = Progress(limit or (len(dataset) if hasattr(dataset, "__len__") else 0), f"encoding {desc}", "image")
     for images, caps, idx, skipped in loader:
+        progress.update(len(caps) + skipped)
         if caps and isinstance(caps[0], str):  # a streamed source: one caption per item
             caps = [[c] for c in caps]
         counter.add(len(caps) + skipped, skipped)
@@ -85,6 +88,7 @@ def encode_images(
             index += idx
         if limit and len(lines) >= limit:
             break
+    progress.close()
     counter.end_epoch()
     grid = dvae.cfg.grid**2
     codes = torch.cat(codes) if codes else torch.empty(0, grid, dtype=torch.int16)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -33,7 +35,8 @@ def _import_tokenizers():
 class CaptionTokenizer:
     """BPE over lowercased captions, encoding to a fixed `text_len` with PAD in unused slots."""
 
-    def __init__(self, tokenizer, text_len: int, dropout: float = 0.1):
+    def __init__(self, tokenizer, text_len: int, dropout: float = 0.1, words: set[str] | None = None):
+        """words: the words of the training captions (for `unseen_words`; None: not known)."""
         if not isinstance(text_len, int) or text_len < 1:
             raise ValueError(f"text_len must be an int >= 1, got {text_len!r}")
         if not 0.0 <= dropout < 1.0:
@@ -41,18 +44,19 @@ class CaptionTokenizer:
         self._tok = tokenizer
         self.text_len = text_len
         self.dropout = dropout
+        self.words = words
         self._warned = False
 
     @classmethod
     def train(
         cls, captions: Iterable[str], vocab_size: int, text_len: int, dropout: float = 0.1, min_frequency: int = 2
     ) -> CaptionTokenizer:
-        """Trains byte-level BPE on the captions (lowercased)."""
+        """Trains byte-level BPE on the captions (lowercased), and keeps their words."""
         if not isinstance(vocab_size, int) or vocab_size < 257:
             raise ValueError(f"vocab_size must be an int >= 257 (the 256 bytes plus merges), got {vocab_size!r}")
         tk = _import_tokenizers()
         tok = tk.Tokenizer(tk.models.BPE())
-        tok.normalizer = tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])
+        tok.normalizer = _normalizer(tk)
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = tk.decoders.ByteLevel()
         trainer = tk.trainers.BpeTrainer(
@@ -61,8 +65,25 @@ class CaptionTokenizer:
             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator((c for c in captions), trainer=trainer)
-        return cls(tok, text_len, dropout)
+        # The words are counted with a normalizer of their own: tok is locked while it trains, and a call
+        # into it from the iterator it reads would wait on that lock forever.
+        words: Counter = Counter()
+        normalizer = _normalizer(tk)
+
+        def counted(captions):
+            for c in captions:
+                words.update(_words(normalizer, c))
+                yield c
+
+        tok.train_from_iterator(counted(captions), trainer=trainer)
+        return cls(tok, text_len, dropout, set(words))
+
+    def unseen_words(self, caption: str) -> list[str]:
+        """The words of caption that no training caption had (BPE spells them from pieces the model saw in
+        other words, so it has little to go on); [] when the tokenizer does not know its training words."""
+        if self.words is None:
+            return []
+        return list(dict.fromkeys(w for w in _words(self._tok.normalizer, caption) if w not in self.words))
 
     @property
     def vocab_size(self) -> int:
@@ -115,6 +136,8 @@ class CaptionTokenizer:
         """One JSON file: the HF tokenizer plus text_len and dropout. Written to a temp file, then renamed."""
         path = Path(path)
         payload = {"text_len": self.text_len, "dropout": self.dropout, "tokenizer": json.loads(self._tok.to_str())}
+        if self.words is not None:
+            payload["words"] = sorted(self.words)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(payload))
@@ -128,6 +151,17 @@ class CaptionTokenizer:
         try:
             payload = json.loads(text)
             tok = tk.Tokenizer.from_str(json.dumps(payload["tokenizer"]))
-            return cls(tok, int(payload["text_len"]), float(payload.get("dropout", 0.1)))
+            words = set(payload["words"]) if "words" in payload else None  # files of older runs have none
+            return cls(tok, int(payload["text_len"]), float(payload.get("dropout", 0.1)), words)
         except Exception as e:  # truncated JSON, wrong keys, a file of something else
             raise ValueError(f"{path} is not a dalle_fast tokenizer file: {type(e).__name__}: {e}") from e
+
+
+def _normalizer(tk):
+    """NFKC, then lowercase: what captions go through before BPE."""
+    return tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Lowercase()])
+
+
+def _words(normalizer, caption: str) -> list[str]:
+    """The words (runs of letters and digits) of a caption, normalised as the tokenizer normalises it."""
+    return re.findall(r"[^\W_]+", normalizer.normalize_str(caption))

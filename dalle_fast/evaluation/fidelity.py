@@ -150,6 +150,7 @@ class EvaluateConfig:
     out: str = field(default="", metadata={"help": "output folder; empty: RUN/eval"})
     batch_size: int = field(default=64, metadata={"help": "images sampled at once"})
     seed: int = field(default=0, metadata={"help": "seed of the captions, the classifier and the sampling"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     device: str = field(
         default="auto",
         metadata={"help": "where to sample: auto (the GPU when the model runs there) | cpu | cuda | cuda:N"},
@@ -162,12 +163,16 @@ class EvaluateConfig:
         for name in ("captions", "draws", "classifier_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise FieldError("threads", f"must be >= 0 (0: torch's default), got {self.threads}")
         if not self.guidance >= 1:
             raise ValueError(f"guidance must be >= 1 (1: none), got {self.guidance}")
         parse_device(self.device)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     with field_errors("run"):
         data = load_config(cfg.run).get("train", {}).get("data", "shapes")
         if data != "shapes":  # the judge knows only the built-in scenes

@@ -51,14 +51,23 @@ def save_captioned_grid(
     return atomic_write(path, lambda p: grid.save(p, format="PNG"))
 
 
-def save_recon_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> None:
-    """Originals (B, 3, H, W) in a row above their reconstructions; small images doubled in size."""
-    from PIL import Image
+def save_recon_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor, psnr: float | None = None) -> None:
+    """Originals (B, 3, H, W) in a row above their reconstructions, each row labelled on its left ("held-out
+    originals", "reconstructions", with the PSNR when given); small images doubled in size."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n = originals.shape[0]
     grid = torch.cat([torch.cat(list(originals), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # [3, 2H, nW]
-    arr = to_uint8(grid).numpy()
-    img = Image.fromarray(arr)
+    img = Image.fromarray(to_uint8(grid).numpy())
     if n and originals.shape[-1] < 128:
         img = img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST)
-    atomic_write(path, lambda p: img.save(p, format="PNG"))
+    labels = ["held-out", "originals"], ["dVAE", "reconstructions"] + ([f"{psnr:.1f} dB"] if psnr is not None else [])
+    margin = 6 * max(len(w) for ls in labels for w in ls) + 12
+    canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+    canvas.paste(img, (margin, 0))
+    draw, font, half = ImageDraw.Draw(canvas), ImageFont.load_default(), img.height // 2
+    for row, lines in enumerate(labels):
+        top = row * half + max(0, (half - 12 * len(lines)) // 2)
+        for k, line in enumerate(lines):
+            draw.text((4, top + 12 * k), line, fill=(0, 0, 0), font=font)
+    atomic_write(path, lambda p: canvas.save(p, format="PNG"))

@@ -58,10 +58,13 @@ def load_clip(run: str | Path) -> tuple[CLIP, CaptionTokenizer]:
     return model.eval(), load_tokenizer(run)
 
 
-def stage_state(out: str | Path, steps: int) -> str:
-    """A stage's run folder: "new", "partial" (a checkpoint short of `steps`: resume it) or "done"."""
+def stage_state(out: str | Path, steps: int, time_limit: float = 0.0) -> str:
+    """A stage's run folder: "new", "partial" (a checkpoint short of `steps` and of `time_limit` seconds of
+    training: resume it) or "done"."""
     out = Path(out)
     if not (out / "state.pt").exists() or not (out / "config.json").exists():
         return "new"
     meta = json.loads((out / "config.json").read_text())
-    return "done" if meta.get("step", 0) >= min(steps, meta.get("train", {}).get("steps", steps)) else "partial"
+    if meta.get("step", 0) >= steps or time_limit and meta.get("seconds", 0.0) >= time_limit:
+        return "done"
+    return "partial"

@@ -1,27 +1,32 @@
-"""A run's log: log.csv (one row per logged step), TensorBoard scalars (tb/) and a progress bar.
+"""A run's log: log.csv (one row per logged step), TensorBoard scalars (tb/) and its progress on stderr.
 
 One writer per process that owns the run's output (rank 0 under torchrun); other ranks make a
-`RunLog(None, ...)` whose methods do nothing. TensorBoard and tqdm are used when installed; the bar
-shows only on a terminal.
+`RunLog(None, ...)` whose methods do nothing. Progress: in a terminal a bar with rate and ETA (the
+latest losses beside it); in a file or CI log a plain line per logged step (steps done, rate, ETA,
+losses). TensorBoard is used when installed (`tensorboard --logdir RUN/tb`).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 from dalle_fast.files import atomic_write
+from dalle_fast.progress import Progress, is_terminal
 
 
 class RunLog:
-    def __init__(self, out: Path | None, columns: list[str], tag: str, total: int, initial: int, resume: bool):
+    def __init__(
+        self, out: Path | None, columns: list[str], tag: str, total: int, initial: int, resume: bool,
+        time_limit: float = 0.0,
+    ):  # fmt: skip
         """out: the run folder (None: log nothing); columns: the CSV's columns; tag: the TensorBoard
-        prefix and the bar's label; total/initial: the bar's steps; resume: append to an existing log.csv,
-        from which the rows after step `initial` (logged after the checkpoint the run resumes from, and
-        logged again now) are dropped first (a resumed run with no log.csv starts one, header included)."""
-        self.columns, self.tag = columns, tag
+        prefix and the progress label; total/initial: the run's steps and those already done; resume:
+        append to an existing log.csv, from which the rows after step `initial` (logged after the
+        checkpoint the run resumes from, and logged again now) are dropped first (a resumed run with no
+        log.csv starts one, header included); time_limit: the run's, for the ETA (0: none)."""
+        self.columns, self.tag, self.time_limit = columns, tag, time_limit
         self.file = self.csv = self.tb = self.bar = None
         if out is None:
             return
@@ -40,12 +45,8 @@ class RunLog:
             self.tb = SummaryWriter(str(out / "tb"))
         except ImportError:  # tensorboard is optional
             pass
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=tag, dynamic_ncols=True, disable=not sys.stderr.isatty())
-        except ImportError:
-            pass
+        # Lines come from row(), one per logged step, not from the clock.
+        self.bar = Progress(total, tag, "step", initial, interval=math.inf)
 
     def step(self) -> None:
         """One update done."""
@@ -53,7 +54,8 @@ class RunLog:
             self.bar.update(1)
 
     def row(self, metrics: dict) -> None:
-        """One CSV row (the columns' values; missing ones NaN) and the finite values as scalars."""
+        """One CSV row (the columns' values; missing ones NaN), the finite values as scalars, and the
+        progress: beside the bar in a terminal, else a line."""
         if self.csv is None:
             return
         self.csv.writerow([metrics.get(k, math.nan) for k in self.columns])
@@ -62,21 +64,30 @@ class RunLog:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, float | int) and not math.isnan(v):
                     self.tb.add_scalar(f"{self.tag}/{k}", v, metrics["step"])
+        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k not in ("step", "seconds") and _finite(v)}
+        if is_terminal():
+            self.bar.set_postfix(shown)
+            return
+        eta = self.bar.eta()
+        if self.time_limit and "seconds" in metrics:
+            left = max(0.0, self.time_limit - metrics["seconds"])
+            eta = left if eta is None else min(eta, left)
+        self.bar.say(self.bar.status(eta) + "".join(f" {k} {v}" for k, v in shown.items()))
 
     def print(self, message: str) -> None:
         """A line on stderr that does not break the progress bar."""
-        if self.file is None:
-            return
         if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
+            self.bar.say(message)
 
     def close(self) -> None:
         for part in (self.bar, self.tb, self.file):
             if part is not None:
                 part.close()
         self.file = self.csv = self.tb = self.bar = None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _trim(path: Path, step: int) -> None:

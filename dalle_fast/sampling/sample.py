@@ -129,7 +129,8 @@ def sampling_device(name: str, model: DALLE, cache: bool = True) -> torch.device
 
 
 def check_captions(captions: list[str], tok) -> torch.Tensor:
-    """BPE ids (C, text_len); ValueError for an empty caption, a one-line warning for a truncated one."""
+    """BPE ids (C, text_len); ValueError for an empty caption, a one-line warning for a truncated one and
+    for one with words the tokenizer never saw in training."""
     if not captions:
         raise ValueError("no caption given")
     rows = []
@@ -142,6 +143,13 @@ def check_captions(captions: list[str], tok) -> torch.Tensor:
             rows.append(tok.encode(c.strip()))
         if caught:
             print(f"warning: caption {i + 1} is longer than {tok.text_len} tokens and was truncated", file=sys.stderr)
+        unseen = tok.unseen_words(c)
+        if unseen:
+            print(
+                f"warning: caption {i + 1} has words no training caption had: {', '.join(map(repr, unseen))} "
+                "(the model knows them only as pieces of other words: expect them to be ignored)",
+                file=sys.stderr,
+            )
     return torch.stack(rows)
 
 

@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 from dalle_fast.data.batches import step_generator
-from dalle_fast.data.sources import open_datasets
+from dalle_fast.data.sources import describe, open_datasets
 from dalle_fast.data.token_cache import caption_lines
 from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.ops.device import choose_device, parse_device
+from dalle_fast.progress import Progress
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.load import load_tokenizer
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TrainingRun, seed_everything, set_threads
+from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, seed_everything, set_threads
 from dalle_fast.training.schedules import warmup_cosine
 
 
@@ -59,9 +60,7 @@ class CLIPTrainConfig:
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (cosine decay after a short warm-up)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     ckpt_every: int = field(default=200, metadata={"help": "updates between checkpoints"})
-    time_limit: float = field(
-        default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds; 0: none"}
-    )
+    time_limit: float = field(default=0.0, metadata={"help": TIME_LIMIT_HELP})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present) | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the init and the batches"})
@@ -83,7 +82,9 @@ def _read_items(dataset, limit: int, hard_negatives: bool = False) -> tuple[torc
     """uint8 images (M, 3, S, S) and every caption line of each readable item (at most `limit`). With
     hard_negatives, item i's near miss (`dataset.hard_negative(i)`) follows it: images (2M, ...), pairs adjacent."""
     images, lines = [], []
+    progress = Progress(min(limit, len(dataset)), "reading images", "image")
     for i in range(min(limit, len(dataset))):
+        progress.update()
         item = dataset[i]
         if not item:
             continue
@@ -93,6 +94,7 @@ def _read_items(dataset, limit: int, hard_negatives: bool = False) -> tuple[torc
             for image, c in pairs:
                 images.append((image * 255).round().to(torch.uint8))
                 lines.append(c)
+    progress.close()
     if not images:
         raise FieldError("data", "no usable items (every image or caption was unreadable)")
     return torch.stack(images), lines
@@ -138,6 +140,7 @@ class CLIPRun(TrainingRun):
         )  # fmt: skip
         with field_errors("data"):
             train_ds, val_ds = open_datasets(cfg.data, image_size, cfg.seed)
+        print(describe(cfg.data, train_ds, val_ds, image_size), file=sys.stderr)
         t0 = time.time()
         self.pairs = cfg.hard_negatives and hasattr(train_ds, "hard_negative")
         images, self.lines = _read_items(train_ds, cfg.max_items, hard_negatives=self.pairs)
@@ -167,8 +170,7 @@ class CLIPRun(TrainingRun):
         index = _batch_index(len(self.images), cfg.batch_size, self.pairs, g)
         x, text = _batch(self.images, self.lines, self.tok, index, g)
         text = text.to(self.device, non_blocking=True)
-        # The schedule follows the steps only: a time-limited run stops early on a still-high rate.
-        self.lr = warmup_cosine(step, cfg.steps, cfg.lr, 0.0, self.warmup)
+        self.lr = warmup_cosine(step, self.progress(), cfg.lr, 0.0, self.warmup, cfg.steps)
         self.set_lr(self.lr)
         parts = self.model(x, text)
         self.opt.zero_grad(set_to_none=True)

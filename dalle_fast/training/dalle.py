@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import distribute_tensor
 
 from dalle_fast.data.batches import step_generator
-from dalle_fast.data.sources import open_datasets
+from dalle_fast.data.sources import describe, open_datasets
 from dalle_fast.data.token_cache import TokenCache, encode_images
 from dalle_fast.data.tokenizer import CaptionTokenizer
 from dalle_fast.errors import FieldError, check_finite, field_errors
@@ -60,7 +60,7 @@ from dalle_fast.training.distributed import (
     wrap_ddp,
     wrap_fsdp,
 )
-from dalle_fast.training.loop import TrainingRun, claim_output, seed_everything, set_threads
+from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, claim_output, seed_everything, set_threads
 from dalle_fast.training.schedules import warmup_cosine
 
 
@@ -125,7 +125,7 @@ class DALLETrainConfig:
     ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
     log_every: int = field(default=50, metadata={"help": "updates between log lines"})
     samples: int = field(default=8, metadata={"help": "held-out captions sampled at each checkpoint; 0: none"})
-    time_limit: float = field(default=0.0, metadata={"help": "stop (with a checkpoint) after this many seconds"})
+    time_limit: float = field(default=0.0, metadata={"help": TIME_LIMIT_HELP})
     workers: int = field(default=0, metadata={"help": "DataLoader workers for the one-off image encoding"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     seed: int = field(default=0, metadata={"help": "seed of the init, the batches and the samples"})
@@ -288,6 +288,9 @@ class DALLERun(TrainingRun):
                     cfg.data, self.dvae.cfg.image_size, cfg.seed, val_spec=cfg.val_data or None,
                     stream_heldout=cfg.val_items,
                 )  # fmt: skip
+            if self.dist.main:
+                image_size = self.dvae.cfg.image_size
+                print(describe(cfg.data, train_ds, val_ds, image_size, cfg.val_data or None), file=sys.stderr)
             t0 = time.time()
             codes, lines = self._encode_shared(train_ds, f"{cfg.data} (train)")
             if not self.dist.main:  # rank 0 builds the tokenizer and the caches; the others load them
@@ -365,7 +368,7 @@ class DALLERun(TrainingRun):
     def update(self, step: int) -> dict:
         cfg = self.cfg
         text, image = self.batch(step)
-        self.lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup, self.seconds, cfg.time_limit)
+        self.lr = warmup_cosine(step, self.progress(), cfg.lr, cfg.lr_end, cfg.warmup, cfg.steps)
         self.set_lr(self.lr)
         with autocast(self.device, self.precision):
             parts = self.forward_loss(text, image)

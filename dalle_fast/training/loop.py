@@ -1,8 +1,9 @@
 """The training skeleton every stage shares (the dVAE, the transformer, the CLIP reranker).
 
 `TrainingRun` owns what is the same in every run: CPU threads, refusing to overwrite a run and resuming
-one, the RNG state, the parameter EMA, the time budget (counted across resumes), the run log (log.csv,
-TensorBoard, progress bar), the checkpoint cadence and rank-0-only output under torchrun. A stage
+one, the RNG state, the parameter EMA, the budget (steps and a time limit counted across resumes, and
+where the schedules stand: `progress()`), the run log (log.csv, TensorBoard, progress bar and log lines),
+the checkpoint cadence and rank-0-only output under torchrun. A stage
 subclasses it and supplies only its own parts:
 
     update(step) -> dict          one optimizer update; returns its losses (tensors or floats)
@@ -23,7 +24,9 @@ state travels in the checkpoint, so a resumed run continues exactly where an uni
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +47,14 @@ from dalle_fast.runs.checkpoint import (
 )
 from dalle_fast.runs.log import RunLog
 from dalle_fast.training.distributed import DistInfo, barrier, rank0_value
+from dalle_fast.training.schedules import Budget
+
+# Every stage's --time-limit, said once.
+TIME_LIMIT_HELP = (
+    "stop (with a checkpoint) after this many seconds of training in the whole run, counted across --resume; "
+    "the schedules follow whichever runs out first, steps or time, and a --resume that raises it (or --steps) "
+    "stretches what is left of them; 0: none"
+)
 
 
 def claim_output(out: Path, resume: bool) -> None:
@@ -79,6 +90,7 @@ class TrainingRun:
         self.dist = dist or DistInfo()
         self.out = Path(cfg.out)
         self.step, self.seconds = 0, 0.0  # training time so far, across resumes (the time limit is the run's)
+        self.budget = Budget(cfg.steps, cfg.time_limit)
         self.ema: dict[str, torch.Tensor] | None = None
         self.sharded_ema = False  # EMA entries are shards (DTensors) of a sharded model
         claim_output(self.out, cfg.resume)
@@ -129,6 +141,11 @@ class TrainingRun:
 
     # ---- the shared parts --------------------------------------------------------------------------
 
+    def progress(self) -> float:
+        """Where the schedules stand, 0 -> 1 (see Budget): a stage's update reads it for its learning rate
+        and the like."""
+        return self.budget.progress(self.step, self.seconds)
+
     def set_lr(self, lr: float) -> None:
         """The learning rate of this update, in every parameter group."""
         for group in self.opt.param_groups:
@@ -170,8 +187,11 @@ class TrainingRun:
         weights, extra = self.weights(), self.extra_state()  # every rank: a sharded model gathers here
         if not self.dist.main:
             return
-        state = {"step": self.step, "seconds": self.seconds, **rng_state(self.device), **extra}
-        save_run(self.out, weights, state, self.meta())
+        state = {
+            "step": self.step, "seconds": self.seconds, "budget": dataclasses.asdict(self.budget),
+            **rng_state(self.device), **extra,
+        }  # fmt: skip
+        save_run(self.out, weights, state, {**self.meta(), "seconds": round(self.seconds, 3)})
 
     def resume(self) -> None:
         """Everything a checkpoint holds, back in place."""
@@ -186,13 +206,23 @@ class TrainingRun:
             raise ValueError(f"the checkpoint in {self.out} does not fit this run: {e}") from e
         set_rng_state(state, self.device)
         self.step, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        train = meta.get("train", {})
+        saved = Budget(**state["budget"]) if "budget" in state else Budget(train["steps"], train.get("time_limit", 0.0))
+        self.budget = saved.resumed(self.cfg.steps, self.cfg.time_limit, self.step, self.seconds)
 
     def train(self, stop_at: int | None = None) -> dict:
         """Runs to cfg.steps (or stop_at, as if killed there; or the time limit); returns the last logged
         metrics."""
         cfg = self.cfg
+        if self.budget.spent(self.step, self.seconds):
+            if self.lock is not None:
+                self.lock.release()
+            return self.nothing_left()
         log_every = getattr(cfg, "log_every", cfg.ckpt_every)
-        log = RunLog(self.out if self.dist.main else None, self.columns, self.tag, cfg.steps, self.step, cfg.resume)
+        log = RunLog(
+            self.out if self.dist.main else None, self.columns, self.tag, cfg.steps, self.step, cfg.resume,
+            cfg.time_limit,
+        )  # fmt: skip
         started = time.time() - self.seconds
         metrics: dict = {}
         try:
@@ -204,8 +234,7 @@ class TrainingRun:
                 self.seconds = time.time() - started
                 if cfg.time_limit:  # rank 0's clock, on every rank: the same schedules, the same last step
                     self.seconds = rank0_value(self.seconds, self.dist, self.device)
-                timed_out = bool(cfg.time_limit) and self.seconds > cfg.time_limit
-                done = self.step == cfg.steps or self.step == stop_at or timed_out
+                done = self.budget.spent(self.step, self.seconds) or self.step == stop_at
                 ckpt = self.step % cfg.ckpt_every == 0 or done
                 if self.step % log_every == 0 or ckpt:
                     metrics = {"step": self.step, **self.log_values(losses)}
@@ -223,6 +252,21 @@ class TrainingRun:
             if self.lock is not None:
                 self.lock.release()
         return metrics
+
+    def nothing_left(self) -> dict:
+        """A resumed run whose steps or time are used up: says so (and how to go on) instead of training."""
+        cfg, why = self.cfg, f"all {self.cfg.steps} steps done"
+        if self.step < cfg.steps:
+            why = (
+                f"step {self.step} of {cfg.steps}, but its {self.seconds:.0f} s of training reached --time-limit "
+                f"{cfg.time_limit:g}"
+            )
+        if self.dist.main:
+            print(
+                f"{self.out}: nothing left to train ({why}); raise --steps or --time-limit to train further",
+                file=sys.stderr,
+            )
+        return {"step": self.step, "seconds": self.seconds, "nothing_left": True}
 
     def after_log(self) -> None:
         """Called after each logged step (the transformer restarts its throughput window here)."""

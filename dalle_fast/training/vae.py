@@ -12,20 +12,21 @@ stream with a fresh shuffle, not from the sample where the run stopped.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from dalle_fast.data.batches import step_batches
 from dalle_fast.data.images import SkipCounter
-from dalle_fast.data.sources import open_datasets
+from dalle_fast.data.sources import describe, open_datasets
 from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, psnr
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.images import save_recon_grid
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TrainingRun, seed_everything, set_threads
-from dalle_fast.training.schedules import cosine_anneal, linear_ramp, schedule_position
+from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, seed_everything, set_threads
+from dalle_fast.training.schedules import cosine_anneal, linear_ramp
 
 
 @dataclass
@@ -47,11 +48,21 @@ class VAETrainConfig:
         },
     )
     preset: str = field(default="tiny", metadata={"help": f"dVAE size: {' | '.join(PRESETS)}"})
+    image_size: int = field(
+        default=0,
+        metadata={
+            "help": "side the images are resized to (after a square crop), a multiple of the preset's "
+            "downsampling factor (tiny: 4, paper: 8); 0: the preset's (tiny: 32, paper: 256)"
+        },
+    )
     # tiny: 8 (the default, 64 image tokens) or 16 (256 tokens that keep small shapes: docs/evaluation.md,
     # "What limits caption fidelity"); the number of resblock groups follows.
     grid: int = field(
         default=0,
-        metadata={"help": "side of the token grid (image_size / grid must be a power of two); 0: the preset's"},
+        metadata={
+            "help": "side of the token grid (image size / grid must be a power of two); 0: image size / the "
+            "preset's factor"
+        },
     )
     out: str = field(default="runs/vae", metadata={"help": "run directory (checkpoints, logs, images)"})
     # With a time limit a slower machine does fewer updates, with the schedules still run to their end.
@@ -68,13 +79,7 @@ class VAETrainConfig:
     ckpt_every: int = field(default=500, metadata={"help": "updates between checkpoints"})
     log_every: int = field(default=50, metadata={"help": "updates between log lines"})
     eval_images: int = field(default=256, metadata={"help": "held-out images for PSNR and codebook usage"})
-    time_limit: float = field(
-        default=0.0,
-        metadata={
-            "help": "stop (with a checkpoint) after this many seconds of training, counted across --resume; the "
-            "schedules then follow whichever runs out first, steps or time; 0: none"
-        },
-    )
+    time_limit: float = field(default=0.0, metadata={"help": TIME_LIMIT_HELP})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     # The dVAE is plain PyTorch layers (no custom kernels), so any CUDA GPU runs it, in fp32.
@@ -101,14 +106,23 @@ class VAETrainConfig:
         self.dvae_config()  # a grid the preset cannot make fails here, before any work
 
     def dvae_config(self) -> DVAEConfig:
-        """The preset's dVAE config, with as many resblock groups as --grid needs (one per halving + 1)."""
+        """The preset's dVAE config at --image-size, with as many resblock groups as --grid needs (one per
+        halving + 1)."""
         dcfg = PRESETS[self.preset]
+        if self.image_size:
+            if self.image_size < dcfg.factor or self.image_size % dcfg.factor:
+                raise FieldError(
+                    "image_size",
+                    f"must be a positive multiple of the {self.preset} preset's downsampling factor "
+                    f"{dcfg.factor} (or 0: {dcfg.image_size}), got {self.image_size}",
+                )
+            dcfg = dataclasses.replace(dcfg, image_size=self.image_size)
         if not self.grid:
             return dcfg
         factor = dcfg.image_size // self.grid if self.grid > 0 else 0
         if self.grid < 1 or factor * self.grid != dcfg.image_size or factor & (factor - 1):
-            raise ValueError(
-                f"grid must divide the preset's image_size ({dcfg.image_size}) by a power of two, got {self.grid}"
+            raise FieldError(
+                "grid", f"must divide the image size ({dcfg.image_size}) by a power of two, got {self.grid}"
             )
         return dataclasses.replace(dcfg, groups=factor.bit_length())
 
@@ -145,6 +159,7 @@ class VAERun(TrainingRun):
                 cfg.data, self.dcfg.image_size, cfg.seed, val_spec=cfg.val_data or None,
                 stream_heldout=cfg.eval_images,
             )  # fmt: skip
+        print(describe(cfg.data, train_ds, val_ds, self.dcfg.image_size, cfg.val_data or None), file=sys.stderr)
         n_eval = min(cfg.eval_images, len(val_ds))
         val_images = [it[0] for it in (val_ds[i] for i in range(n_eval)) if it]
         if not val_images:
@@ -169,10 +184,10 @@ class VAERun(TrainingRun):
                 break
             if empty + 1 >= MAX_EMPTY_BATCHES:
                 raise FieldError("data", f"{cfg.data}: {MAX_EMPTY_BATCHES} batches in a row held no readable item")
-        at = schedule_position(step, self.seconds, cfg.steps, cfg.time_limit)
-        tau = cosine_anneal(at, int(cfg.steps * cfg.tau_anneal), dcfg.tau_start, dcfg.tau_end)
-        beta = linear_ramp(at, int(cfg.steps * cfg.kl_ramp), dcfg.kl_max)
-        lr = cosine_anneal(at, cfg.steps, cfg.lr, cfg.lr_end)
+        at = self.progress()  # 0 -> 1 over the run
+        tau = cosine_anneal(at, cfg.tau_anneal, dcfg.tau_start, dcfg.tau_end)
+        beta = linear_ramp(at, cfg.kl_ramp, dcfg.kl_max)
+        lr = cosine_anneal(at, 1.0, cfg.lr, cfg.lr_end)
         self.set_lr(lr)
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         parts = self.model(images, tau, beta)
@@ -191,7 +206,9 @@ class VAERun(TrainingRun):
         return {"psnr": psnr(self.recon, self.val_images), "usage": used, "perplexity": ppl}
 
     def at_checkpoint(self, metrics: dict, log: RunLog) -> None:
-        save_recon_grid(self.out / f"recon_{self.step:07d}.png", self.val_images[:8].cpu(), self.recon[:8].cpu())
+        save_recon_grid(
+            self.out / f"recon_{self.step:07d}.png", self.val_images[:8].cpu(), self.recon[:8].cpu(), metrics["psnr"]
+        )
         log.print(f"step {self.step}: loss {metrics['loss']:.4f} psnr {metrics['psnr']:.2f} dB "
                   f"codebook {metrics['usage']:.0%}")  # fmt: skip
 
