@@ -229,7 +229,7 @@ def test_open_datasets_stream_holds_out_its_first_samples(tmp_path):
 @pytest.mark.parametrize(
     "spec,val_spec,match",
     [
-        ("", None, "data: must be shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
+        ("", None, "data: must be shapes, digits, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
         ("imagenet", None, "data: must be shapes.*got 'imagenet'"),
         ("folder:", None, "data: must be"),
         ("wds:", None, "data: must be.*brace pattern or a comma list"),

@@ -2,11 +2,12 @@
 
 Sources:
   shapes            the built-in dataset (dalle_fast.data.shapes)
+  digits            real handwritten digits, tinted and captioned (dalle_fast.data.digits; scikit-learn's copy)
   FolderDataset     a folder of images with same-stem .txt captions (one caption per line)
   CocoDataset       MS-COCO: a captions JSON plus its image folder
   webdataset_source WebDataset tar shards (image + txt), streamed, for data that outgrows one disk
 
-`open_datasets(spec, image_size, seed)` turns a data spec (shapes, folder:DIR,
+`open_datasets(spec, image_size, seed)` turns a data spec (shapes, digits, folder:DIR,
 coco:CAPTIONS_JSON,IMAGE_DIR, wds:URLS) into (train, held-out) datasets.
 """
 
@@ -24,8 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dalle_fast.data.batches import mix_seed
+from dalle_fast.data.digits import HELD_OUT, DigitsDataset
 from dalle_fast.data.images import IMAGE_EXTENSIONS, SkipCounter, _load_image, _pick_caption, collate_skip
-from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.data.shapes import COLORS, ShapesDataset
 from dalle_fast.errors import FieldError
 
 
@@ -241,7 +243,13 @@ def iterate_batches(
 
 # ---- --data specs ----------------------------------------------------------------------------------
 
-DATA_SPECS = "shapes, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"
+DATA_SPECS = "shapes, digits, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"
+BUILT_IN = ("shapes", "digits")  # the data specs that need no files
+# The trainers' --data help.
+DATA_HELP = (
+    "shapes | digits (pip install -e '.[digits]') | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS "
+    "(tar shards: a brace pattern or a comma list)"
+)
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -279,8 +287,8 @@ def _parse_spec(spec: str, flag: str) -> tuple[str, str]:
     )
     if not isinstance(spec, str):
         raise FieldError(flag, expected)
-    if spec == "shapes":
-        return "shapes", ""
+    if spec in BUILT_IN:
+        return spec, ""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg.strip() or kind not in ("folder", "coco", "wds"):
         raise FieldError(flag, expected)
@@ -319,6 +327,15 @@ def _stream_prefix(urls: list[str], image_size: int, n: int, spec: str, flag: st
     return ListDataset(items), frozenset(ids)
 
 
+def _digits(split: str, image_size: int, seed: int, flag: str) -> DigitsDataset:
+    try:
+        return DigitsDataset(split, image_size, seed)
+    except ImportError as e:
+        raise FieldError(flag, f"digits: {e}") from e
+    except ValueError as e:
+        raise FieldError(flag, f"digits at image size {image_size}: {e}") from e
+
+
 def describe(spec: str, train, held, image_size: int, val_spec: str | None = None) -> str:
     """What a run trains on, in a line for its start: the items found, those left out and why, the
     held-out part, and the size images are brought to."""
@@ -326,6 +343,12 @@ def describe(spec: str, train, held, image_size: int, val_spec: str | None = Non
     held_out = f"{len(held):,} held out" + (f" from {val_spec}" if val_spec else "")
     if isinstance(full, ShapesDataset):
         return f"data: {spec}: built-in scenes drawn at {image_size}x{image_size} ({held_out})"
+    if isinstance(full, DigitsDataset):
+        return (
+            f"data: {spec}: {len(full.scans):,} handwritten 8x8 digits tinted in {len(COLORS)} colours, "
+            f"{len(full):,} training items ({held_out}; {len(HELD_OUT)} colour-digit pairs never trained on), "
+            f"upscaled to {image_size}x{image_size}"
+        )
     resize = f"cropped to a square near the centre and resized to {image_size}x{image_size}"
     if isinstance(train, WebDatasetStream):
         return f"data: {spec}: {len(train.urls)} shards, streamed ({held_out}); each image {resize}"
@@ -392,12 +415,16 @@ def open_datasets(
         vkind, varg = _parse_spec(val_spec, val_flag)
         if vkind == "shapes":
             held = ShapesDataset("val", 10_000, image_size, seed)
+        elif vkind == "digits":
+            held = _digits("val", image_size, seed, val_flag)
         elif vkind == "wds":
             urls = _wds_shards(varg, val_spec, val_flag)
             held, _ = _stream_prefix(urls, image_size, stream_heldout, val_spec, val_flag)
         else:
             held = _held_out_copy(_open_map_style(vkind, varg, image_size, seed, val_spec, val_flag))
 
+    if kind == "digits":
+        return _digits("train", image_size, seed, flag), held or _digits("val", image_size, seed, flag)
     if kind == "shapes":
         return ShapesDataset("train", 100_000, image_size, seed), held or ShapesDataset("val", 10_000, image_size, seed)
     if kind == "wds":

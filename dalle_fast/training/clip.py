@@ -40,7 +40,7 @@ class CLIPTrainConfig:
 
     data: str = field(
         default="",
-        metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR; empty: the data of the --dalle run"},
+        metadata={"help": "shapes | digits | folder:DIR | coco:JSON,DIR; empty: the data of the --dalle run"},
     )
     dalle: str = field(
         default="runs/dalle", metadata={"help": "stage-2 run whose tokenizer (and dVAE image size) to use"}

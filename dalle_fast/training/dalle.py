@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import distribute_tensor
 
 from dalle_fast.data.batches import step_generator
-from dalle_fast.data.sources import describe, open_datasets
+from dalle_fast.data.sources import DATA_HELP, describe, open_datasets
 from dalle_fast.data.token_cache import TokenCache, encode_images
 from dalle_fast.data.tokenizer import CaptionTokenizer
 from dalle_fast.errors import FieldError, check_finite, field_errors
@@ -70,8 +70,7 @@ class DALLETrainConfig:
 
     data: str = field(
         default="shapes",
-        metadata={"help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS (tar shards: a brace pattern "
-                  "or a comma list)"},
+        metadata={"help": DATA_HELP},
     )  # fmt: skip
     val_data: str = field(
         default="",

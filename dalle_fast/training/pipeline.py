@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_fast.data.digits import DigitsDataset
 from dalle_fast.data.shapes import ShapesDataset
 from dalle_fast.data.sources import open_datasets
 from dalle_fast.data.token_cache import caption_lines
@@ -40,7 +41,7 @@ class PipelineConfig:
     data: str = field(
         default="shapes",
         metadata={
-            "help": "every stage's data: shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS "
+            "help": "every stage's data: shapes | digits | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS "
             "(train vae --help has the details)"
         },
     )
@@ -145,7 +146,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     model, tok, dvae = load_transformer(dalle_cfg.out)
     caps = _held_out_captions(cfg, dvae.cfg.image_size)
-    what = "held-out colour-shape pairs" if cfg.data == "shapes" else "held-out items"
+    what = {"shapes": "held-out colour-shape pairs", "digits": "held-out colour-digit pairs"}
+    what = what.get(cfg.data, "held-out items")
     print(f"[4/4] samples for {len(caps)} captions of {what} (best {cfg.per_caption} of {cfg.rerank})", file=sys.stderr)
     device = sampling_device(cfg.device, model)
     model.to(device)
@@ -170,11 +172,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _held_out_captions(cfg: PipelineConfig, image_size: int) -> list[str]:
-    """Captions for samples.png that the transformer never trained on: shapes' held-out colour-shape pairs,
-    else the first captions of the data's held-out items."""
-    if cfg.data == "shapes":
-        heldout = ShapesDataset("heldout", cfg.captions, image_size, cfg.seed)
-        return [heldout.captions(i)[0] for i in range(cfg.captions)]
+    """Captions for samples.png that the transformer never trained on: the built-in data's held-out pairs
+    (colour-shape, colour-digit), else the first captions of the data's held-out items."""
+    if cfg.data in ("shapes", "digits"):
+        built_in = ShapesDataset if cfg.data == "shapes" else DigitsDataset
+        heldout = built_in("heldout", image_size=image_size, seed=cfg.seed)
+        return [heldout.captions(i)[0] for i in range(min(cfg.captions, len(heldout)))]
     _, held = open_datasets(cfg.data, image_size, cfg.seed, val_spec=cfg.val_data or None)
     caps = []
     for i in range(len(held)):

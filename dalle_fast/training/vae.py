@@ -19,7 +19,7 @@ import torch
 
 from dalle_fast.data.batches import step_batches
 from dalle_fast.data.images import SkipCounter
-from dalle_fast.data.sources import describe, open_datasets
+from dalle_fast.data.sources import DATA_HELP, describe, open_datasets
 from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, psnr
 from dalle_fast.ops.device import choose_device, parse_device
@@ -35,10 +35,7 @@ class VAETrainConfig:
 
     data: str = field(
         default="shapes",
-        metadata={
-            "help": "shapes | folder:DIR | coco:CAPTIONS_JSON,IMAGE_DIR | wds:URLS (tar shards: a brace pattern "
-            "or a comma list)"
-        },
+        metadata={"help": DATA_HELP},
     )
     val_data: str = field(
         default="",
