@@ -155,6 +155,12 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.outcome = "waiting"  # -> running -> done | failed | cancelled
+        self.position = -1  # the queue place last told to the client
+
+    def place(self, position: int) -> None:
+        if position != self.position:
+            self.position = position
+            self.send("queued", {"position": position})
 
     def send(self, kind: str, data: dict) -> None:
         if self.cancelled.is_set():
@@ -259,7 +265,7 @@ class Drawer:
 
     def _positions(self) -> None:
         for k, job in enumerate(self.waiting):
-            job.send("queued", {"position": k + 1 if self.running else k})
+            job.place(k + 1 if self.running else k)
 
     def _finish(self, job: Job, outcome: str) -> None:
         job.outcome = outcome
@@ -276,7 +282,7 @@ class Drawer:
                 job.outcome = "running"
                 self._positions()
                 self.changed.notify_all()
-            job.send("queued", {"position": 0})
+            job.place(0)
             try:
                 self._draw(job)
                 outcome = "done"

@@ -292,11 +292,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def skip_or_fail(reason: str):
+    """Skips, unless DALLE_FAST_REQUIRE_BROWSER is set (CI sets it once it has installed a Chromium)."""
+    if os.environ.get("DALLE_FAST_REQUIRE_BROWSER"):
+        pytest.fail(f"DALLE_FAST_REQUIRE_BROWSER is set but {reason}")
+    pytest.skip(reason)
+
+
 def test_the_page_draws_in_a_real_browser(server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs pip install playwright")
+    try:
+        from playwright import sync_api as playwright
+    except ImportError:
+        skip_or_fail("playwright is not installed (pip install playwright; it drives the system's Chromium)")
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium, or set DALLE_FAST_CHROMIUM)")
+        skip_or_fail("no Chromium on this machine (apt-get install chromium, or set DALLE_FAST_CHROMIUM)")
     url, app = server
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
