@@ -106,3 +106,19 @@ def test_auto_precision_is_one_rule(monkeypatch):
     assert policy.choose_precision("auto", cuda, sharded=True) == "bf16"
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         policy.choose_precision("fp16", cpu)
+
+
+def test_serve_without_its_extra_names_the_extra(monkeypatch, tmp_path, capsys):
+    """The core package imports no web framework; a missing one is a usage error naming the extra."""
+    import subprocess
+    import sys
+
+    from dalle_fast.serve import main
+
+    check = "import sys, dalle_fast.serve; assert not {'starlette', 'uvicorn'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", check], check=True)  # importing the module pulls in no framework
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(tmp_path)])
+    assert e.value.code == 2
+    assert "optional extra 'serve' (uvicorn is missing): pip install -e \".[serve]\"" in capsys.readouterr().err

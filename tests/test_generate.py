@@ -242,6 +242,35 @@ def test_generate_batches_rerank_and_prime(runs):
     assert (primed["tokens"][:, :, :24] == prime).all()
 
 
+def test_progress_counts_every_token_and_can_stop_the_sampling(runs):
+    """generate's progress: image tokens of all draws across batches (after a prime's), the same images as
+    without it; an exception raised in it stops the sampling (how the server cancels a request)."""
+    from dalle_fast.runs.load import load_transformer
+    from dalle_fast.sampling.sample import generate
+
+    model, tok, dvae = load_transformer(runs / "dalle")
+    text = tok.encode(["a large red circle", "a small blue square"])
+    seen = []
+    kw = dict(draws=3, batch_size=4, generator=torch.Generator().manual_seed(2))  # 6 rows: batches of 4 and 2
+    watched = generate(model, text, dvae, progress=lambda done, total: seen.append((done, total)), **kw)
+    plain = generate(model, text, dvae, **{**kw, "generator": torch.Generator().manual_seed(2)})
+    assert torch.equal(watched["tokens"], plain["tokens"])
+    assert [d for d, _ in seen] == [4 * j for j in range(1, 65)] + [256 + 2 * j for j in range(1, 65)]
+    assert {t for _, t in seen} == {6 * 64}
+    seen.clear()
+    generate(
+        model, text[:1], dvae, draws=1, prime=torch.zeros(16, dtype=torch.long), progress=lambda *a: seen.append(a)
+    )
+    assert seen[-1] == (48, 48) and len(seen) == 48
+
+    def stop(done, total):
+        if done >= 10:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        generate(model, text, dvae, draws=2, progress=stop)
+
+
 def test_cli_writes_a_grid_and_is_deterministic(runs, tmp_path, capsys):
     from dalle_fast.generate import main
 

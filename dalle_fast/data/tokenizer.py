@@ -126,6 +126,10 @@ class CaptionTokenizer:
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out[0] if single else out
 
+    def length(self, caption: str) -> int:
+        """How many tokens caption encodes to before any truncation to text_len."""
+        return len(self._tok.encode(caption).ids)
+
     def decode(self, ids: torch.Tensor) -> str | list[str]:
         """Inverse of encode (PAD slots ignored); the text comes back lowercased."""
         if ids.dim() == 1:

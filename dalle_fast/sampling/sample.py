@@ -14,7 +14,9 @@ import contextlib
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +30,10 @@ from dalle_fast.sampling.rerank import Scorer, rerank
 
 # Below it, logits / temperature overflow fp32 (a greedy draw is temperature -> 0; use top_k=1 for it).
 MIN_TEMPERATURE = 1e-3
+
+# progress(done, total): image tokens drawn so far and in all. Called once per drawn token position (for the
+# whole batch), so it must be cheap; it may raise to stop the sampling (a caller that went away).
+Progress = Callable[[int, int], None]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -70,9 +76,11 @@ def sample_tokens(
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
     cache: bool = True,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Image tokens (B, image_size**2) for text (B, text_len). prime: (B, P) first image tokens to keep.
-    cache=False: recompute the whole sequence per token (the reference path).
+    cache=False: recompute the whole sequence per token (the reference path). progress(done, total) after
+    each token position, counting the positions of one sequence (see Progress).
 
     guidance > 1 (classifier-free guidance; for a model trained with caption dropout): each token's logits
     become u + guidance * (c - u), c given the caption and u given the empty one (a second sequence per
@@ -80,10 +88,10 @@ def sample_tokens(
 
     On CUDA an fp32 model samples under bf16 autocast (see sampling_autocast)."""
     with sampling_autocast(model, text.device):
-        return _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache)
+        return _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache, progress)
 
 
-def _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache) -> torch.Tensor:
+def _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, prime, cache, progress) -> torch.Tensor:
     cfg = model.cfg
     n = cfg.image_size**2
     if not MIN_TEMPERATURE <= temperature < math.inf:
@@ -115,6 +123,8 @@ def _sample_tokens(model, text, temperature, top_k, top_p, guidance, generator, 
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         seq_image[:, j] = token.repeat(2) if guided else token
+        if progress is not None:
+            progress(j + 1 - start, n - start)
     return seq_image[:B]
 
 
@@ -153,21 +163,29 @@ def check_captions(captions: list[str], tok) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def load_prime(path: str | Path, dvae, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first rows * grid image tokens of the image at path, its full dVAE reconstruction (3, H, W))."""
+def load_prime(path: str | Path | BinaryIO, dvae, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first rows * grid image tokens of the image at path, its full dVAE reconstruction (3, H, W)).
+    path may also be an open binary file (an upload); errors then speak of "the uploaded file"."""
     W = dvae.cfg.grid
     if not 1 <= rows <= W:
         raise FieldError("prime_rows", f"must be in [1, {W}] (the token grid is {W}x{W}), got {rows}")
+    name = path if isinstance(path, (str, Path)) else "the uploaded file"
     try:
         with Image.open(path) as img:
             img.load()
             x = preprocess(img, dvae.cfg.image_size)
     except FileNotFoundError as e:
-        raise FieldError("prime", f"{path} does not exist") from e
+        raise FieldError("prime", f"{name} does not exist") from e
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise FieldError("prime", f"{path} is not a readable image ({type(e).__name__})") from e
+        raise FieldError("prime", f"{name} is not a readable image ({type(e).__name__})") from e
     codes = dvae.encode(x[None])  # (1, W, W)
     return codes[0, :rows].flatten(), dvae.decode(codes)[0]
+
+
+def _batch_progress(progress: Progress, before: int, rows: int, total: int) -> Progress:
+    """A batch's progress (positions of one sequence) as image tokens of every draw: `before` done in the
+    batches before it, `rows` sequences in it."""
+    return lambda j, _: progress(before + j * rows, total)
 
 
 @torch.no_grad()
@@ -184,6 +202,7 @@ def generate(
     batch_size: int = 64,
     generator: torch.Generator | None = None,
     cache: bool = True,
+    progress: Progress | None = None,
     **sampling,
 ) -> dict[str, torch.Tensor]:
     """`draws` samples for each caption of text (C, text_len), in batches; with a scorer
@@ -191,16 +210,19 @@ def generate(
     first (the paper's reranking), else the first `keep`.
 
     Returns tokens (C, keep, grid**2), images (C, keep, 3, H, W) and scores (C, keep) (NaN without a
-    scorer). prime: (P,) image tokens every sample starts with."""
+    scorer). prime: (P,) image tokens every sample starts with. progress(done, total) counts the image
+    tokens of every draw (C * draws * the positions left after the prime), batch after batch."""
     keep = draws if keep is None else keep
     C, W = text.shape[0], model.cfg.image_size
     device = next(model.parameters()).device
     rows = text.repeat_interleave(draws, dim=0)  # caption c's draws are rows c * draws ...
     tokens, images = [], []
+    per_row = W * W - (0 if prime is None else prime.numel())
     for i in range(0, len(rows), batch_size):
         t = rows[i : i + batch_size].to(device)
         p = None if prime is None else prime.to(device).expand(len(t), -1)
-        tok = sample_tokens(model, t, generator=generator, prime=p, cache=cache, **sampling).cpu()
+        step = None if progress is None else _batch_progress(progress, i * per_row, len(t), len(rows) * per_row)
+        tok = sample_tokens(model, t, generator=generator, prime=p, cache=cache, progress=step, **sampling).cpu()
         tokens.append(tok)
         images.append(dvae.decode(tok.view(-1, W, W)))
     tokens = torch.cat(tokens).view(C, draws, -1)
