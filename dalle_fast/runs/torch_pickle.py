@@ -165,7 +165,10 @@ def read_torch_file(path: str | Path, classes: list[str] | tuple[str, ...]) -> o
             return _read_archive(path, z, stub_classes(classes))
     except RefusedGlobal as e:
         raise RefusedGlobal(f"{path}: {e}") from None
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    except (
+        zipfile.BadZipFile, pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError, TypeError,
+        ValueError, RuntimeError, OverflowError,
+    ) as e:  # fmt: skip
         raise ValueError(f"{path} is damaged or not a saved model: {type(e).__name__}: {e}") from None
 
 
