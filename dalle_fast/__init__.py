@@ -25,6 +25,9 @@ from dalle_fast.ops import (
     to_column_order,
 )
 
+# The one entry point from above the ops: a trained or converted dVAE run, by folder.
+from dalle_fast.runs.load import load_dvae  # noqa: E402  (after _C and the ops, as everything else)
+
 __all__ = [
     "MASK_KINDS",
     "BlockLayout",
@@ -32,6 +35,7 @@ __all__ = [
     "block_layout",
     "block_sparse_attention",
     "layer_kinds",
+    "load_dvae",
     "save_mask_png",
     "sparse_attention",
     "sparse_attention_decode",

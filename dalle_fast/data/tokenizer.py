@@ -85,6 +85,12 @@ class CaptionTokenizer:
             return []
         return list(dict.fromkeys(w for w in _words(self._tok.normalizer, caption) if w not in self.words))
 
+    def add_words(self, captions: Iterable[str]) -> None:
+        """Counts the words of more training captions as seen (a tokenizer reused for new data: a run
+        started from another run's weights keeps its tokenizer)."""
+        if self.words is not None:
+            self.words.update(w for c in captions for w in _words(self._tok.normalizer, c))
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

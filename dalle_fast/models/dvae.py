@@ -4,7 +4,10 @@ Encoder: 7x7 conv, then `groups` groups of bottleneck resblocks (widths hidden x
 2x2 max-pool between groups, then a 1x1 conv to logits over the codebook. Decoder: 1x1 conv from the
 (relaxed) one-hot codes, groups in reverse with nearest 2x upsampling between them, then a 1x1 conv to 6
 maps: mu and ln b of a logit-Laplace distribution for each RGB channel. Each resblock's residual branch
-is scaled by 1 / n_layers^2 (n_layers = groups x blocks_per_group), as in the paper.
+is scaled by 1 / n_layers^2 (n_layers = groups x blocks_per_group), as in the paper. Two options
+reproduce OpenAI's released dVAE exactly (the `openai` preset): `decoder_init`, a narrower 1x1 entry conv
+(128 wide) whose first block widens it with a 1x1-conv shortcut, and `encoder_input="phi"`, the pixels
+fed as phi(x) in [0.1, 0.9] rather than centred.
 
 The likelihood is the paper's logit-Laplace by default. `likelihood="logit_normal"` swaps in a Gaussian
 in the same logit space with a fixed scale `sigma` (3 output maps): on flat-coloured synthetic images the
@@ -32,6 +35,7 @@ from torch import nn
 
 EPS = 0.1  # logit-Laplace pixel margin (the paper's epsilon)
 LIKELIHOODS = ("logit_laplace", "logit_normal")
+ENCODER_INPUTS = ("centred", "phi")
 
 
 @dataclass
@@ -46,6 +50,9 @@ class DVAEConfig:
     tau_end: float = 1.0 / 16  # ... at the end of the anneal
     likelihood: str = "logit_laplace"  # the paper's (mu, learned ln b: 6 maps) | logit_normal (mu: 3 maps)
     sigma: float = 0.2  # logit_normal's fixed standard deviation, in logit units
+    # OpenAI's released dVAE (the `openai` preset) differs from this project's default in two places:
+    decoder_init: int = 0  # decoder entry: codes -> this width by a 1x1 conv, then a 1x1-shortcut block; 0: none
+    encoder_input: str = "centred"  # centred: phi(x) * 2 - 1, in [-0.8, 0.8] | phi: phi(x), in [0.1, 0.9]
 
     def __post_init__(self):
         for name in ("groups", "blocks_per_group", "hidden", "codebook", "image_size"):
@@ -57,6 +64,10 @@ class DVAEConfig:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of the factor {self.factor}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if not isinstance(self.decoder_init, int) or self.decoder_init < 0:
+            raise ValueError(f"decoder_init must be an int >= 0 (0: none), got {self.decoder_init!r}")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}")
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         if not 0 < self.tau_end <= self.tau_start:
@@ -81,6 +92,10 @@ PRESETS = {
     "tiny": DVAEConfig(
         groups=3, blocks_per_group=1, hidden=32, codebook=64, image_size=32, likelihood="logit_normal", sigma=0.2
     ),
+    # OpenAI's released dVAE (DALL-E 0.1's Encoder and Decoder): the paper's shape, with a 128-wide 1x1
+    # entry conv in the decoder and phi(x) fed to the encoder as it is (python -m dalle_fast.convert
+    # openai-dvae builds a run of it from the released files; docs/openai_dvae.md).
+    "openai": DVAEConfig(decoder_init=128, encoder_input="phi"),
 }
 
 
@@ -160,9 +175,10 @@ class DVAE(nn.Module):
             output=nn.Conv2d(widths[-1], cfg.codebook, 1),
         ))  # fmt: skip
         rev = widths[::-1]
+        entry = cfg.decoder_init or rev[0]  # a width of its own: the first block's shortcut is a 1x1 conv
         self.decoder = nn.Sequential(OrderedDict(
-            input=nn.Conv2d(cfg.codebook, rev[0], 1),
-            blocks=_groups(cfg, dec_block, rev, rev[0], upsample),
+            input=nn.Conv2d(cfg.codebook, entry, 1),
+            blocks=_groups(cfg, dec_block, rev, entry, upsample),
             relu=nn.ReLU(),
             output=nn.Conv2d(rev[-1], 6 if cfg.likelihood == "logit_laplace" else 3, 1),
         ))  # fmt: skip
@@ -190,7 +206,10 @@ class DVAE(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images in [0, 1], [B, 3, H, W] -> code logits [B, codebook, H / f, W / f]."""
         self._check_images(images)
-        return self.encoder(phi(images) * 2 - 1)  # centred input
+        x = phi(images)
+        # "phi" is OpenAI's input: no change of the weights turns it into the centred one, as the zero
+        # padding at the borders sees the offset.
+        return self.encoder(x if self.cfg.encoder_input == "phi" else x * 2 - 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,19 @@ def load_tokenizer(run: str | Path) -> CaptionTokenizer:
         raise ValueError(f"{run} has no readable tokenizer.json: {e}") from e
 
 
+def same_tokenizer(run_a: str | Path, run_b: str | Path) -> bool:
+    """Whether two runs' tokenizer.json map text to the same token ids (same BPE, same text_len; the BPE
+    dropout and the list of seen words aside)."""
+    payloads = []
+    for run in (run_a, run_b):
+        try:
+            payload = json.loads((Path(run) / "tokenizer.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{run} has no readable tokenizer.json: {e}") from e
+        payloads.append((payload.get("tokenizer"), payload.get("text_len")))
+    return payloads[0] == payloads[1]
+
+
 def load_dvae(run: str | Path) -> DVAE:
     """The stage-1 dVAE of a run directory, with its EMA weights, in eval mode."""
     return load_model(run, "dvae", "dVAE", lambda c: DVAE(DVAEConfig(**c)), "ema.safetensors")[0]

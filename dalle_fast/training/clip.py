@@ -28,9 +28,16 @@ from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.progress import Progress
 from dalle_fast.runs.checkpoint import load_config
-from dalle_fast.runs.load import load_tokenizer
+from dalle_fast.runs.load import load_tokenizer, same_tokenizer
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, seed_everything, set_threads
+from dalle_fast.training.loop import (
+    INIT_FROM_HELP,
+    TIME_LIMIT_HELP,
+    TrainingRun,
+    check_init_from,
+    seed_everything,
+    set_threads,
+)
 from dalle_fast.training.schedules import warmup_cosine
 
 
@@ -65,9 +72,14 @@ class CLIPTrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present) | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the init and the batches"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out where it stopped"})
+    init_from: str = field(
+        default="",
+        metadata={"help": "CLIP run to start from (the --dalle run's tokenizer must be its); " + INIT_FROM_HELP},
+    )
 
     def __post_init__(self):
         check_finite(self)
+        check_init_from(self)
         for name in ("width", "embed_dim", "max_items", "val_items", "steps", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,6 +168,14 @@ class CLIPRun(TrainingRun):
         self.val_text = self.tok.encode([c[0] for c in val_lines]).to(device)
         seed_everything(cfg.seed)
         self.model = CLIP(self.ccfg).to(device)
+        if cfg.init_from:
+            with field_errors("dalle"):
+                if not same_tokenizer(Path(cfg.dalle), Path(cfg.init_from)):
+                    raise ValueError(
+                        f"its tokenizer is not the one {cfg.init_from} was trained with (token ids would name other "
+                        "pieces of words): give a stage-2 run that shares it (one started from the same run)"
+                    )
+            self.start_from("clip", dataclasses.asdict(self.ccfg), lambda c: dataclasses.asdict(CLIPConfig(**c)))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.resume:
             self.resume()

@@ -38,12 +38,13 @@ from dalle_fast.data.sources import DATA_HELP, describe, open_datasets
 from dalle_fast.data.token_cache import TokenCache, encode_images
 from dalle_fast.data.tokenizer import CaptionTokenizer
 from dalle_fast.errors import FieldError, check_finite, field_errors
+from dalle_fast.models.dvae import DVAEConfig
 from dalle_fast.models.tokens import PAD
-from dalle_fast.models.transformer import ATTENTION_MODES, DALLE, PRESETS, preset
+from dalle_fast.models.transformer import ATTENTION_MODES, DALLE, PRESETS, TransformerConfig, preset
 from dalle_fast.ops.device import PRECISIONS, autocast, choose_device, choose_precision
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.images import save_captioned_grid
-from dalle_fast.runs.load import load_dvae
+from dalle_fast.runs.load import load_dvae, load_tokenizer
 from dalle_fast.runs.log import RunLog
 from dalle_fast.sampling.sample import sample_tokens
 from dalle_fast.training.amp import BlockAdamW, ResblockGradScaler, clip_grad_norm_finite_
@@ -60,7 +61,16 @@ from dalle_fast.training.distributed import (
     wrap_ddp,
     wrap_fsdp,
 )
-from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, claim_output, seed_everything, set_threads
+from dalle_fast.training.loop import (
+    INIT_FROM_HELP,
+    TIME_LIMIT_HELP,
+    TrainingRun,
+    check_init_from,
+    claim_output,
+    config_differences,
+    seed_everything,
+    set_threads,
+)
 from dalle_fast.training.schedules import warmup_cosine
 
 
@@ -76,7 +86,11 @@ class DALLETrainConfig:
         default="",
         metadata={"help": "held-out data (same forms); empty: split from --data (a stream: its first items)"},
     )
-    vae: str = field(default="runs/vae", metadata={"help": "the stage-1 run directory (its EMA weights encode)"})
+    vae: str = field(
+        default="",
+        metadata={"help": "the stage-1 run directory (its EMA weights encode); empty: the --init-from run's, else "
+                  "runs/vae"},
+    )  # fmt: skip
     preset: str = field(default="tiny", metadata={"help": f"transformer size: {' | '.join(PRESETS)}"})
     out: str = field(default="runs/dalle", metadata={"help": "run directory (checkpoints, logs, samples)"})
     d_model: int = field(
@@ -129,9 +143,13 @@ class DALLETrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default"})
     seed: int = field(default=0, metadata={"help": "seed of the init, the batches and the samples"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
+    init_from: str = field(
+        default="", metadata={"help": "stage-2 run to start from (its tokenizer and dVAE too); " + INIT_FROM_HELP}
+    )
 
     def __post_init__(self):
         check_finite(self)
+        check_init_from(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.attention not in ATTENTION_MODES:
@@ -197,12 +215,18 @@ class DALLERun(TrainingRun):
     def __init__(self, cfg: DALLETrainConfig):
         set_threads(cfg.threads)
         claim_output(Path(cfg.out), cfg.resume)  # before joining a process group: refuse early
+        self.init_meta = _init_run(cfg)
         device, self.precision = resolve_device(cfg)
         dist = init_from_env(device.type, cfg.dist_timeout)
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
             torch.cuda.set_device(device)
         super().__init__(cfg, device, dist)
+        # A resumed run keeps its dVAE and where it started from without their flags (its config.json says).
+        own = load_config(self.out) if cfg.resume else {}
+        self.init_source = str(Path(cfg.init_from).resolve()) if cfg.init_from else own.get("init_from", {}).get("run")
+        vae = cfg.vae or self.init_meta.get("train", {}).get("vae") or own.get("train", {}).get("vae") or "runs/vae"
+        self.cfg = cfg = dataclasses.replace(cfg, vae=vae)
         if self.dist.main:
             print(f"device {self.device}, precision {self.precision}", file=sys.stderr)
         if cfg.batch_size % dist.world:
@@ -213,6 +237,14 @@ class DALLERun(TrainingRun):
             raise FieldError("shard", "does not combine with per-resblock gradient scaling (fp16) yet; use bf16")
         with field_errors("vae"):
             self.dvae = load_dvae(cfg.vae).to(self.device)  # encodes the data, decodes the samples
+        if cfg.init_from:  # the codes the transformer learnt must mean the same images
+            diff = config_differences(
+                dataclasses.asdict(DVAEConfig(**self.init_meta["dvae"])), dataclasses.asdict(self.dvae.cfg)
+            )
+            if diff:
+                raise FieldError(
+                    "vae", f"{cfg.vae} is not the dVAE {cfg.init_from} was trained with: {'; '.join(diff)}"
+                )
         self._prepare_data()
         base = PRESETS[cfg.preset]
         self.mcfg = preset(
@@ -228,6 +260,9 @@ class DALLERun(TrainingRun):
         )
         seed_everything(cfg.seed)
         self.model = DALLE(self.mcfg).to(self.device)
+        if cfg.init_from:  # before any wrapper: the plain model's names
+            ignore = ("checkpoint",)  # recomputing activations changes no weight
+            self.start_from("transformer", dataclasses.asdict(self.mcfg), _full_transformer_config, ignore)
         self.scaler = None
         if self.precision == "fp16" or cfg.resblock_scaling:
             # The paper's M: scales start M times higher, as each replica's loss is 1/M of the global one.
@@ -276,6 +311,8 @@ class DALLERun(TrainingRun):
             "bpe_variants": cfg.bpe_variants,
             "seed": cfg.seed,
         }
+        if self.init_source:  # its tokenizer encoded the captions
+            key["init_from"] = self.init_source
         caches = {s: TokenCache.load(out / f"cache_{s}.pt", key) for s in ("train", "val")}
         if tok_path.exists() and all(caches.values()):
             self.tok = CaptionTokenizer.load(tok_path)
@@ -302,12 +339,16 @@ class DALLERun(TrainingRun):
                         "data", f"{cfg.data}: no usable {name} items (every image or caption was unreadable)"
                     )
             base = PRESETS[cfg.preset]
-            self.tok = CaptionTokenizer.train(
-                (c for cs in lines for c in cs),
-                vocab_size=cfg.vocab_size or base.text_vocab,
-                text_len=cfg.text_len or base.text_len,
-                dropout=cfg.bpe_dropout,
-            )
+            if cfg.init_from:
+                self.tok = self._init_tokenizer()
+                self.tok.add_words(c for cs in lines for c in cs)
+            else:
+                self.tok = CaptionTokenizer.train(
+                    (c for cs in lines for c in cs),
+                    vocab_size=cfg.vocab_size or base.text_vocab,
+                    text_len=cfg.text_len or base.text_len,
+                    dropout=cfg.bpe_dropout,
+                )
             self.tok.save(tok_path)
             caches = {
                 "train": TokenCache.build(codes, lines, self.tok, cfg.bpe_variants if cfg.bpe_dropout else 0),
@@ -326,6 +367,21 @@ class DALLERun(TrainingRun):
         self.sample_text, _ = self.val_cache.batch(
             torch.arange(min(self.cfg.samples, len(self.val_cache))), torch.Generator(), dropout=False
         )
+
+    def _init_tokenizer(self) -> CaptionTokenizer:
+        """The --init-from run's tokenizer (token ids mean what its model learnt), with this run's BPE
+        dropout; vocab_size and text_len, when set, must be the ones it was trained with."""
+        cfg, init = self.cfg, self.init_meta.get("train", {})
+        for name in ("vocab_size", "text_len"):
+            if getattr(cfg, name) and getattr(cfg, name) != init.get(name):
+                raise FieldError(
+                    name,
+                    f"{getattr(cfg, name)}, but {cfg.init_from} (whose tokenizer this run keeps) has {init.get(name)}",
+                )
+        with field_errors("init_from"):
+            tok = load_tokenizer(cfg.init_from)
+        tok.dropout = cfg.bpe_dropout
+        return tok
 
     def _encode_shared(self, dataset, desc: str) -> tuple[torch.Tensor, list[list[str]]]:
         """The training items encoded by every rank in parts (map-style: interleaved indices; a stream:
@@ -542,6 +598,27 @@ class DALLERun(TrainingRun):
             line += f", sent {sent['sent_bytes'] / 1e6:.2f} MB ({sent['reduction']:.1%} less)"
         print(line, file=sys.stderr)
         return sent
+
+
+def _init_run(cfg: DALLETrainConfig) -> dict:
+    """The config.json of the --init-from run ({} without one); a given --vae must be its dVAE run."""
+    if not cfg.init_from:
+        return {}
+    with field_errors("init_from"):
+        meta = load_config(cfg.init_from)
+        if "transformer" not in meta:
+            raise ValueError(f"{cfg.init_from} is not a stage-2 run (its config.json has no 'transformer' entry)")
+    theirs = meta.get("train", {}).get("vae", "")
+    if cfg.vae and Path(cfg.vae).resolve() != Path(theirs).resolve():
+        raise FieldError(
+            "vae", f"{cfg.vae} is not the dVAE of {cfg.init_from} ({theirs}); leave it out to use that one"
+        )
+    return meta
+
+
+def _full_transformer_config(saved: dict) -> dict:
+    """A run's transformer config with every field (a run older than a field gets its default)."""
+    return dataclasses.asdict(TransformerConfig(**saved))
 
 
 def train_dalle(cfg: DALLETrainConfig, stop_at: int | None = None) -> dict:

@@ -13,6 +13,9 @@ subclasses it and supplies only its own parts:
     after_log()                   after each logged step
     extra_state() / load_extra_state(state)   what else a resume needs (default: the optimizer, self.opt)
     check_resume(state, meta)     refuses a checkpoint of another configuration
+
+A new run can start from another run's weights (`start_from`, the stages' --init-from): fine-tuning, with
+its own data, a fresh optimizer and schedules from their start; config.json records where it started.
     weights() -> dict             the state dicts to save as safetensors (default: model, ema)
     load_weights(weights)         puts them back on resume
     meta() -> dict                config.json: what was trained, how
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.errors import FieldError
+from dalle_fast.errors import FieldError, field_errors
 from dalle_fast.runs import checkpoint
 from dalle_fast.runs.checkpoint import (
     COMPLETE,
@@ -48,6 +51,30 @@ from dalle_fast.runs.checkpoint import (
 from dalle_fast.runs.log import RunLog
 from dalle_fast.training.distributed import DistInfo, barrier, rank0_value
 from dalle_fast.training.schedules import Budget
+
+# Every stage's --init-from, said once.
+INIT_FROM_HELP = (
+    "start a new run from this run's weights (its EMA weights where it keeps them): new data, a fresh optimizer, "
+    "schedules from their start, the same model configuration (and tokenizer and dVAE); not with --resume, "
+    "which continues the run in --out"
+)
+
+
+def check_init_from(cfg) -> None:
+    """--init-from starts a new run, --resume continues one: a config's __post_init__ refuses both."""
+    if cfg.init_from and cfg.resume:
+        raise FieldError(
+            "init_from",
+            "does not combine with resume: resume continues the run in out exactly; init_from starts a new run "
+            "from another run's weights",
+        )
+
+
+def config_differences(theirs: dict, mine: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """ "field: V there, W here" for each field of two configs (as dicts) that differ."""
+    keys = [k for k in dict.fromkeys([*mine, *theirs]) if k not in ignore]
+    return [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in keys if theirs.get(k) != mine.get(k)]
+
 
 # Every stage's --time-limit, said once.
 TIME_LIMIT_HELP = (
@@ -92,6 +119,7 @@ class TrainingRun:
         self.step, self.seconds = 0, 0.0  # training time so far, across resumes (the time limit is the run's)
         self.budget = Budget(cfg.steps, cfg.time_limit)
         self.ema: dict[str, torch.Tensor] | None = None
+        self.init_record: dict | None = None  # the run this one started from (start_from)
         self.sharded_ema = False  # EMA entries are shards (DTensors) of a sharded model
         claim_output(self.out, cfg.resume)
         # One writer per run folder (rank 0 under torchrun), which first completes or drops a checkpoint
@@ -140,6 +168,30 @@ class TrainingRun:
         raise NotImplementedError
 
     # ---- the shared parts --------------------------------------------------------------------------
+
+    def start_from(self, entry: str, mine: dict, build=dict, ignore: tuple[str, ...] = ()) -> dict:
+        """Fills self.model with the weights of the run cfg.init_from (its EMA weights when it keeps them, the
+        weights its samples and evaluations used; else its model weights) after checking that its config.json
+        `entry` (made comparable by build(dict) -> dict, e.g. filling fields newer than the run) equals `mine`,
+        fields in `ignore` aside. Call it after building the model and before init_ema, so the EMA starts at
+        the same weights. Returns that run's config.json. FieldError of init_from naming both values on a
+        mismatch."""
+        run = Path(self.cfg.init_from)
+        with field_errors("init_from"):
+            meta = checkpoint.load_config(run)
+            if entry not in meta:
+                raise ValueError(f"{run} has no {entry} (its config.json has no {entry!r} entry)")
+            diff = config_differences(build(meta[entry]), mine, ignore)
+            if diff:
+                raise ValueError(f"{run}'s {entry} configuration differs from this run's: {'; '.join(diff)}")
+            name = "ema.safetensors" if (run / "ema.safetensors").exists() else "model.safetensors"
+            check_steps(run, meta, [name])
+            try:
+                self.model.load_state_dict(checkpoint.load_weights(run / name))
+            except RuntimeError as e:
+                raise ValueError(f"the weights in {run / name} do not fit this model: {e}") from e
+        self.init_record = {"run": str(run.resolve()), "step": meta.get("step"), "weights": name}
+        return meta
 
     def progress(self) -> float:
         """Where the schedules stand, 0 -> 1 (see Budget): a stage's update reads it for its learning rate
@@ -191,7 +243,10 @@ class TrainingRun:
             "step": self.step, "seconds": self.seconds, "budget": dataclasses.asdict(self.budget),
             **rng_state(self.device), **extra,
         }  # fmt: skip
-        save_run(self.out, weights, state, {**self.meta(), "seconds": round(self.seconds, 3)})
+        meta = {**self.meta(), "seconds": round(self.seconds, 3)}
+        if self.init_record is not None:
+            meta["init_from"] = self.init_record
+        save_run(self.out, weights, state, meta)
 
     def resume(self) -> None:
         """Everything a checkpoint holds, back in place."""
@@ -206,6 +261,7 @@ class TrainingRun:
             raise ValueError(f"the checkpoint in {self.out} does not fit this run: {e}") from e
         set_rng_state(state, self.device)
         self.step, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        self.init_record = meta.get("init_from")  # a run started from another keeps saying so
         train = meta.get("train", {})
         saved = Budget(**state["budget"]) if "budget" in state else Budget(train["steps"], train.get("time_limit", 0.0))
         self.budget = saved.resumed(self.cfg.steps, self.cfg.time_limit, self.step, self.seconds)

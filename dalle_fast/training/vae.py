@@ -25,7 +25,14 @@ from dalle_fast.models.dvae import DVAE, PRESETS, DVAEConfig, codebook_usage, ps
 from dalle_fast.ops.device import choose_device, parse_device
 from dalle_fast.runs.images import save_recon_grid
 from dalle_fast.runs.log import RunLog
-from dalle_fast.training.loop import TIME_LIMIT_HELP, TrainingRun, seed_everything, set_threads
+from dalle_fast.training.loop import (
+    INIT_FROM_HELP,
+    TIME_LIMIT_HELP,
+    TrainingRun,
+    check_init_from,
+    seed_everything,
+    set_threads,
+)
 from dalle_fast.training.schedules import cosine_anneal, linear_ramp
 
 
@@ -83,9 +90,12 @@ class VAETrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present) | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, the init and the gumbel noise"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out exactly where it stopped"})
+    # A converted OpenAI dVAE has the openai preset's configuration: fine-tune it with --preset openai.
+    init_from: str = field(default="", metadata={"help": "dVAE run to start from; " + INIT_FROM_HELP})
 
     def __post_init__(self):
         check_finite(self)
+        check_init_from(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_images"):
@@ -145,6 +155,8 @@ class VAERun(TrainingRun):
         # channels_last: oneDNN's preferred layout for the convolutions on a CPU; the checkpoints store
         # ordinary contiguous tensors.
         self.model = DVAE(self.dcfg).to(device=device, memory_format=torch.channels_last)
+        if cfg.init_from:
+            self.start_from("dvae", dataclasses.asdict(self.dcfg), lambda c: dataclasses.asdict(DVAEConfig(**c)))
         self.init_ema()
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
@@ -208,6 +220,13 @@ class VAERun(TrainingRun):
         )
         log.print(f"step {self.step}: loss {metrics['loss']:.4f} psnr {metrics['psnr']:.2f} dB "
                   f"codebook {metrics['usage']:.0%}")  # fmt: skip
+
+    def check_resume(self, state: dict, meta: dict) -> None:
+        if meta.get("train", {}).get("source"):  # a converted dVAE: no optimizer or schedules to continue
+            raise ValueError(
+                f"cannot resume {self.out}: it holds a converted dVAE ({meta['train']['source']}), not a training "
+                "run; start a new run from it with init_from"
+            )
 
     def meta(self) -> dict:
         return {"train": dataclasses.asdict(self.cfg), "dvae": dataclasses.asdict(self.dcfg), "step": self.step}
