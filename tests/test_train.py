@@ -133,7 +133,7 @@ def test_stream_resume_continues(tmp_path):
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (["--data", "imagenet"], "--data: must be shapes, digits, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds:URLS"),
+        (["--data", "imagenet"], "--data: must be shapes, digits, folder:DIR, coco:CAPTIONS_JSON,IMAGE_DIR or wds"),
         (["--data", "wds:/no/such/shard.tar"], "no such shard file"),
         (["--val-data", "coco:x.json"], "--val-data: coco: expects CAPTIONS_JSON,IMAGE_DIR"),
     ],
