@@ -1,6 +1,7 @@
 """dalle_fast.sparse_attention against the dense pure-PyTorch reference: values, gradients, opcheck,
 torch.compile, bad input. CUDA cases skip cleanly where no GPU (or no CUDA kernel) is present."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -176,6 +177,57 @@ def test_cuda_torch_compile(_):
 
     loss = torch.compile(step, fullgraph=True)(q, k, v)
     torch.testing.assert_close(loss, step(q, k, v))
+
+
+# ---- non-finite values: a masked key never affects an output ---------------------------------------
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+OPERANDS = ("q", "k", "v", "grad_out")
+
+
+def _with_value(tensors, which, t, value):
+    """Copies of (q, k, v, grad_out) with element (batch 1, head 0, token t, dim 3) of `which` set to value."""
+    out = [x.detach().clone() for x in tensors]
+    out[OPERANDS.index(which)][1, 0, t, 3] = value
+    return out
+
+
+def _attention_and_grads(fn, q, k, v, grad):
+    return attention_and_grads(fn, *(x.clone().requires_grad_() for x in (q, k, v)), grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,W", [(6, 4), (37, 7), (70, 9)])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_masked_nonfinite_values_never_reach_an_output(kind, T, W, dtype, unreached):
+    """A NaN or infinity in q, k, v or grad_out changes no output or gradient that no visible (query, key)
+    pair links it to, bit for bit, in the kernels and in the reference alike; where it is visible it
+    propagates as in the reference: the same entries are non-finite (NaN where the reference has NaN,
+    for a NaN), and the rows that see a NaN in q, k or v are NaN."""
+    n = T + W * W
+    q, k, v = make_qkv(T, W, dtype, batch=2, heads=2, head_dim=24, seed=T)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    mask = attention_mask(kind, T, W)
+    kernel = lambda *x: sparse_attention(*x, kind, T, W)  # noqa: E731
+    reference = lambda *x: sparse_attention_reference(*x, kind, T, W)  # noqa: E731
+    finite = {fn: _attention_and_grads(fn, q, k, v, grad) for fn in (kernel, reference)}
+    for which, value, t in itertools.product(OPERANDS, NONFINITE, (T, n // 2, n - 2)):
+        case = f"{value} in {which}[1, 0, {t}]"
+        poisoned = _with_value((q, k, v, grad), which, t, value)
+        got = {fn: _attention_and_grads(fn, *poisoned) for fn in (kernel, reference)}
+        for fn, name in ((kernel, "kernel"), (reference, "reference")):
+            for result, a, b in zip(("out", "dq", "dk", "dv"), finite[fn], got[fn], strict=True):
+                rows = unreached(mask, which, t)[result]
+                assert torch.equal(a[:, :, rows], b[:, :, rows]), f"{name} {result}, {case}"
+        for result, a, b in zip(("out", "dq", "dk", "dv"), got[kernel], got[reference], strict=True):
+            same = a.isnan() if value != value else ~a.isfinite()
+            want = b.isnan() if value != value else ~b.isfinite()
+            assert torch.equal(same, want), f"{result} non-finite where the reference is not, {case}"
+            both = a.isfinite() & b.isfinite()
+            torch.testing.assert_close(a[both].float(), b[both].float(), atol=3e-2, rtol=3e-2)
+        if value != value and which != "grad_out":
+            seen_by = ~unreached(mask, which, t)["out"]
+            assert got[kernel][0][1, 0, seen_by].isnan().any(-1).all(), f"a row that sees {case} is not NaN"
 
 
 def test_fp16_and_custom_scale_and_kernel_size():
