@@ -59,20 +59,28 @@ def test_every_row_equals_the_full_attention(kind, T, W, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_reads_only_the_allowed_keys(kind, device):
-    """Every cache entry the row may not see is NaN: the output must not change (masked work is skipped,
-    not multiplied by zero), which also means entries after the query are never read."""
+    """Every cache entry the row may not see is NaN or infinite: the output and its gradients must not
+    change (masked work is skipped, not multiplied by zero), which also means entries after the query are
+    never read; the reference follows the same rule."""
     T, W, ks = 6, 5, 3
     q, k, v = make_cache(T, W, torch.float16 if device == "cuda" else torch.float32, device)
-    for i in (T - 1, T, T + 7, T + W * W - 1):
+    grad = torch.randn_like(q[:, :, 0])
+    nonfinite = (float("nan"), float("inf"), float("-inf"), float("nan"))
+    for i, value in zip((T - 1, T, T + 7, T + W * W - 1), nonfinite, strict=True):
         keep = torch.tensor(allowed_keys(kind, T, W, ks, i), device=device)
         hidden = torch.ones(T + W * W, dtype=torch.bool, device=device)
         hidden[keep] = False
         kn, vn = k.clone(), v.clone()
-        kn[:, :, hidden] = float("nan")
-        vn[:, :, hidden] = float("nan")
-        a = sparse_attention_decode(q[:, :, i], k, v, kind, T, W, i, ks)
-        b = sparse_attention_decode(q[:, :, i], kn, vn, kind, T, W, i, ks)
-        assert torch.equal(a, b), i
+        kn[:, :, hidden] = value
+        vn[:, :, hidden] = -value
+        for fn in (sparse_attention_decode, sparse_attention_decode_reference):
+            results = []
+            for kc, vc in ((k, v), (kn, vn)):
+                xs = [x.clone().requires_grad_() for x in (q[:, :, i], kc, vc)]
+                out = fn(*xs, kind, T, W, i, ks)
+                results.append((out, *torch.autograd.grad(out, xs, grad)))
+            for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+                assert torch.equal(a, b), f"{fn.__name__} {name}, row {i}, {value}"
 
 
 @pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA_ONLY)])

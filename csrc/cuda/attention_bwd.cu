@@ -29,14 +29,15 @@ struct BwdSmem {
 };
 
 // Before step e: block e's tiles are in shared memory. Stages 2 also starts block e + 1's loads into the
-// other buffer (next_tiles); stages 1 waits for the loads done_step() started.
-template <int Stages, typename Fetch>
-__device__ __forceinline__ void begin_step(int e, int e_end, Fetch&& fetch) {
+// other buffer (next_tiles); stages 1 waits for the loads done_step() started. Returns whether own() (a
+// check of this thread's share of block e's tiles) holds for some thread of the block.
+template <int Stages, typename Fetch, typename Own>
+__device__ __forceinline__ bool begin_step(int e, int e_end, Fetch&& fetch, Own&& own) {
   if constexpr (Stages == 2) {
-    next_tiles(e, e_end, fetch);
+    return next_tiles(e, e_end, fetch, own);
   } else {
     ptx::cp_async_wait<0>();
-    __syncthreads();
+    return __syncthreads_or(own()) != 0;
   }
 }
 
@@ -147,11 +148,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int e = e_begin; e < e_end; ++e) {
     const int q0 = p.layout.k_qblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     const bool full = tile_full(p.layout.k_full[e], q0, k0, N);
-    begin_step<Stages>(e, e_end, fetch);  // (K and V came with the first group)
     const T* sQ = sQs + buf * kTile;
     const T* sdO = sdOs + buf * kTile;
     const float* sLse = sLses + buf * kBlock;
     const float* sDelta = sDeltas + buf * kBlock;
+    // (K and V came with the first group.) A partial block whose Q or dO holds a NaN or an infinity takes
+    // dK and dV over visible pairs only (tile.cuh).
+    const bool nonfinite = begin_step<Stages>(e, e_end, fetch, [&] {
+      return !full && (own_share_nonfinite<T, D>(sQ, L::ld) || own_share_nonfinite<T, D>(sdO, L::ld));
+    });
 
     #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // queries kk * 16 .. kk * 16 + 15
@@ -173,28 +178,34 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma_pair<T>(dpt[0], dpt[1], va, ob);
         }
       }
-      // P^T = exp(S^T * scale - lse[query]) (0 where masked), dS^T = P^T (dP^T - delta[query]), packed as
-      // the A fragments (16 keys x 16 queries) of dV += P^T dO and dK += dS^T Q.
+      // P^T = exp(S^T * scale - lse[query]), dS^T = P^T (dP^T - delta[query]), both exactly 0 where masked
+      // (whatever lse, dP or delta hold there), packed as the A fragments (16 keys x 16 queries) of
+      // dV += P^T dO and dK += dS^T Q.
       bool on[2][4] = {{true, true, true, true}, {true, true, true, true}};
       if (!full) chunk_mask(on, p.mask, key_rows, q0 + kk * 16 + 2 * t);
       uint32_t pa[4], dsa[4];
+      float pv[2][4], dsv[2][4];
       #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float pv[4], dsv[4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int c = kk * 16 + half * 8 + 2 * t + i % 2;  // query column within the block
-          pv[i] = on[half][i] ? ptx::exp2_approx(__fmaf_rn(st[half][i], scale_log2, -sLse[c])) : 0.f;
-          dsv[i] = pv[i] * (dpt[half][i] - sDelta[c]);
+          pv[half][i] = on[half][i] ? ptx::exp2_approx(__fmaf_rn(st[half][i], scale_log2, -sLse[c])) : 0.f;
+          dsv[half][i] = on[half][i] ? pv[half][i] * (dpt[half][i] - sDelta[c]) : 0.f;
         }
-        pa[2 * half] = pack2<T>(pv[0], pv[1]);
-        pa[2 * half + 1] = pack2<T>(pv[2], pv[3]);
-        dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);
-        dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
+        pa[2 * half] = pack2<T>(pv[half][0], pv[half][1]);
+        pa[2 * half + 1] = pack2<T>(pv[half][2], pv[half][3]);
+        dsa[2 * half] = pack2<T>(dsv[half][0], dsv[half][1]);
+        dsa[2 * half + 1] = pack2<T>(dsv[half][2], dsv[half][3]);
       }
       // B(k = query, n = d) = dO[query][d] and Q[query][d]: rows of sdO / sQ, read transposed.
-      mma_a_rows<T>(acc_dv, pa, sdO, L::ld, kk * 16, lane);
-      mma_a_rows<T>(acc_dk, dsa, sQ, L::ld, kk * 16, lane);
+      if (!nonfinite) {
+        mma_a_rows<T>(acc_dv, pa, sdO, L::ld, kk * 16, lane);
+        mma_a_rows<T>(acc_dk, dsa, sQ, L::ld, kk * 16, lane);
+      } else {
+        mma_a_rows_over_pairs<T>(acc_dv, pa, pair_signs<T>(pv[0], pv[1], on), sdO, L::ld, kk * 16, lane);
+        mma_a_rows_over_pairs<T>(acc_dk, dsa, pair_signs<T>(dsv[0], dsv[1], on), sQ, L::ld, kk * 16, lane);
+      }
     }
     done_step<Stages>(e, e_end, fetch);
   }
@@ -277,9 +288,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int e = e_begin; e < e_end; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & (Stages - 1);
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    begin_step<Stages>(e, e_end, fetch);
     const T* sK = sKs + buf * kTile;
     const T* sV = sVs + buf * kTile;
+    // A partial block whose K holds a NaN or an infinity takes dQ over visible pairs only (tile.cuh).
+    const bool k_nonfinite =
+        begin_step<Stages>(e, e_end, fetch, [&] { return !full && own_share_nonfinite<T, D>(sK, L::ld); });
 
     #pragma unroll
     for (int kk = 0; kk < kBlock / 16; ++kk) {  // keys kk * 16 .. kk * 16 + 15
@@ -293,23 +306,27 @@ __global__ void __launch_bounds__(kThreads, 2)
         mma_pair<T>(s[0], s[1], qa[ks], kb4);
         mma_pair<T>(dp[0], dp[1], oa[ks], vb4);
       }
-      // dS = P (dP - delta), P = exp(S * scale - lse) (0 where masked), as the A fragment of dQ += dS K.
+      // dS = P (dP - delta), P = exp(S * scale - lse), exactly 0 where masked, as the A fragment of
+      // dQ += dS K.
       bool on[2][4] = {{true, true, true, true}, {true, true, true, true}};
       if (!full) chunk_mask(on, p.mask, query_rows, k0 + kk * 16 + 2 * t);
       uint32_t dsa[4];
+      float dsv[2][4];
       #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float dsv[4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float pe = on[half][i] ? ptx::exp2_approx(__fmaf_rn(s[half][i], scale_log2, -lse2[i / 2])) : 0.f;
-          dsv[i] = pe * (dp[half][i] - dlt[i / 2]);
+          dsv[half][i] = on[half][i] ? pe * (dp[half][i] - dlt[i / 2]) : 0.f;
         }
-        dsa[2 * half] = pack2<T>(dsv[0], dsv[1]);
-        dsa[2 * half + 1] = pack2<T>(dsv[2], dsv[3]);
+        dsa[2 * half] = pack2<T>(dsv[half][0], dsv[half][1]);
+        dsa[2 * half + 1] = pack2<T>(dsv[half][2], dsv[half][3]);
       }
       // B(k = key, n = d) = K[key][d]: rows of sK, read transposed.
-      mma_a_rows<T>(acc_dq, dsa, sK, L::ld, kk * 16, lane);
+      if (!k_nonfinite)
+        mma_a_rows<T>(acc_dq, dsa, sK, L::ld, kk * 16, lane);
+      else
+        mma_a_rows_over_pairs<T>(acc_dq, dsa, pair_signs<T>(dsv[0], dsv[1], on), sK, L::ld, kk * 16, lane);
     }
     done_step<Stages>(e, e_end, fetch);
   }

@@ -109,9 +109,11 @@ __global__ void __launch_bounds__(threads_for<MT>())
   for (int e = e_begin; e < e_end; ++e) {
     const int k0 = p.layout.q_kblock[e] * kBlock, buf = (e - e_begin) & 1;
     const bool full = tile_full(p.layout.q_full[e], q0, k0, N);
-    next_tiles(e, e_end, fetch);
     const T* sKb = sK + buf * kTile;
     const T* sVb = sV + buf * kTile;
+    // A partial block whose V holds a NaN or an infinity takes P V over visible pairs only (tile.cuh).
+    const bool v_nonfinite =
+        next_tiles(e, e_end, fetch, [&] { return !full && own_share_nonfinite<T, D, kThr>(sVb, L::ld); });
 
     // S = Q K^T: B(k = d, n = key) = K[key][d], rows of sK as they are; each K fragment serves MT tiles.
     float s[MT][NT][4];
@@ -178,7 +180,19 @@ __global__ void __launch_bounds__(threads_for<MT>())
           pa[mt][2 * half] = pack2<T>(st[0], st[1]);
           pa[mt][2 * half + 1] = pack2<T>(st[2], st[3]);
         }
-      mma_a_rows<T>(o, pa, sVb, L::ld, kk * 16, lane);
+      if (!v_nonfinite) {
+        mma_a_rows<T>(o, pa, sVb, L::ld, kk * 16, lane);
+      } else {  // one row tile at a time, which re-reads V but needs fewer registers
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const QueryRow<int> rows[2] = {query_row<int>(p.mask, row0 + 16 * mt, N),
+                                         query_row<int>(p.mask, row0 + 16 * mt + 8, N)};
+          bool on[2][4];
+          chunk_mask(on, p.mask, rows, k0 + kk * 16 + 2 * t);
+          const PairSigns signs = pair_signs<T>(s[mt][2 * kk], s[mt][2 * kk + 1], on);  // s holds P by now
+          mma_a_rows_over_pairs<T>(o[mt], pa[mt], signs, sVb, L::ld, kk * 16, lane);
+        }
+      }
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }

@@ -202,6 +202,150 @@ __device__ __forceinline__ void chunk_mask(bool (&on)[2][4], const MaskSpec& m, 
     }
 }
 
+// ---- non-finite values at hidden pairs (docs/kernels.md#non-finite-values) ------------------------------
+// The products that sum over (query, key) pairs (P V; dS^T Q, P^T dO and dS K in the backward) take A
+// fragments that are exactly 0 at pairs the mask hides. An mma still forms 0 * x there, NaN for a
+// non-finite x in the B tile. Tiles of partial blocks whose B operand holds a non-finite value therefore
+// run mma_*_over_pairs: the mma reads B with its non-finite values zeroed (so every other output gets
+// the bits of a finite B), and the non-finite terms of visible pairs are counted by three more mmas on
+// 0/1 indicator fragments (weights > 0, < 0, and 0 or NaN, at visible pairs only) against B's kinds, and
+// added as NaN, +inf or -inf, as IEEE arithmetic would have summed them.
+
+// Does this thread's share of a tile that load_tile_async<T, D, Threads> filled hold a NaN or an
+// infinity? Reads only the 16-byte pieces this thread copied, which its cp_async_wait made visible to it.
+template <typename T, int D, int Threads = kThreads>
+__device__ __forceinline__ bool own_share_nonfinite(const T* tile, int ld) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  constexpr uint16_t kExp = std::is_same_v<T, __half> ? 0x7c00 : 0x7f80;  // all ones: inf or NaN
+  bool bad = false;
+  for (int idx = threadIdx.x; idx < kBlock * kPerRow; idx += Threads) {
+    uint16_t x[kVec];
+    memcpy(x, tile + (idx / kPerRow) * ld + (idx % kPerRow) * kVec, 16);
+    #pragma unroll
+    for (int i = 0; i < kVec; ++i) bad |= (x[i] & kExp) == kExp;
+  }
+  return bad;
+}
+
+// The A fragment's pairs by the sign of the weight the mma multiplies (x rounded to T): pos (> 0), neg
+// (< 0), zero (0 or NaN), each a 0/1 fragment that is 0 at hidden pairs. x0[i], x1[i] are element i of
+// the fragment's n-tiles 0 and 1 (packed into a[2 half + i / 2], as the kernels pack A), on[half][i]
+// whether its pair is visible.
+struct PairSigns {
+  uint32_t pos[4], neg[4], zero[4];
+};
+template <typename T>
+__device__ __forceinline__ PairSigns pair_signs(const float (&x0)[4], const float (&x1)[4], const bool (&on)[2][4]) {
+  PairSigns k;
+  #pragma unroll
+  for (int half = 0; half < 2; ++half)
+    #pragma unroll
+    for (int row = 0; row < 2; ++row) {
+      float pos[2], neg[2], zero[2];
+      #pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int i = 2 * row + b;
+        const float w = Elem<T>::to_float(Elem<T>::from_float(half == 0 ? x0[i] : x1[i]));
+        pos[b] = on[half][i] && w > 0.f ? 1.f : 0.f;
+        neg[b] = on[half][i] && w < 0.f ? 1.f : 0.f;
+        zero[b] = on[half][i] && !(w > 0.f) && !(w < 0.f) ? 1.f : 0.f;
+      }
+      k.pos[2 * half + row] = pack2<T>(pos[0], pos[1]);
+      k.neg[2 * half + row] = pack2<T>(neg[0], neg[1]);
+      k.zero[2 * half + row] = pack2<T>(zero[0], zero[1]);
+    }
+  return k;
+}
+
+// Splits a register of two T into the same with non-finite values zeroed (finite) and their kinds
+// (kinds): 1 for +inf, 32 for -inf, 1024 for NaN, 0 for finite, as T. An mma sums 16 products of 0/1
+// weights with kinds, so each count (at most 16) keeps its own digit, base 32, of the exact fp32 sum.
+template <typename T>
+__device__ __forceinline__ void split_nonfinite(uint32_t reg, uint32_t* finite, uint32_t* kinds) {
+  constexpr uint32_t kExp = std::is_same_v<T, __half> ? 0x7c00 : 0x7f80;
+  constexpr uint32_t kSign = 0x8000, kMantissa = 0xffff & ~(kSign | kExp);
+  uint32_t f = 0;
+  float kind[2];
+  #pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t x = reg >> (16 * h) & 0xffff;
+    const bool nonfinite = (x & kExp) == kExp;
+    kind[h] = !nonfinite ? 0.f : (x & kMantissa) ? 1024.f : (x & kSign) ? 32.f : 1.f;
+    f |= (nonfinite ? 0u : x) << (16 * h);
+  }
+  *finite = f;
+  *kinds = pack2<T>(kind[0], kind[1]);
+}
+
+// Which non-finite terms a count of kinds (split_nonfinite's digits) holds: bit 0 +inf, bit 1 -inf, bit 2 NaN.
+__device__ __forceinline__ uint32_t kinds_in(float count) {
+  return (fmodf(count, 32.f) > 0.f ? 1u : 0u) | (fmodf(count, 1024.f) >= 32.f ? 2u : 0u) | (count >= 1024.f ? 4u : 0u);
+}
+
+// d0 += a b[0..1], d1 += a b[2..3] (mma_pair) for a B fragment that may hold non-finite values, a being
+// exactly 0 at hidden pairs and signs its visible weights by sign (pair_signs). One indicator mma at a time,
+// each leaving 3 bits per element, keeps the registers this needs small.
+template <typename T>
+__device__ __forceinline__ void mma_pair_over_pairs(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                                    const PairSigns& signs, const uint32_t (&b)[4]) {
+  uint32_t finite[4], kinds[4];
+  #pragma unroll
+  for (int r = 0; r < 4; ++r) split_nonfinite<T>(b[r], &finite[r], &kinds[r]);
+  mma_pair<T>(d0, d1, a, finite);
+  uint32_t terms[2][4] = {};  // per element: bit 0 +inf, bit 1 -inf, bit 2 NaN
+  {
+    float c[2][4] = {};  // w > 0 keeps an infinity's sign
+    mma_pair<T>(c[0], c[1], signs.pos, kinds);
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) terms[n][i] |= kinds_in(c[n][i]);
+  }
+  {
+    float c[2][4] = {};  // w < 0 flips it
+    mma_pair<T>(c[0], c[1], signs.neg, kinds);
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t k = kinds_in(c[n][i]);
+        terms[n][i] |= (k & 4u) | (k & 1u) << 1 | (k & 2u) >> 1;
+      }
+  }
+  {
+    float c[2][4] = {};  // w = 0 or NaN makes NaN of any non-finite value
+    mma_pair<T>(c[0], c[1], signs.zero, kinds);
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) terms[n][i] |= c[n][i] > 0.f ? 4u : 0u;
+  }
+  #pragma unroll
+  for (int n = 0; n < 2; ++n)
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t k = terms[n][i];
+      float& d = n == 0 ? d0[i] : d1[i];
+      if ((k & 4u) || k == 3u) d = NAN;  // a NaN term, or +inf and -inf
+      else if (k == 1u) d += INFINITY;
+      else if (k == 2u) d -= INFINITY;
+    }
+}
+
+// mma_a_rows for a tile s that may hold non-finite values.
+template <typename T, int DT>
+__device__ __forceinline__ void mma_a_rows_over_pairs(float (&acc)[DT][4], const uint32_t (&a)[4],
+                                                      const PairSigns& signs, const T* s, int ld, int k0,
+                                                      int lane) {
+#pragma unroll
+  for (int dt = 0; dt < DT; dt += 2) {
+    uint32_t b[4];
+    ptx::ldmatrix_x4_trans(b, bt_rows(s, ld, k0, dt * 8, lane));
+    mma_pair_over_pairs<T>(acc[dt], acc[dt + 1], a, signs, b);
+  }
+}
+
 // A layout entry needs no element mask when the layout says full and the tile has no padding.
 __device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int seq_len) {
   return layout_full && q0 + kBlock <= seq_len && k0 + kBlock <= seq_len;
@@ -209,13 +353,15 @@ __device__ __forceinline__ bool tile_full(bool layout_full, int q0, int k0, int 
 
 // One step of a double-buffered walk over layout entries: starts the cp.async loads of entry e + 1 (into
 // the buffer every warp finished with at the end of the previous step), then waits until entry e's loads
-// have landed, for this thread and (barrier) for every thread of the block.
-template <typename Fetch>
-__device__ __forceinline__ void next_tiles(int e, int e_end, Fetch&& fetch) {
+// have landed, for this thread and (barrier) for every thread of the block. Returns whether own() (a
+// check of this thread's share of entry e's tiles, which it may read once its loads have landed) holds
+// for some thread of the block.
+template <typename Fetch, typename Own>
+__device__ __forceinline__ bool next_tiles(int e, int e_end, Fetch&& fetch, Own&& own) {
   if (e + 1 < e_end) fetch(e + 1);
   ptx::cp_async_commit();
   ptx::cp_async_wait<1>();
-  __syncthreads();
+  return __syncthreads_or(own()) != 0;
 }
 
 // f(std::integral_constant<int, D>{}) for D = head_dim when it is one of kHeadDims (capabilities.h): one

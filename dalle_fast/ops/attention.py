@@ -128,6 +128,10 @@ def sparse_attention(
 
     q, k, v: [batch, heads, text_len + image_size**2, head_dim]. scale defaults to head_dim**-0.5.
     reference=True runs the dense pure-PyTorch reference instead of the kernels (for debugging).
+
+    A key the mask hides from a query never affects that query's output or gradients, nor does the query
+    affect the key's gradients, even where either holds a NaN or an infinity; at visible pairs non-finite
+    values propagate as usual (docs/kernels.md#non-finite-values).
     """
     if reference:
         return sparse_attention_reference(q, k, v, kind, text_len, image_size, kernel_size, scale)
@@ -157,14 +161,88 @@ def sparse_attention_reference(
     upcast=True computes in fp32 and casts the result back; upcast=False computes in the input dtype
     (the "plain PyTorch in low precision" baseline of the tests). transposed=True: column-kind inputs
     are in kernel order. O(N^2) memory.
+
+    A key the mask hides from a query never affects that query's output, nor, in the backward, its
+    gradient or the hidden key's (docs/kernels.md#non-finite-values): the products that sum over
+    (query, key) pairs (P V and the three gradient products) skip hidden pairs instead of adding 0 * x,
+    which is NaN when x is not finite. Non-finite values at visible pairs propagate as usual. Gradients
+    are first order only, as the kernels'.
     """
     check_mask_args(kind, text_len, image_size, kernel_size)
     scale = _resolve_scale(q, scale)
     mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=transposed).to(q.device)
     dt = torch.float32 if upcast else q.dtype
-    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    s = _PairScores.apply(q.to(dt), k.to(dt), mask) * scale
     p = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (p @ v.to(dt)).to(q.dtype)
+    return _MaskedMatmul.apply(p, v.to(dt), mask).to(q.dtype)
+
+
+def _masked_matmul(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """out[..., i, :] = sum over the j with allowed[i, j] of w[..., i, j] * x[..., j, :].
+
+    A pair that is not allowed adds nothing, whatever w and x hold there; an allowed pair adds w * x in
+    IEEE arithmetic (NaN stays NaN, 0 * inf is NaN, w * inf is +-inf by w's sign). A plain w @ x would
+    add 0 * x for the hidden pairs, which is NaN for a non-finite x. So: one product with hidden weights
+    and non-finite x set to 0 (every finite term, exactly the plain product when x is finite), plus the
+    non-finite terms of the allowed pairs, found by counting them with 0/1 indicator products (exact in
+    fp32 up to 2^24 terms) and added as NaN, +inf or -inf.
+    """
+    finite = x.isfinite()
+    out = w.masked_fill(~allowed, 0) @ x.masked_fill(~finite, 0)
+    if bool(finite.all()):
+        return out
+    allowed = allowed.expand_as(w)
+    # Which kind of term each allowed weight makes with an infinite x: +-inf by its sign, NaN for 0 or NaN.
+    pos, neg = allowed & (w > 0), allowed & (w < 0)
+    zero = allowed & ~(w > 0) & ~(w < 0)
+    nan_x, pinf_x, ninf_x = x.isnan(), x == float("inf"), x == float("-inf")
+
+    def any_term(a, b):  # does some allowed pair meet a (weights) and b (values)?
+        return (a.float() @ b.float()) > 0
+
+    to_nan = any_term(allowed, nan_x) | any_term(zero, pinf_x | ninf_x)
+    to_pinf = any_term(pos, pinf_x) | any_term(neg, ninf_x)
+    to_ninf = any_term(pos, ninf_x) | any_term(neg, pinf_x)
+    to_nan |= to_pinf & to_ninf
+    terms = torch.zeros_like(out).masked_fill(to_pinf, float("inf")).masked_fill(to_ninf, float("-inf"))
+    terms = terms.masked_fill(to_nan, float("nan"))
+    return torch.where(to_nan | to_pinf | to_ninf, out + terms, out)
+
+
+class _MaskedMatmul(torch.autograd.Function):
+    """_masked_matmul with its gradients under the same rule: dw is w's gradient at allowed pairs and 0
+    at hidden ones (each entry is one row of g against one row of x), dx sums over allowed pairs only."""
+
+    @staticmethod
+    def forward(ctx, w, x, allowed):
+        ctx.save_for_backward(w, x, allowed)
+        return _masked_matmul(w, x, allowed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        w, x, allowed = ctx.saved_tensors
+        dw = (g @ x.transpose(-1, -2)).masked_fill(~allowed, 0)
+        dx = _masked_matmul(w.transpose(-1, -2), g, allowed.transpose(-1, -2))
+        return dw, dx, None
+
+
+class _PairScores(torch.autograd.Function):
+    """a @ b^T, one entry per (query, key) pair, whose gradients sum over allowed pairs only: a hidden
+    pair's gradient (0 after the -inf mask) never meets a non-finite row of the other operand."""
+
+    @staticmethod
+    def forward(ctx, a, b, allowed):
+        ctx.save_for_backward(a, b, allowed)
+        return a @ b.transpose(-1, -2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, b, allowed = ctx.saved_tensors
+        da = _masked_matmul(g, b, allowed)
+        db = _masked_matmul(g.transpose(-1, -2), a, allowed.transpose(-1, -2))
+        return da, db, None
 
 
 def _check_decode_inputs(
@@ -231,13 +309,15 @@ def sparse_attention_decode_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """sparse_attention_decode in plain PyTorch (fp32): the row of the dense transposed mask, softmax, sum.
-    O(seq_len^2) for the mask; for tests and debugging."""
+    Keys the row may not see never affect it or its gradients, as in sparse_attention_reference. O(seq_len^2)
+    for the mask; for tests and debugging."""
     check_mask_args(kind, text_len, image_size, kernel_size)
     scale = _resolve_scale(q, scale)
-    mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=kind == "column")[position].to(q.device)
-    s = (k.float() @ q.float().unsqueeze(-1)).squeeze(-1) * scale  # (B, H, N)
+    mask = attention_mask(kind, text_len, image_size, kernel_size, transposed=kind == "column")[position]
+    mask = mask.to(q.device).unsqueeze(0)  # (1, N): the mask of a one-row query block
+    s = _PairScores.apply(q.float().unsqueeze(-2), k.float(), mask) * scale  # (B, H, 1, N)
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (p.unsqueeze(-2) @ v.float()).squeeze(-2).to(q.dtype)
+    return _MaskedMatmul.apply(p, v.float(), mask).squeeze(-2).to(q.dtype)
 
 
 # ---- fake (meta) kernels and autograd for the custom ops -------------------------------------------
