@@ -39,3 +39,29 @@ def unreached():
         return {"out": ~out, "dq": ~reached, "dk": ~keys, "dv": ~keys}
 
     return rows
+
+
+@pytest.fixture(scope="session")
+def train_micro_runs():
+    """train_micro_runs(root, **dalle): see _train_micro_runs."""
+    return _train_micro_runs
+
+
+def _train_micro_runs(root, **dalle):
+    """A dVAE (root/vae), a micro transformer (root/dalle; `dalle` overrides its config) and a CLIP run
+    (root/clip), each trained for two updates: what the sampling and serving tests draw from."""
+    from dalle_fast.training.clip import CLIPTrainConfig, train_clip
+    from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
+    from dalle_fast.training.vae import VAETrainConfig, train_vae
+
+    train_vae(VAETrainConfig(out=str(root / "vae"), steps=2, batch_size=4, ckpt_every=2, log_every=2, eval_images=8))
+    train_dalle(DALLETrainConfig(**{
+        "vae": str(root / "vae"), "out": str(root / "dalle"), "preset": "micro", "steps": 2, "batch_size": 4,
+        "ckpt_every": 2, "log_every": 2, "max_items": 32, "val_items": 8, "samples": 0, "warmup": 1,
+        "bpe_variants": 0, "vocab_size": 300, "text_len": 24, "device": "cpu", **dalle,
+    }))  # fmt: skip
+    train_clip(CLIPTrainConfig(
+        dalle=str(root / "dalle"), out=str(root / "clip"), width=16, embed_dim=8, max_items=32, val_items=8,
+        steps=2, batch_size=8, ckpt_every=2,
+    ))  # fmt: skip
+    return root

@@ -189,24 +189,9 @@ def test_priming_keeps_the_given_tokens(cache):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, train_micro_runs):
     """A dVAE, a transformer and a CLIP run, each trained for two updates (micro sizes)."""
-    from dalle_fast.training.clip import CLIPTrainConfig, train_clip
-    from dalle_fast.training.dalle import DALLETrainConfig, train_dalle
-    from dalle_fast.training.vae import VAETrainConfig, train_vae
-
-    root = tmp_path_factory.mktemp("runs")
-    train_vae(VAETrainConfig(out=str(root / "vae"), steps=2, batch_size=4, ckpt_every=2, log_every=2, eval_images=8))
-    train_dalle(DALLETrainConfig(
-        vae=str(root / "vae"), out=str(root / "dalle"), preset="micro", steps=2, batch_size=4, ckpt_every=2,
-        log_every=2, max_items=32, val_items=8, samples=0, warmup=1, bpe_variants=0, vocab_size=300, text_len=24,
-        device="cpu",
-    ))  # fmt: skip
-    train_clip(CLIPTrainConfig(
-        dalle=str(root / "dalle"), out=str(root / "clip"), width=16, embed_dim=8, max_items=32, val_items=8,
-        steps=2, batch_size=8, ckpt_every=2,
-    ))  # fmt: skip
-    return root
+    return train_micro_runs(tmp_path_factory.mktemp("runs"))
 
 
 class FixedScorer:
