@@ -24,7 +24,7 @@ from dalle_fast.files import atomic_write, check_writable
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.images import save_captioned_grid, save_png
 from dalle_fast.runs.load import load_transformer
-from dalle_fast.sampling.rerank import load_scorer
+from dalle_fast.sampling.rerank import find_scorer
 from dalle_fast.sampling.sample import MIN_TEMPERATURE, check_captions, generate, load_prime, sampling_device
 
 
@@ -104,14 +104,12 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
         prime, original = load_prime(cfg.prime, dvae, rows)
     scorer = None
     if cfg.rerank:
-        spec = cfg.clip or str(Path(cfg.run).parent / "clip")
-        if not cfg.clip and not (Path(spec) / "config.json").exists():
+        scorer, spec = find_scorer(cfg.run, cfg.clip)
+        if scorer is None:
             raise ValueError(
                 f"--rerank needs a CLIP model: none in {spec}; pass --clip RUN (train one with "
                 f"python -m dalle_fast.train clip --dalle {cfg.run}) or --clip open_clip:ARCH:WEIGHTS_FILE"
             )
-        with field_errors("clip"):
-            scorer = load_scorer(spec)
 
     result = generate(
         model, text, dvae, draws=cfg.rerank or cfg.images, keep=cfg.images, scorer=scorer, captions=captions,

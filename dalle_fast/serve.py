@@ -28,7 +28,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -38,7 +37,7 @@ from dalle_fast.errors import FieldError, check_finite, field_errors
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.images import to_uint8
 from dalle_fast.runs.load import load_transformer
-from dalle_fast.sampling.rerank import load_scorer
+from dalle_fast.sampling.rerank import find_scorer
 from dalle_fast.sampling.sample import MIN_TEMPERATURE, generate, load_prime, sampling_device
 
 MAX_IMAGES = 64  # images one request may keep
@@ -185,10 +184,7 @@ class Drawer:
         self.device = sampling_device(cfg.device, self.model)
         self.model.to(self.device)
         self.guidance = bool(train.get("caption_dropout", 0))  # guidance needs a model that saw the empty caption
-        self.scorer, self.clip = None, cfg.clip or str(Path(cfg.run).parent / "clip")
-        if cfg.clip or (Path(self.clip) / "config.json").exists():
-            with field_errors("clip"):
-                self.scorer = load_scorer(self.clip)
+        self.scorer, self.clip = find_scorer(cfg.run, cfg.clip)
         self.grid = self.model.cfg.image_size
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: Job | None = None

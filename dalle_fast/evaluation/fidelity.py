@@ -29,7 +29,7 @@ from dalle_fast.models.judge import AttributeClassifier
 from dalle_fast.ops.device import parse_device
 from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.load import load_transformer
-from dalle_fast.sampling.rerank import load_scorer
+from dalle_fast.sampling.rerank import find_scorer
 from dalle_fast.sampling.sample import generate, sampling_device
 
 COLOR_NAMES = list(COLORS)
@@ -186,11 +186,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     model.to(device)
     if dvae.cfg.image_size < 8:
         raise FieldError("run", f"its dVAE's images are {dvae.cfg.image_size} px; the classifier needs >= 8")
-    scorer = None
-    spec = cfg.clip or str(Path(cfg.run).parent / "clip")
-    if cfg.clip or (Path(spec) / "config.json").exists():
-        with field_errors("clip"):
-            scorer = load_scorer(spec)
+    scorer, _ = find_scorer(cfg.run, cfg.clip)
     print("training the attribute classifier", file=sys.stderr)
     judge = train_classifier(dvae.cfg.image_size, steps=cfg.classifier_steps, seed=cfg.seed)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= cfg.draws]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_fast.data.tokenizer import CaptionTokenizer
+from dalle_fast.errors import field_errors
 from dalle_fast.models.clip import CLIP
 from dalle_fast.runs.load import load_clip
 
@@ -75,6 +76,17 @@ def load_scorer(spec: str) -> Scorer:
             raise ValueError(f"expected a CLIP run folder or open_clip:ARCH:WEIGHTS_FILE, got {spec!r}")
         return OpenCLIPScorer(parts[1], parts[2])
     return CLIPScorer(*load_clip(spec))
+
+
+def find_scorer(run: str | Path, clip: str = "") -> tuple[Scorer | None, str]:
+    """(the reranker of a stage-2 run, where it is): `clip` when given (its errors name the clip field),
+    else the CLIP run beside the run (RUN/../clip) when there is one; (None, where it was looked for)
+    otherwise."""
+    spec = clip or str(Path(run).parent / "clip")
+    if not clip and not (Path(spec) / "config.json").exists():
+        return None, spec
+    with field_errors("clip"):
+        return load_scorer(spec), spec
 
 
 def rerank(scores: torch.Tensor, keep: int) -> torch.Tensor:
