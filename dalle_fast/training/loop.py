@@ -3,8 +3,8 @@
 `TrainingRun` owns what is the same in every run: CPU threads, refusing to overwrite a run and resuming
 one, the RNG state, the parameter EMA, the budget (steps and a time limit counted across resumes, and
 where the schedules stand: `progress()`), the run log (log.csv, TensorBoard, progress bar and log lines),
-the checkpoint cadence and rank-0-only output under torchrun. A stage
-subclasses it and supplies only its own parts:
+the checkpoint cadence and rank-0-only output under torchrun. A stage subclasses it and supplies only its
+own parts:
 
     update(step) -> dict          one optimizer update; returns its losses (tensors or floats)
     log_values(losses) -> dict    the floats of a log row from those losses (default: each as a float)
@@ -13,12 +13,12 @@ subclasses it and supplies only its own parts:
     after_log()                   after each logged step
     extra_state() / load_extra_state(state)   what else a resume needs (default: the optimizer, self.opt)
     check_resume(state, meta)     refuses a checkpoint of another configuration
-
-A new run can start from another run's weights (`start_from`, the stages' --init-from): fine-tuning, with
-its own data, a fresh optimizer and schedules from their start; config.json records where it started.
     weights() -> dict             the state dicts to save as safetensors (default: model, ema)
     load_weights(weights)         puts them back on resume
     meta() -> dict                config.json: what was trained, how
+
+A new run can start from another run's weights (`start_from`, the stages' --init-from): fine-tuning, with
+its own data, a fresh optimizer and schedules from their start; config.json records where it started.
 
 A batch is a pure function of (seed, step) (`dalle_fast.data.batches.step_generator`), and the RNG
 state travels in the checkpoint, so a resumed run continues exactly where an uninterrupted one would.
