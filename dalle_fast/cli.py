@@ -17,11 +17,14 @@ from dalle_fast.errors import FieldError
 
 
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
-    """argparse flags from a config dataclass: --field-name, typed, defaults and help from the fields."""
+    """argparse flags from a config dataclass: --field-name, typed, defaults and help from the fields (a field
+    with metadata["positional"] = nargs is a positional argument instead)."""
     ap = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):  # a switch; one that defaults to on also gets --no-field-name
+        if "positional" in f.metadata:  # e.g. folders: DIR_A [DIR_B]; metadata["positional"] is its nargs
+            ap.add_argument(f.name, nargs=f.metadata["positional"], help=f.metadata.get("help"))
+        elif f.type in ("bool", bool):  # a switch; one that defaults to on also gets --no-field-name
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             ap.add_argument(flag, action=action, default=f.default, help=f.metadata.get("help"))
         else:
@@ -39,7 +42,8 @@ def flag_name(field: str) -> str:
 def flag_message(error: ValueError, cls) -> str:
     """A library ValueError in the command line's words: the config field it names becomes its flag."""
     if isinstance(error, FieldError):
-        return f"{flag_name(error.field)}: {error.message}"
+        positional = any(f.name == error.field and "positional" in f.metadata for f in fields(cls))
+        return f"{error.field if positional else flag_name(error.field)}: {error.message}"
     message = str(error)
     names = {f.name for f in fields(cls)}
     m = re.match(r"(\w+)", message)

@@ -444,3 +444,17 @@ def open_datasets(
     idx = list(range(len(full)))
     train = torch.utils.data.Subset(full, idx[:-n_val])
     return train, torch.utils.data.Subset(_held_out_copy(full), idx[-n_val:])
+
+
+def open_eval_set(spec: str, image_size: int, n: int, seed: int = 0, flag: str = "data") -> torch.utils.data.Dataset:
+    """All of a data spec as an evaluation set (map-style, centred crops, bad items None): shapes and digits
+    their "val" split (n items of shapes), folder: and coco: every item, wds: the first n good samples of
+    the shards in order."""
+    kind, arg = _parse_spec(spec, flag)
+    if kind == "shapes":
+        return ShapesDataset("val", n, image_size, seed)
+    if kind == "digits":
+        return _digits("val", image_size, seed, flag)
+    if kind == "wds":
+        return _stream_prefix(_wds_shards(arg, spec, flag), image_size, n, spec, flag)[0]
+    return _held_out_copy(_open_map_style(kind, arg, image_size, seed, spec, flag))

@@ -7,6 +7,7 @@ pair included: it judges the model's samples, it is not the model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,3 +33,20 @@ class AttributeClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.head(self.features(images * 2 - 1)).view(-1, self.colors, self.per)
         return out[..., 0], out[..., 1 : 1 + self.shapes], out[..., -2:].sigmoid()
+
+
+class JudgeFeatures(nn.Module):
+    """The judge as a feature extractor (the evaluation's `shapes` extractor): images (B, 3, S, S) in
+    [0, 1] -> (features (B, 256): its last hidden layer, logits (B, colors * shapes) over the colour-shape
+    pairs, log(sigmoid(presence of c) * softmax(shape logits of c)[s]): the classes of the Inception score)."""
+
+    def __init__(self, judge: AttributeClassifier):
+        super().__init__()
+        self.judge = judge
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.judge
+        hidden = j.head[1](j.head[0](j.features(images * 2 - 1)))  # (B, 256)
+        out = j.head[2](hidden).view(-1, j.colors, j.per)
+        logits = F.logsigmoid(out[..., :1]) + out[..., 1 : 1 + j.shapes].log_softmax(-1)  # (B, C, shapes)
+        return hidden, logits.flatten(1)
