@@ -136,7 +136,10 @@ def _eval_pass(cfg, spec, dataset, size, extractor, blurs, cache, scorer, keep_f
     real = BlurStats(blurs, cfg.splits)
     for r, path in files.items():
         if path.is_file():
-            named, meta = load_stats(path)
+            try:
+                named, meta = load_stats(path)
+            except ValueError:  # a damaged cache file: computed again
+                continue
             if meta.get("key") == keys[r]:
                 real.features[r] = named["features"]
                 if "classes" in named:
@@ -255,7 +258,10 @@ def _generated_pass(cfg, out, model, tok, dvae, scorer, extractor, captions, ns,
     clip_sum = torch.zeros(len(ns), dtype=torch.float64)
     done = 0
     if stats_path.is_file() and not cfg.restart:
-        named, meta = load_stats(stats_path)
+        try:
+            named, meta = load_stats(stats_path)
+        except ValueError:  # damaged (a stop while writing cannot do it: the writes are atomic): start afresh
+            named, meta = {}, {}
         if {k: meta.get(k) for k in stats_meta} == stats_meta:
             gen = {n: BlurStats.from_named(named, blurs, cfg.splits, prefix=f"N{n}/") for n in ns}
             done, clip_sum = meta["chunks"], torch.tensor(meta["clip_sum"], dtype=torch.float64)

@@ -171,14 +171,20 @@ def save_stats(path: str | Path, stats: dict[str, FeatureStats | ClassStats], me
 
 
 def load_stats(path: str | Path) -> tuple[dict[str, FeatureStats | ClassStats], dict]:
-    """What save_stats wrote: (named statistics, metadata)."""
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    grouped: dict[tuple[str, str], dict] = {}
-    for key, value in load_file(str(path)).items():
-        kind, name, part = key.split("/", 2)
-        grouped.setdefault((kind, name), {})[part] = value
-    stats = {name: (FeatureStats if kind == "f" else ClassStats).from_tensors(t) for (kind, name), t in grouped.items()}
+    """What save_stats wrote: (named statistics, metadata). ValueError for a file that is not one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        grouped: dict[tuple[str, str], dict] = {}
+        for key, value in load_file(str(path)).items():
+            kind, rest = key.split("/", 1)
+            name, part = rest.rsplit("/", 1)
+            grouped.setdefault((kind, name), {})[part] = value
+        stats = {
+            name: (FeatureStats if kind == "f" else ClassStats).from_tensors(t) for (kind, name), t in grouped.items()
+        }
+    except Exception as e:  # safetensors raises its own errors for a truncated or foreign file
+        raise ValueError(f"{path} is not a statistics file: {type(e).__name__}: {e}") from e
     return stats, meta
 
 
