@@ -60,10 +60,12 @@ def images_main(argv: list[str]) -> int:
     cfg = parse_config(ap, ImagesConfig, vars(ap.parse_args(argv)))
     out = Path(cfg.out or Path(cfg.run) / "eval")
     run_or_exit(ap, ImagesConfig, prepare_output, cfg.run, out)
+    report = Path(cfg.report or out)
+    run_or_exit(ap, ImagesConfig, check_writable, report, "report")
     results = run_or_exit(ap, ImagesConfig, evaluate_images, cfg, out)
-    md = write_quality_report(results, out)
+    md = write_quality_report(results, report)
     print(md.read_text())
-    print(json.dumps({"report": str(md), "results": str(out / "quality.json")}))
+    print(json.dumps({"report": str(md), "results": str(report / "quality.json")}))
     return 0
 
 

@@ -12,7 +12,7 @@ Three forms of `extractor`:
                          (B, K)) to get an Inception score too.
   shapes                 the judge of caption fidelity (dalle_fast.models.judge) trained here on rendered
                          shapes at the images' size, saved as TorchScript in the cache folder and loaded
-                         from there like any TorchScript file: 256 features, 36 colour-shape classes.
+                         from there like any TorchScript file: 256 features, 24 colour-shape classes.
 
 Every extractor is known by the sha256 of its file, recorded with every result: statistics are cached
 under it and two results are comparable only when it is the same. The weights file of `inception:` is

@@ -76,6 +76,7 @@ class ImagesConfig:
         default=0.95, metadata={"help": "cosine similarity from which a pair is a near duplicate"}
     )
     out: str = field(default="", metadata={"help": "output folder (samples, statistics, report); empty: RUN/eval"})
+    report: str = field(default="", metadata={"help": "folder of the report (json, tables, plots); empty: OUT"})
     cache: str = field(
         default="", metadata={"help": "cache of reference statistics and extractors; empty: ~/.cache/dalle_fast"}
     )
@@ -375,6 +376,10 @@ def _default_extractor(cfg, meta) -> str:
     raise FieldError("extractor", "required for data other than shapes: inception:WEIGHTS.pth or a TorchScript file")
 
 
+def report_folder(cfg: ImagesConfig, out: Path) -> Path:
+    return Path(cfg.report) if cfg.report else out
+
+
 def evaluate_images(cfg: ImagesConfig, out: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -433,7 +438,7 @@ def evaluate_images(cfg: ImagesConfig, out: Path) -> dict:
     if cfg.train_n:
         results["near_duplicates"] = _near_duplicate_results(cfg, out, train_cfg, size, extractor, ev, dataset,
                                                              real, gen, ns, store, per)  # fmt: skip
-    atomic_write(out / "quality.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    atomic_write(report_folder(cfg, out) / "quality.json", lambda p: p.write_text(json.dumps(results, indent=1)))
     return results
 
 
@@ -463,7 +468,9 @@ def _near_duplicate_results(cfg, out, train_cfg, size, extractor, ev, dataset, r
             gen_dup.update(extractor(images[rows, pick])[0])
         res["fid_without"] = fid(real.features[0.0] - real_dup, gen[n].features[0.0] - gen_dup)
     if not streamed and len(sims):
-        _duplicate_pairs_png(out / "near_duplicates.png", dataset, ev["indices"], train, sims, where)
+        _duplicate_pairs_png(
+            report_folder(cfg, out) / "near_duplicates.png", dataset, ev["indices"], train, sims, where
+        )
         res["pairs_png"] = "near_duplicates.png"
     return res
 
