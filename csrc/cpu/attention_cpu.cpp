@@ -30,10 +30,12 @@ namespace {
 constexpr int64_t kMaxChunk = 512;  // keys (forward) or query rows (backward) per GEMM
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Element loops below are written for auto-vectorisation; on x86 GCC builds an AVX2 clone too and
-// picks one at load time, so the wheel runs on any x86-64 while using AVX2 where present.
+// Element loops below are written for auto-vectorisation; on x86 GCC builds AVX-512 and AVX2 clones too
+// and picks one at load time, so the wheel runs on any x86-64 while using the widest vectors present.
+// The clones give the same bits: -ffp-contract=off keeps FMAs out, and the loops fix their summation
+// order (8 explicit lanes), which vector width does not change.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define DF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DF_VECTOR_CLONES
 #endif
