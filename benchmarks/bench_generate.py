@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_fast.models.transformer import DALLE, preset
+from dalle_fast.models.transformer import DALLE, TransformerConfig, preset
 from dalle_fast.ops.attention import sparse_attention_decode
 from dalle_fast.ops.masks import MASK_KINDS, allowed_keys
 from dalle_fast.sampling.sample import sample_tokens
@@ -119,6 +119,29 @@ def _set_env(env: dict[str, str | None]) -> dict[str, str | None]:
 
 NO_SPLITS = "dalle_fast, one block per row"
 
+# One image at a time (what `generate` and the demo page wait for): a 16x16 grid after 64 text tokens,
+# 8 layers of width 256, 8 heads of 32. At batch 1 a step is bound by per-call overhead and by reading
+# the weights (6.4M parameters: 26 MB of fp32 a token), not by arithmetic (about 13 MFLOP a token).
+SINGLE = TransformerConfig(
+    text_vocab=512, text_len=64, image_vocab=512, image_size=16, n_layers=8, d_model=256, n_heads=8, head_dim=32
+)
+
+
+def time_single(iters: int, device: torch.device) -> float:
+    """Best seconds of `iters` cached runs of sample_tokens for one caption at the SINGLE shape."""
+    torch.manual_seed(0)
+    model = DALLE(SINGLE).eval().to(device)
+    text = torch.randint(0, SINGLE.text_vocab, (1, SINGLE.text_len), generator=torch.Generator().manual_seed(1))
+    best = float("inf")
+    for it in range(iters + 1):  # the first run warms up
+        _sync(device)
+        t0 = time.perf_counter()
+        sample_tokens(model, text.to(device), generator=torch.Generator(device).manual_seed(0))
+        _sync(device)
+        if it:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
 
 DECODE_SHAPES = [  # (label, text_len, image_size, (batch, heads), head_dim)
     ("tiny: 20 + 8x8, 32 images x 6 heads of 32", 20, 8, (32, 6), 32),
@@ -135,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (decode table: fp32 on the CPU, bf16 on CUDA)")
     ap.add_argument("--decode-iters", type=int, default=3, help="timed sweeps of the decode table (best kept)")
+    ap.add_argument("--single-iters", type=int, default=8, help="timed runs of the one-image table (best kept)")
     ap.add_argument("--out", default=str(HERE / "RESULTS_generate.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,6 +212,26 @@ def main(argv: list[str] | None = None) -> int:
         "caption). A change that folded the key and value caches into one tensor, precomputed the position "
         "embeddings and folded the scale into the query measured no faster (2.14 vs 2.02 ms per step, best of 8) "
         "and was not kept.",
+    ]
+    single = time_single(args.single_iters, device)
+    n_single = SINGLE.image_size**2
+    print(f"one image: {n_single / single:.0f} image tokens/s, {single / n_single * 1e3:.2f} ms a token")
+    lines += [
+        "",
+        "## One image at a time",
+        "",
+        f"One caption, {SINGLE.text_len} text + {SINGLE.image_size}x{SINGLE.image_size} image tokens, "
+        f"{SINGLE.n_layers} layers, d_model {SINGLE.d_model}, {SINGLE.n_heads} heads of {SINGLE.head_dim}, random "
+        f"weights, KV cache, on {where}; best of {args.single_iters} (`--single-iters`), the prefill included:",
+        "",
+        "| image tokens/s | ms a token | seconds an image |",
+        "|---:|---:|---:|",
+        f"| {n_single / single:.0f} | {single / n_single * 1e3:.2f} | {single:.2f} |",
+        "",
+        "A decode step runs in inference mode (no autograd bookkeeping per op), calls each layer's branches "
+        "directly rather than through module calls, and checks the decode op's arguments once per cache rather "
+        "than per call; the rest of a step is reading the weights (26 MB of fp32 a token) and a few dozen small "
+        "ops.",
         "",
         "## The decode op",
         "",

@@ -91,6 +91,16 @@ def test_cache_and_recompute_sample_the_same_tokens():
     assert not torch.equal(a, d)
 
 
+def test_sampled_tokens_are_an_ordinary_tensor():
+    """The loop runs in inference mode; the tokens it returns are not an inference tensor, so callers may
+    change them in place and use them anywhere."""
+    model = model_of()
+    text, _ = tokens(model.cfg, batch=2)
+    out = sample_tokens(model, text, generator=torch.Generator().manual_seed(0))
+    assert not out.is_inference()
+    out[:, 0] = 0  # raises for an inference tensor outside inference mode
+
+
 def test_sampling_device(monkeypatch, pretend_gpu):
     """--device: auto is the GPU only when the model's attention runs there; an explicit cuda that cannot
     run it says why. The GPU cases are reached by pretending one is present (nothing touches it)."""

@@ -30,6 +30,7 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     length: int
+    checked: bool = False  # whether a decode step has run: later ones skip the decode op's Python checks
 
 
 def kernel_position(kind: str, text_len: int, image_size: int, t: int) -> int:

@@ -39,7 +39,12 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_fast.models.kv_cache import KVCache, kernel_position
 from dalle_fast.models.tokens import PAD
-from dalle_fast.ops.attention import block_sparse_attention, sparse_attention_decode, to_column_order
+from dalle_fast.ops.attention import (
+    block_sparse_attention,
+    sparse_attention_decode,
+    sparse_attention_decode_op,
+    to_column_order,
+)
 from dalle_fast.ops.masks import check_mask_args, layer_kinds
 
 ATTENTION_MODES = ("sparse", "causal", "dense")
@@ -163,17 +168,26 @@ class Attention(nn.Module):
 
     def _decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """One token per sequence, at cache.length: its key and value join the cache, and its query
-        meets the cached keys its mask allows (the decode op; attention arithmetic in fp32)."""
+        meets the cached keys its mask allows (the decode op; attention arithmetic in fp32). Written in
+        functional calls: at batch 1 a step is bound by per-call overhead (docs/evaluation.md)."""
         cfg = self.cfg
         B = x.shape[0]
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, cfg.n_heads, cfg.head_dim).unbind(1)  # each (B, nh, hs)
+        h = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, 3, cfg.n_heads, cfg.head_dim).unbind(1)
         at = kernel_position(self.kind, cfg.text_len, cfg.image_size, cache.length)
         cache.k[layer][:, :, at] = k
         cache.v[layer][:, :, at] = v
-        o = sparse_attention_decode(
-            q, cache.k[layer], cache.v[layer], self.kind, cfg.text_len, cfg.image_size, at, cfg.kernel_size
-        )
-        return self.drop(self.proj(o.reshape(B, -1)))
+        args = (q, cache.k[layer], cache.v[layer], self.kind, cfg.text_len, cfg.image_size, at, cfg.kernel_size)
+        if cache.checked:  # the first step checked these arguments; only `at` moves, within the cache
+            o = sparse_attention_decode_op(*args, cfg.head_dim**-0.5)
+        else:
+            o = sparse_attention_decode(*args)
+        return _dropout(F.linear(o.reshape(B, -1), self.proj.weight, self.proj.bias), self.drop)
+
+
+def _dropout(x: torch.Tensor, drop: nn.Dropout) -> torch.Tensor:
+    """drop(x) without a module call when it does nothing (evaluation mode, or p = 0)."""
+    return drop(x) if drop.training and drop.p > 0 else x
 
 
 class MLP(nn.Module):
@@ -189,6 +203,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(self.norm(x)))))
 
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for the one token per sequence (B, d) of a decode step, in functional calls."""
+        h = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        h = F.gelu(F.linear(h, self.fc.weight, self.fc.bias))
+        return _dropout(F.linear(h, self.proj.weight, self.proj.bias), self.drop)
+
 
 class Layer(nn.Module):
     def __init__(self, cfg: TransformerConfig, kind: str):
@@ -199,7 +219,12 @@ class Layer(nn.Module):
         self.mlp = Residual(MLP(cfg))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
-        if cache is not None:  # sampling: no gradients, so nothing to recompute
+        if cache is not None and x.dim() == 2:  # a decode step: one token per sequence, no gradients
+            # The branches straight from here (a resblock wrapper adds nothing without gradients): at
+            # batch 1 a step is bound by per-call overhead.
+            x = x + self.attn.branch._decode(x, cache, index)
+            return x + self.mlp.branch._decode(x)
+        if cache is not None:  # the prefill: no gradients, so nothing to recompute
             return self.mlp(self.attn(x, cache=cache, layer=index))
         for block in (self.attn, self.mlp):
             if self.checkpoint and torch.is_grad_enabled():  # recompute the block in backward
@@ -352,6 +377,7 @@ class DALLE(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
         cache.length = t + 1
+        cache.checked = True
         return self.image_logits(x)
 
     @torch.no_grad()

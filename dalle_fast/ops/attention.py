@@ -297,6 +297,19 @@ def sparse_attention_decode(
     )
 
 
+def sparse_attention_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text_len: int, image_size: int, position: int,
+    kernel_size: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """sparse_attention_decode without its Python checks of the arguments (the op still checks shapes, dtypes
+    and the position in C++, raising RuntimeError), for a sampling loop that calls it once per layer and
+    token with arguments it checked on its first call (at batch 1 the Python checks are several percent of a
+    decode step). Everything else should call sparse_attention_decode."""
+    return torch.ops.dalle_fast.sparse_attention_decode(
+        q, k, v, kind, text_len, image_size, kernel_size, scale, position
+    )
+
+
 def sparse_attention_decode_reference(
     q: torch.Tensor,
     k: torch.Tensor,
