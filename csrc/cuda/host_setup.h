@@ -7,12 +7,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#ifndef __CUDACC_RTC__
+#include <string>
 #include <vector>
+#endif
 
 #include "../layout.h"
-#include "attention_cuda.h"
 #include "capabilities.h"
-#include "grad_scaling.h"
+#include "kernel_params.h"
 
 namespace dalle_fast::cuda {
 
@@ -106,6 +108,9 @@ LaunchShape elementwise_launch(int64_t n);
 LaunchShape chunk_launch(int64_t num_chunks);
 LaunchShape per_element_launch(int64_t n);
 
+// The kernels read the constants above; what follows is the host's alone (NVRTC does not see it).
+#ifndef __CUDACC_RTC__
+
 // ---- attention: the block layout as the kernels read it -----------------------------------------------
 
 // get_block_layout(mask, kBlock) packed into one buffer: its host image, and where each array starts (16-
@@ -161,5 +166,7 @@ MultiTensorTables pack_tables(const std::vector<TensorEntry>& entries);
 
 // AdamW's constants in fp32, rounded from the double hyperparameters (1 - beta is taken in double).
 AdamWConstants adamw_constants(double beta1, double beta2, double eps);
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda
