@@ -23,7 +23,7 @@ NVCC_BUILD = all(
     for op in ("sparse_attention_fwd", "sparse_attention_decode")
 )
 BACKEND_CHOICES = ("auto", "nvcc", "nvrtc")
-INSTALL_NVRTC = 'pip install -e ".[cuda-runtime]"'  # or pip install cupy-cudaNNx matching torch's CUDA
+INSTALL_NVRTC = 'pip install -e ".[cuda-runtime]"'  # CUDA 13 torch; CUDA 12: the cuda12-runtime extra
 
 
 def _choose_backend() -> tuple[str | None, str | None]:
@@ -42,7 +42,8 @@ def _choose_backend() -> tuple[str | None, str | None]:
         return "nvrtc", None
     if choice == "nvrtc":
         return None, f"DALLE_FAST_CUDA_BACKEND=nvrtc, but NVRTC cannot compile the kernels: {why}"
-    return None, f"{no_nvcc}, and NVRTC cannot compile them at run time: {why}. Fix: {INSTALL_NVRTC}"
+    fix = f"pip install {nvrtc.cupy_package()} (from a checkout: {INSTALL_NVRTC})"
+    return None, f"{no_nvcc}, and NVRTC cannot compile them at run time: {why}. Fix: {fix}"
 
 
 # Which backend runs the ops' CUDA kernels: "nvcc", "nvrtc" (dalle_fast/ops/nvrtc_ops.py registers them),
