@@ -80,3 +80,19 @@ def test_cuda_op_accepts_exactly_the_head_dims():
         else:
             with pytest.raises(RuntimeError, match=f"must be one of {re.escape(str(_C.CUDA_HEAD_DIMS))} on CUDA"):
                 torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "causal", 5, 4, 11, d**-0.5)
+
+
+def test_doctor_says_which_backend_and_how_to_fix_none(monkeypatch, capsys):
+    from dalle_fast import doctor
+
+    doctor.main([])
+    out = capsys.readouterr().out
+    assert out.startswith(f"torch {torch.__version__}") and "CUDA ops: " in out and "--device auto: " in out
+    monkeypatch.setattr(support, "CUDA_BACKEND", "nvrtc")
+    assert any("compiled at first use by NVRTC" in line for line in doctor.report())
+    monkeypatch.setattr(support, "CUDA_BACKEND", None)
+    monkeypatch.setattr(support, "_NO_BACKEND_REASON", "dalle_fast was built without CUDA kernels")
+    lines = doctor.report()
+    assert "CUDA ops: none: dalle_fast was built without CUDA kernels" in lines
+    if torch.version.cuda is not None:  # a CPU torch has nothing to fix here
+        assert any(line.startswith("fix: pip install cupy-cuda") for line in lines)

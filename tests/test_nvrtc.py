@@ -128,11 +128,14 @@ def test_cache_rebuilds_a_corrupt_entry(cache, count_compiles, damage):
 P = 1 << 20  # a stand-in device address: nothing is launched
 
 
-def _every_launch():
-    """Launches the description gives over every dtype, head dim, backward stage count and decode width."""
+def _every_launch(monkeypatch):
+    """Launches the description gives over every dtype, head dim, forward warp layout, backward stage count
+    and decode width."""
     for dtype in (0, 1):
         for d in _C.CUDA_HEAD_DIMS:
-            yield from _C.forward_launches(*[P] * 6, 2, 80, d, 0.1, dtype, "row", 16, 8, 11)
+            for rows in ("32", "16"):  # the forward's warp layouts (host_setup.h, forward_rows_per_warp)
+                monkeypatch.setenv("DALLE_FAST_FWD_ROWS_PER_WARP", rows)
+                yield from _C.forward_launches(*[P] * 6, 2, 80, d, 0.1, dtype, "row", 16, 8, 11)
             for smem_limit in (227 * 1024, 99 * 1024):  # H100 / A100: double buffers; sm_86: single at 128
                 yield from _C.backward_launches(*[P] * 11, smem_limit, 2, 80, d, 0.1, dtype, "conv", 16, 8, 11)
     for dtype in (0, 1, 2):
@@ -146,10 +149,10 @@ def _every_launch():
     yield from _C.adamw_launches(P, P, 3, P, P, P, P, 0.9, 0.999, 1e-8)
 
 
-def test_every_described_launch_names_a_compiled_kernel():
+def test_every_described_launch_names_a_compiled_kernel(monkeypatch):
     names = {n for ns in _C.kernel_names().values() for n in ns}
     launched = set()
-    for kernel, blocks, threads, smem, args in _every_launch():
+    for kernel, blocks, threads, smem, args in _every_launch(monkeypatch):
         assert kernel in names and blocks > 0 and threads > 0 and smem >= 0 and args
         launched.add(kernel)
     assert launched == names  # and every compiled kernel is launched by some call

@@ -284,9 +284,9 @@ class Kernels:
     read from the cache at its first launch."""
 
     def __init__(self, device_index: int):
-        from cupy_backends.cuda.api import driver  # optional dependency: the cuda-runtime extra
+        from cupy_backends.cuda.api import driver, runtime  # optional dependency: the cuda-runtime extra
 
-        self.driver = driver
+        self.driver, self.runtime = driver, runtime
         self.device_index = device_index
         major, minor = torch.cuda.get_device_capability(device_index)
         self.arch = major * 10 + minor
@@ -296,13 +296,21 @@ class Kernels:
         self.smem_set: dict[int, int] = {}
         self.lock = threading.Lock()
 
+    def _make_current(self) -> None:
+        """The driver calls need the device's primary context current on this thread. torch makes it current
+        when it switches devices, but may skip that on a thread that is already "on" the device without ever
+        having used it (autograd's worker threads); cudaSetDevice always makes it current."""
+        if self.driver.ctxGetCurrent() == 0:
+            self.runtime.setDevice(self.device_index)
+
     def function(self, kernel: str) -> int:
         with self.lock:
             if kernel not in self.functions:
                 source = self.source_of[kernel]
                 if source not in self.modules:
                     c = compiled(source, self.arch)
-                    with torch.cuda.device(self.device_index):  # its context is current: the module lives there
+                    with torch.cuda.device(self.device_index):  # the module lives in the current context
+                        self._make_current()
                         self.modules[source] = (self.driver.moduleLoadData(c.cubin), c.symbols)
                 module, symbols = self.modules[source]
                 self.functions[kernel] = self.driver.moduleGetFunction(module, symbols[kernel])
@@ -312,6 +320,7 @@ class Kernels:
         """Launches, in order, on `stream` (a cudaStream_t as an integer): [(kernel, blocks, threads, smem,
         (argument bytes, ...)), ...] as the _C launch functions return them."""
         d = self.driver
+        self._make_current()
         for kernel, blocks, threads, smem, args in launches:
             f = self.function(kernel)
             if self.smem_set.get(f) != smem:  # what prepare_launch (tile.cuh) sets before each nvcc launch
