@@ -9,8 +9,10 @@ These tests skip where NVRTC cannot compile (no CuPy); DALLE_FAST_REQUIRE_NVRTC=
 installs the cuda-runtime extra) turns that skip into a failure.
 """
 
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -55,13 +57,17 @@ def count_compiles(monkeypatch):
     return calls
 
 
-@pytest.mark.slow  # minutes: the attention kernels take most of them (docs/gpu.md has the figures)
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_kernel_compiles(arch):
-    for source, names in _C.kernel_names().items():
-        c = nvrtc.compile_source(source, arch)
-        assert c.cubin.startswith(nvrtc.CUBIN_MAGIC), source
-        assert set(c.symbols) == set(names) and all(c.symbols.values()), source
+@pytest.mark.slow  # ~7 minutes of CPU per arch, the attention forward most of it (benchmarks/RESULTS_nvrtc.md)
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    """Every source for both archs, MAX_JOBS at a time (NVRTC compiles on one thread), longest first."""
+    names = _C.kernel_names()
+    jobs = [(source, arch) for source in names for arch in (80, 90)]  # attention_fwd first: the longest
+    workers = max(1, min(len(jobs), int(os.environ.get("MAX_JOBS") or 1)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(nvrtc.compile_source, *zip(*jobs, strict=True)))
+    for (source, arch), c in zip(jobs, results, strict=True):
+        assert (c.source, c.arch) == (source, arch) and c.cubin.startswith(nvrtc.CUBIN_MAGIC), (source, arch)
+        assert set(c.symbols) == set(names[source]) and all(c.symbols.values()), (source, arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
