@@ -193,6 +193,8 @@ AdamWConstants adamw_constants(double beta1, double beta2, double eps) {
 
 
 // ---- launches by name ----------------------------------------------------------------------------------------
+// None where the launchers would refuse the call (a head dim without kernels, invalid decode parameters),
+// as where they would launch nothing.
 
 namespace {
 
@@ -269,6 +271,7 @@ std::vector<std::pair<std::string, std::vector<std::string>>> kernel_names() {
 }
 
 std::vector<KernelLaunch> forward_launches(const AttentionParams& p, void* out, float* lse) {
+  if (!is_supported_head_dim(p.head_dim)) return {};  // the launcher refuses it
   const ForwardLaunch plan = forward_launch(p);
   if (plan.shape.blocks == 0) return {};
   const int mt = plan.rows_per_warp / 16;
@@ -279,6 +282,7 @@ std::vector<KernelLaunch> forward_launches(const AttentionParams& p, void* out, 
 std::vector<KernelLaunch> backward_launches(const AttentionParams& p, const void* grad_out, const float* lse,
                                             float* delta, const void* out, void* dq, void* dk, void* dv,
                                             size_t smem_limit) {
+  if (!is_supported_head_dim(p.head_dim)) return {};  // the launcher refuses it
   const BackwardLaunch plan = backward_launch(p, smem_limit);
   if (plan.passes.blocks == 0) return {};
   const std::string T = type_name(p.dtype), D = std::to_string(p.head_dim), S = std::to_string(plan.stages);
@@ -289,7 +293,7 @@ std::vector<KernelLaunch> backward_launches(const AttentionParams& p, const void
 }
 
 std::vector<KernelLaunch> decode_launches(const DecodeParams& p) {
-  if (p.batch_heads == 0) return {};
+  if (p.batch_heads == 0 || !decode_params_valid(p)) return {};  // nothing to do, or the launcher refuses it
   const DecodeLaunch plan = decode_launch(p);
   const std::string T = type_name(p.dtype);
   std::vector<KernelLaunch> out{

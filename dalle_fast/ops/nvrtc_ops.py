@@ -25,13 +25,17 @@ _MAX_SCALE = 3.4028234663852886e38 / 2
 
 
 def _check(ok: bool, message: str) -> None:
+    """TORCH_CHECK's RuntimeError, as the nvcc build's glue raises for the same arguments."""
     if not ok:
-        raise ValueError(f"dalle_fast: {message}")
+        raise RuntimeError(f"dalle_fast: {message}")
 
 
 def _check_mask(kind: str, text_len: int, image_size: int, kernel_size: int, scale: float) -> int:
     """Mask arguments and scale as the C++ glue checks them; returns the mask's seq_len."""
-    check_mask_args(kind, text_len, image_size, kernel_size)
+    try:
+        check_mask_args(kind, text_len, image_size, kernel_size)
+    except ValueError as e:
+        raise RuntimeError(f"dalle_fast: {e}") from e
     ok = math.isfinite(scale) and abs(scale) <= _MAX_SCALE
     _check(ok, f"scale must be finite with |scale| <= 1.70141e+38, got {scale}")
     return text_len + image_size * image_size
