@@ -123,24 +123,39 @@ def unavailable_reason() -> str | None:
 
 _binding_lock = threading.Lock()
 _binding = None
+_libnvrtc = None  # the same library through ctypes: CuPy's getCUBIN drops the cubin's last byte
 
 
 def nvrtc_binding():
     """CuPy's NVRTC binding, with torch's libnvrtc (and its builtins library) loaded first, so that it is
     the one CuPy finds whatever LD_LIBRARY_PATH says."""
-    global _binding
+    global _binding, _libnvrtc
     with _binding_lock:
         if _binding is None:
             if (why := unavailable_reason()) is not None:
                 raise NvrtcError(f"cannot compile the CUDA kernels with NVRTC: {why}")
             lib = find_nvrtc_library()
             builtins = sorted(p for p in glob.glob(str(lib.parent / "libnvrtc-builtins.so.*")) if ".alt." not in p)
-            for path in [*builtins, str(lib)]:
+            for path in builtins:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _libnvrtc = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
             from cupy_backends.cuda.libs import nvrtc  # optional dependency: the cuda-runtime extra
 
             _binding = nvrtc
     return _binding
+
+
+def _cubin(prog: int) -> bytes:
+    """The compiled program's cubin, all of it (nvrtcGetCUBINSize bytes; CuPy's getCUBIN returns one fewer,
+    as if it were a NUL-terminated string, which cuts the ELF's last program header short)."""
+    nvrtc_binding()
+    size = ctypes.c_size_t()
+    if _libnvrtc.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
+        raise NvrtcError("nvrtcGetCUBINSize failed")
+    buf = ctypes.create_string_buffer(size.value)
+    if _libnvrtc.nvrtcGetCUBIN(ctypes.c_void_p(prog), buf) != 0:
+        raise NvrtcError("nvrtcGetCUBIN failed")
+    return buf.raw
 
 
 def nvrtc_version() -> tuple[int, int]:
@@ -253,7 +268,7 @@ def compile_source(source: str, arch: int) -> Compiled:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
             raise NvrtcError(f"NVRTC failed to compile {path} for sm_{arch}:\n{nvrtc.getProgramLog(prog)}") from e
-        cubin = bytes(nvrtc.getCUBIN(prog))
+        cubin = _cubin(prog)
         symbols = {name: nvrtc.getLoweredName(prog, name) for name in names[source]}
     finally:
         nvrtc.destroyProgram(prog)
