@@ -17,6 +17,7 @@ import sysconfig
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -127,10 +128,13 @@ def build_extension():
     import torch
     from torch.utils import cpp_extension
 
+    # host_setup.cpp (the launch description, torch- and CUDA-free) is in every build: the NVRTC backend of
+    # a build without CUDA kernels asks it for its launches through python_module.cpp.
     cpu_sources = [
         "csrc/registration.cpp",
         "csrc/layout.cpp",
         "csrc/python_module.cpp",
+        "csrc/cuda/host_setup.cpp",
         *sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp")),
     ]
     # -ffp-contract=off: no fused multiply-adds, so CPU kernels round like their PyTorch references.
@@ -168,7 +172,11 @@ def build_extension():
         )
 
     log(f"building CUDA kernels with the toolkit at {cuda_home}")
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cpp"))
+    cuda_sources = sorted(
+        str(p.relative_to(ROOT))
+        for p in (CSRC / "cuda").iterdir()
+        if p.suffix in (".cu", ".cpp") and str(p.relative_to(ROOT)) not in cpu_sources
+    )
     wheel_inc = [f"-idirafter{p}" for p in nvidia_wheel_includes()]
     nvcc_flags = [
         "-O3",
@@ -189,13 +197,36 @@ def build_extension():
     )
 
 
+def kernel_sources() -> list[Path]:
+    """What the NVRTC backend (dalle_fast/ops/nvrtc.py) compiles at run time: the kernels of csrc/cuda/, the
+    headers they include, and NVRTC's standard-header stand-ins."""
+    cuda = CSRC / "cuda"
+    files = [CSRC / "layout.h", *(p for p in cuda.iterdir() if p.suffix in (".cu", ".cuh", ".h"))]
+    return sorted(files + [p for p in (cuda / "nvrtc_include").iterdir() if p.is_file()])
+
+
+class BuildPyWithKernels(build_py):
+    """build_py that also copies the kernel sources into the package as dalle_fast/csrc/ (same tree as csrc/),
+    so that a wheel install can compile them with NVRTC; an editable install reads csrc/ itself."""
+
+    def run(self):
+        super().run()
+        for src in kernel_sources():
+            dst = Path(self.build_lib) / "dalle_fast" / src.relative_to(ROOT)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+
+
 def main():
     ext = build_extension()  # first: it fixes CUDA_HOME before torch.utils.cpp_extension reads it
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
         ext_modules=[ext],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        cmdclass={
+            "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None),
+            "build_py": BuildPyWithKernels,
+        },
     )
 
 

@@ -5,16 +5,17 @@
 # in benchmarks/results/ (and in $OUT, packed as one archive, when $OUT is set, as on the device tool's
 # machines). Steps run in that order, most valuable first, for a device budget that may run out.
 #
-#   bash benchmarks/gpu_runbook.sh            # everything: build tests sanitizer bench cputests
+#   bash benchmarks/gpu_runbook.sh            # everything: build tests nvrtc sanitizer bench cputests
 #   STEPS="build tests" bash benchmarks/gpu_runbook.sh
 #   SANITIZER_TIMEOUT=600 bash benchmarks/gpu_runbook.sh   # seconds per compute-sanitizer tool (default 300)
 #
 # Python packages the machine lacks (e.g. expecttest, which torch.library.opcheck imports) can be put
-# as wheels in .gpu_wheels/ (pip download expecttest -d .gpu_wheels) and are installed offline.
+# as wheels in .gpu_wheels/ (pip download expecttest -d .gpu_wheels) and are installed offline; the nvrtc
+# step needs CuPy there (pip download cupy-cuda13x -d .gpu_wheels, or cupy-cuda12x for a CUDA 12 torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build tests sanitizer bench cputests"}
+STEPS=${STEPS:-"build tests nvrtc sanitizer bench cputests"}
 RES=benchmarks/results
 mkdir -p "$RES"
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))") || { echo "no GPU"; exit 1; }
@@ -45,6 +46,29 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
     # The emulated CUDA tests run in CI on CPUs; here the kernels run for real.
     step "CUDA tests (default and slow)"
     run $PY -m pytest -q -rs -m "slow or not slow" -k "cuda and not emulated" tests/
+  fi
+
+  if [[ " $STEPS " == *" nvrtc "* ]]; then
+    # The second backend (dalle_fast/ops/nvrtc.py): the same kernels compiled at run time by NVRTC. Every op
+    # must give the same bits as the nvcc build's (tests/test_nvrtc.py, forward and backward, every head
+    # dim and dtype); then the first-use compile and cached load times for this GPU's arch, and the paper
+    # shape's kernel times through each backend, back to back (goal: NVRTC within 2% of nvcc).
+    step "NVRTC backend: same bits as nvcc, compile and load times, kernel times"
+    if $PY -c "import sys; from dalle_fast.ops import nvrtc; sys.exit(nvrtc.unavailable_reason() is not None)"; then
+      export DALLE_FAST_CACHE="$RES/nvrtc_cache"
+      rm -rf "$DALLE_FAST_CACHE"
+      cc=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))")
+      run $PY -m benchmarks.nvrtc_compile --arch "$cc" --out "$RES/${gpu}_nvrtc_compile.md"
+      run env DALLE_FAST_REQUIRE_NVRTC=1 $PY -m pytest -q -rs -m "slow or not slow" -k "not test_every_kernel" \
+        tests/test_nvrtc.py
+      for backend in nvcc nvrtc; do
+        run env DALLE_FAST_CUDA_BACKEND=$backend $PY -m benchmarks.run --device cuda --dtype bf16 --batch 8 --heads 16 \
+          --shapes paper --no-memory --no-flex --out "$RES/${gpu}_bf16_backend_${backend}.md"
+      done
+    else
+      echo "FAILED: NVRTC cannot compile here: $($PY -c 'from dalle_fast.ops import nvrtc; print(nvrtc.unavailable_reason())')"
+      status=1
+    fi
   fi
 
   if [[ " $STEPS " == *" sanitizer "* ]]; then

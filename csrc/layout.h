@@ -15,11 +15,13 @@
 #pragma once
 
 #include <cstdint>
+#ifndef __CUDACC_RTC__  // NVRTC (dalle_fast/ops/nvrtc.py) reads the device part only
 #include <memory>
 #include <string>
 #include <vector>
+#endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define DF_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define DF_HOST_DEVICE inline
@@ -29,9 +31,11 @@ namespace dalle_fast {
 
 enum class MaskKind : int32_t { kCausal = 0, kRow = 1, kColumn = 2, kConv = 3 };
 
+#ifndef __CUDACC_RTC__
 // Parses "causal" | "row" | "column" | "conv"; returns false for anything else.
 bool parse_mask_kind(const std::string& name, MaskKind* kind);
 const char* mask_kind_name(MaskKind kind);
+#endif
 
 // The largest image side: image_size^2 tokens must fit the kernels' 32-bit token indices.
 constexpr int64_t kMaxImageSize = 46340;
@@ -193,6 +197,8 @@ DF_HOST_DEVICE bool key_row_seen_by_conv(const MaskSpec& m, const KeyRow<I>& k, 
                               static_cast<I>(m.kernel_size / 2)));
 }
 
+#ifndef __CUDACC_RTC__  // the host's part: key intervals, block layouts, validation
+
 // A half-open key range [lo, hi).
 struct KeyInterval {
   int64_t lo, hi;
@@ -239,5 +245,7 @@ inline MaskSpec normalize_mask_spec(MaskSpec m) {
   if (m.kind == MaskKind::kConv && m.kernel_size > 2 * m.image_size + 1) m.kernel_size = 2 * m.image_size + 1;
   return m;
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast

@@ -11,6 +11,7 @@ import torch
 from test_cuda_emulated import KIND_ID, _build_emulator
 
 from dalle_fast import _C, ops
+from dalle_fast.ops import support
 
 # Every head dim the decode kernel takes, a superset of the attention kernels' candidates.
 HEAD_DIM_RANGE = range(1, 257)
@@ -27,8 +28,12 @@ def test_attributes_and_types():
 
 
 def test_with_cuda_matches_the_registered_kernels():
+    """WITH_CUDA is the nvcc build; the ops have CUDA kernels exactly when a backend (nvcc, or NVRTC, whose
+    Python kernels register at import) was chosen."""
+    assert support.NVCC_BUILD == _C.WITH_CUDA
     for op in ("sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_decode", "adamw_step_"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA") == _C.WITH_CUDA, op
+        has = torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", "CUDA")
+        assert has == (support.CUDA_BACKEND is not None), op
 
 
 def test_python_reads_them_from_the_extension(pretend_gpu):
@@ -75,3 +80,19 @@ def test_cuda_op_accepts_exactly_the_head_dims():
         else:
             with pytest.raises(RuntimeError, match=f"must be one of {re.escape(str(_C.CUDA_HEAD_DIMS))} on CUDA"):
                 torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, "causal", 5, 4, 11, d**-0.5)
+
+
+def test_doctor_says_which_backend_and_how_to_fix_none(monkeypatch, capsys):
+    from dalle_fast import doctor
+
+    doctor.main([])
+    out = capsys.readouterr().out
+    assert out.startswith(f"torch {torch.__version__}") and "CUDA ops: " in out and "--device auto: " in out
+    monkeypatch.setattr(support, "CUDA_BACKEND", "nvrtc")
+    assert any("compiled at first use by NVRTC" in line for line in doctor.report())
+    monkeypatch.setattr(support, "CUDA_BACKEND", None)
+    monkeypatch.setattr(support, "_NO_BACKEND_REASON", "dalle_fast was built without CUDA kernels")
+    lines = doctor.report()
+    assert "CUDA ops: none: dalle_fast was built without CUDA kernels" in lines
+    if torch.version.cuda is not None:  # a CPU torch has nothing to fix here
+        assert any(line.startswith("fix: pip install cupy-cuda") for line in lines)

@@ -107,6 +107,7 @@ class Emulator:
         lib.emu_backward_smem_bytes.argtypes = [ctypes.c_int32, ctypes.c_size_t]
         lib.emu_last_block_threads.restype = ctypes.c_longlong
         lib.emu_fibers.restype = ctypes.c_char_p
+        lib.emu_launches_as_described.restype = ctypes.c_int64
         self.schedule(0)
         lib.emu_set_smem_optin(ctypes.c_longlong(SM80_SMEM_OPTIN))
 
@@ -114,7 +115,11 @@ class Emulator:
         self.lib.emu_set_schedule(schedule)
 
     def check(self, rc, what):
+        """The call succeeded, and launched exactly what host_setup.h's launch description (which the NVRTC
+        backend launches from) says for it: the same kernels' shapes, in the same order."""
         assert rc == 0, f"{what}: cudaError {rc}: {self.lib.emu_last_error().decode()}"
+        first = self.lib.emu_launches_as_described()
+        assert first == -1, f"{what}: launch {first} differs from host_setup.h's description of the call"
 
     def forward(self, q, k, v, kind, text_len, image_size, kernel_size, scale):
         b, h, n, d = q.shape

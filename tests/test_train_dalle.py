@@ -340,7 +340,8 @@ def test_cuda_device_checks_without_a_gpu(monkeypatch, pretend_gpu):
         if why.startswith("compute"):
             pretend_gpu((7, 5))
         else:
-            monkeypatch.setattr(ops, "_HAS_CUDA_KERNEL", {"sparse_attention_fwd": False})
+            monkeypatch.setattr(ops, "CUDA_BACKEND", None)
+            monkeypatch.setattr(ops, "_NO_BACKEND_REASON", "dalle_fast was built without CUDA kernels")
         with pytest.warns(UserWarning, match=why):
             assert resolve_device(DALLETrainConfig(preset="tiny", device="auto")) == (torch.device("cpu"), cpu_auto)
         with pytest.raises(ValueError, match=why):

@@ -342,6 +342,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+#ifndef __CUDACC_RTC__  // the launchers (host code): NVRTC compiles the kernels alone
+
 template <typename T, int D, int Stages>
 cudaError_t launch_passes(const AttentionParams& p, const LaunchShape& s, const T* g, const float* lse,
                           const float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
@@ -377,7 +379,11 @@ cudaError_t launch(const AttentionParams& p, const BackwardLaunch& plan, const v
   return launch_passes<T, D, 2>(p, plan.passes, g, lse, delta, dq, dk, dv, stream);
 }
 
+#endif  // __CUDACC_RTC__
+
 }  // namespace
+
+#ifndef __CUDACC_RTC__
 
 cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, size_t smem_limit, cudaStream_t stream) {
@@ -390,5 +396,7 @@ cudaError_t attention_backward(const AttentionParams& p, const void* grad_out, c
                : launch<__nv_bfloat16, D>(p, plan, grad_out, out, lse, delta, dq, dk, dv, stream);
   });
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

@@ -217,6 +217,8 @@ __global__ void __launch_bounds__(threads_for<MT>())
     }
 }
 
+#ifndef __CUDACC_RTC__  // the launchers (host code): NVRTC compiles the kernels alone
+
 // s: forward_launch(p), whose threads are threads_for<MT>().
 template <typename T, int D, int MT>
 cudaError_t launch(const AttentionParams& p, const LaunchShape& s, void* out, float* lse, cudaStream_t stream) {
@@ -229,7 +231,11 @@ cudaError_t launch(const AttentionParams& p, const LaunchShape& s, void* out, fl
   return cudaGetLastError();
 }
 
+#endif  // __CUDACC_RTC__
+
 }  // namespace
+
+#ifndef __CUDACC_RTC__
 
 cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, cudaStream_t stream) {
   if (!is_supported_head_dim(p.head_dim)) return cudaErrorInvalidValue;
@@ -245,5 +251,7 @@ cudaError_t attention_forward(const AttentionParams& p, void* out, float* lse, c
                                    : launch<__nv_bfloat16, D, 1>(p, plan.shape, out, lse, stream);
   });
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

@@ -181,6 +181,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_merge_kernel(DecodeP
   }
 }
 
+#ifndef __CUDACC_RTC__  // the launchers (host code): NVRTC compiles the kernels alone
+
 template <typename T>
 cudaError_t launch(const DecodeParams& p, const DecodeLaunch& plan, cudaStream_t stream) {
   const LaunchShape& s = plan.rows;
@@ -206,7 +208,11 @@ cudaError_t launch(const DecodeParams& p, const DecodeLaunch& plan, cudaStream_t
   return cudaGetLastError();
 }
 
+#endif  // __CUDACC_RTC__
+
 }  // namespace
+
+#ifndef __CUDACC_RTC__
 
 cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch_heads == 0) return cudaSuccess;
@@ -222,5 +228,7 @@ cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

@@ -112,6 +112,8 @@ __global__ void adamw_kernel(const TensorEntry* entries, const ChunkRef* chunks,
   }
 }
 
+#ifndef __CUDACC_RTC__  // the launchers (host code): NVRTC compiles the kernels alone
+
 // Launches a kernel with shape s (a 1-D grid of at most kMaxGridBlocks blocks, no shared memory).
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, const LaunchShape& s, cudaStream_t stream, Args... args) {
@@ -121,7 +123,11 @@ cudaError_t launch(Kernel kernel, const LaunchShape& s, cudaStream_t stream, Arg
   return cudaGetLastError();
 }
 
+#endif  // __CUDACC_RTC__
+
 }  // namespace
+
+#ifndef __CUDACC_RTC__
 
 cudaError_t grad_scale(const void* in, void* out, int64_t n, FloatKind kind, const float* scales, int64_t block,
                        cudaStream_t stream) {
@@ -154,5 +160,7 @@ cudaError_t adamw_step(const TensorEntry* entries, const ChunkRef* chunks, int64
   return launch(adamw_kernel, chunk_launch(num_chunks), stream, entries, chunks, found_inf, step_size,
                 bias_correction2_sqrt, decay, c);
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

@@ -1,8 +1,10 @@
 #include "host_setup.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace dalle_fast::cuda {
 
@@ -187,6 +189,150 @@ const ChunkRef* MultiTensorTables::chunks(const void* base) const {
 AdamWConstants adamw_constants(double beta1, double beta2, double eps) {
   return AdamWConstants{static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                         static_cast<float>(1.0 - beta2), static_cast<float>(eps)};
+}
+
+
+// ---- launches by name ----------------------------------------------------------------------------------------
+// None where the launchers would refuse the call (a head dim without kernels, invalid decode parameters),
+// as where they would launch nothing.
+
+namespace {
+
+const char* const kNs = "dalle_fast::cuda::";
+
+const char* type_name(DType t) { return t == DType::kHalf ? "__half" : "__nv_bfloat16"; }
+const char* type_name(DecodeDType t) {
+  return t == DecodeDType::kFloat ? "float" : t == DecodeDType::kHalf ? "__half" : "__nv_bfloat16";
+}
+
+// "dalle_fast::cuda::name<a, b, ...>" (no brackets without template arguments).
+std::string instance(const char* name, std::initializer_list<std::string> targs) {
+  std::string s = std::string(kNs) + name;
+  if (targs.size() == 0) return s;
+  s += "<";
+  bool first = true;
+  for (const std::string& a : targs) {
+    s += (first ? "" : ", ") + a;
+    first = false;
+  }
+  return s + ">";
+}
+
+template <typename... A>
+std::vector<std::vector<uint8_t>> arg_bytes(const A&... a) {
+  std::vector<std::vector<uint8_t>> out;
+  auto add = [&](const auto& x) {
+    std::vector<uint8_t> b(sizeof(x));
+    std::memcpy(b.data(), &x, sizeof(x));
+    out.push_back(std::move(b));
+  };
+  (add(a), ...);
+  return out;
+}
+
+// The elements per lane decode instantiates: decode_launch's powers of 2, up to kMaxDecodeHeadDim / 32.
+std::vector<int> decode_elems_per_lane() {
+  std::vector<int> e;
+  for (int x = 1; x <= kMaxDecodeHeadDim / 32; x *= 2) e.push_back(x);
+  return e;
+}
+
+// A one-launch op: none when the launcher would launch nothing (no blocks).
+std::vector<KernelLaunch> single(const char* kernel, const LaunchShape& s, std::vector<std::vector<uint8_t>> args) {
+  if (s.blocks == 0) return {};
+  return {KernelLaunch{instance(kernel, {}), s, std::move(args)}};
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::vector<std::string>>> kernel_names() {
+  std::vector<std::string> fwd, bwd, dec;
+  for (DType t : {DType::kHalf, DType::kBFloat16}) {
+    for (int d : kHeadDims) {
+      const std::string T = type_name(t), D = std::to_string(d);
+      for (int mt : d <= 64 ? std::vector<int>{1, 2} : std::vector<int>{1})
+        fwd.push_back(instance("forward_kernel", {T, D, std::to_string(mt)}));
+      bwd.push_back(instance("delta_kernel", {T, D}));
+      for (int stages : d >= 128 ? std::vector<int>{1, 2} : std::vector<int>{2}) {
+        bwd.push_back(instance("dkdv_kernel", {T, D, std::to_string(stages)}));
+        bwd.push_back(instance("dq_kernel", {T, D, std::to_string(stages)}));
+      }
+    }
+  }
+  for (DecodeDType t : {DecodeDType::kFloat, DecodeDType::kHalf, DecodeDType::kBFloat16}) {
+    for (int e : decode_elems_per_lane()) dec.push_back(instance("decode_kernel", {type_name(t), std::to_string(e)}));
+    dec.push_back(instance("decode_merge_kernel", {type_name(t)}));
+  }
+  std::vector<std::string> gs;
+  for (const char* k : {"grad_scale_kernel", "grad_unscale_filter_kernel", "multi_unscale_check_kernel",
+                        "scale_update_kernel", "adamw_kernel"})
+    gs.push_back(instance(k, {}));
+  return {{"attention_fwd", fwd}, {"attention_bwd", bwd}, {"decode", dec}, {"grad_scaling", gs}};
+}
+
+std::vector<KernelLaunch> forward_launches(const AttentionParams& p, void* out, float* lse) {
+  if (!is_supported_head_dim(p.head_dim)) return {};  // the launcher refuses it
+  const ForwardLaunch plan = forward_launch(p);
+  if (plan.shape.blocks == 0) return {};
+  const int mt = plan.rows_per_warp / 16;
+  return {{instance("forward_kernel", {type_name(p.dtype), std::to_string(p.head_dim), std::to_string(mt)}),
+           plan.shape, arg_bytes(p, out, lse)}};
+}
+
+std::vector<KernelLaunch> backward_launches(const AttentionParams& p, const void* grad_out, const float* lse,
+                                            float* delta, const void* out, void* dq, void* dk, void* dv,
+                                            size_t smem_limit) {
+  if (!is_supported_head_dim(p.head_dim)) return {};  // the launcher refuses it
+  const BackwardLaunch plan = backward_launch(p, smem_limit);
+  if (plan.passes.blocks == 0) return {};
+  const std::string T = type_name(p.dtype), D = std::to_string(p.head_dim), S = std::to_string(plan.stages);
+  const int64_t rows = p.batch_heads * p.seq_len;
+  return {{instance("delta_kernel", {T, D}), plan.delta, arg_bytes(grad_out, out, delta, rows)},
+          {instance("dkdv_kernel", {T, D, S}), plan.passes, arg_bytes(p, grad_out, lse, delta, dk, dv)},
+          {instance("dq_kernel", {T, D, S}), plan.passes, arg_bytes(p, grad_out, lse, delta, dq)}};
+}
+
+std::vector<KernelLaunch> decode_launches(const DecodeParams& p) {
+  if (p.batch_heads == 0 || !decode_params_valid(p)) return {};  // nothing to do, or the launcher refuses it
+  const DecodeLaunch plan = decode_launch(p);
+  const std::string T = type_name(p.dtype);
+  std::vector<KernelLaunch> out{
+      {instance("decode_kernel", {T, std::to_string(plan.elems_per_lane)}), plan.rows, arg_bytes(p)}};
+  if (plan.merge.blocks > 0) out.push_back({instance("decode_merge_kernel", {T}), plan.merge, arg_bytes(p)});
+  return out;
+}
+
+std::vector<KernelLaunch> grad_scale_launches(const void* in, void* out, int64_t n, FloatKind kind,
+                                              const float* scales, int64_t block) {
+  if (n == 0) return {};
+  return single("grad_scale_kernel", elementwise_launch(n),
+                arg_bytes(in, out, n, static_cast<int32_t>(kind), scales, block));
+}
+
+std::vector<KernelLaunch> grad_unscale_filter_launches(const void* in, void* out, int64_t n, FloatKind kind,
+                                                       const float* scales, int64_t block, bool* found_inf) {
+  if (n == 0) return {};
+  return single("grad_unscale_filter_kernel", elementwise_launch(n),
+                arg_bytes(in, out, n, static_cast<int32_t>(kind), scales, block, found_inf));
+}
+
+std::vector<KernelLaunch> multi_unscale_check_launches(const TensorEntry* entries, const ChunkRef* chunks,
+                                                       int64_t num_chunks, const float* scales, bool* found_inf) {
+  return single("multi_unscale_check_kernel", chunk_launch(num_chunks), arg_bytes(entries, chunks, scales, found_inf));
+}
+
+std::vector<KernelLaunch> scale_update_launches(float* scales, int32_t* cooldown, const bool* found_inf, int64_t n,
+                                                float growth, float backoff, int32_t window, float min_scale,
+                                                float max_scale) {
+  return single("scale_update_kernel", per_element_launch(n),
+                arg_bytes(scales, cooldown, found_inf, n, growth, backoff, window, min_scale, max_scale));
+}
+
+std::vector<KernelLaunch> adamw_launches(const TensorEntry* entries, const ChunkRef* chunks, int64_t num_chunks,
+                                         const bool* found_inf, const float* step_size,
+                                         const float* bias_correction2_sqrt, const float* decay, AdamWConstants c) {
+  return single("adamw_kernel", chunk_launch(num_chunks),
+                arg_bytes(entries, chunks, found_inf, step_size, bias_correction2_sqrt, decay, c));
 }
 
 }  // namespace dalle_fast::cuda

@@ -7,12 +7,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#ifndef __CUDACC_RTC__
+#include <string>
+#include <utility>
 #include <vector>
+#endif
 
 #include "../layout.h"
-#include "attention_cuda.h"
 #include "capabilities.h"
-#include "grad_scaling.h"
+#include "kernel_params.h"
 
 namespace dalle_fast::cuda {
 
@@ -106,6 +109,9 @@ LaunchShape elementwise_launch(int64_t n);
 LaunchShape chunk_launch(int64_t num_chunks);
 LaunchShape per_element_launch(int64_t n);
 
+// The kernels read the constants above; what follows is the host's alone (NVRTC does not see it).
+#ifndef __CUDACC_RTC__
+
 // ---- attention: the block layout as the kernels read it -----------------------------------------------
 
 // get_block_layout(mask, kBlock) packed into one buffer: its host image, and where each array starts (16-
@@ -161,5 +167,46 @@ MultiTensorTables pack_tables(const std::vector<TensorEntry>& entries);
 
 // AdamW's constants in fp32, rounded from the double hyperparameters (1 - beta is taken in double).
 AdamWConstants adamw_constants(double beta1, double beta2, double eps);
+
+
+// ---- launches by name: the NVRTC backend ---------------------------------------------------------------------
+
+// One kernel launch of an op, for a backend that loads the kernels by name (dalle_fast/ops/nvrtc.py, which
+// compiles the same .cu files with NVRTC): the kernel's instantiation as a C++ name expression, e.g.
+// "dalle_fast::cuda::forward_kernel<__half, 64, 2>", its shape, and its arguments' bytes in the kernel's
+// parameter order. The launchers of the .cu files make the same choices from the same plans
+// (forward_launch, backward_launch, decode_launch, elementwise_launch, ...); the functions below return
+// the launches those launchers would make, in order, and none where they would launch nothing.
+struct KernelLaunch {
+  std::string kernel;
+  LaunchShape shape;
+  std::vector<std::vector<uint8_t>> args;
+};
+
+// The .cu files (their stems) and every kernel instantiation their launchers can make: what NVRTC compiles.
+std::vector<std::pair<std::string, std::vector<std::string>>> kernel_names();
+
+// p.head_dim must be one of kHeadDims; pointers are device pointers of the tensors named in attention_cuda.h.
+std::vector<KernelLaunch> forward_launches(const AttentionParams& p, void* out, float* lse);
+std::vector<KernelLaunch> backward_launches(const AttentionParams& p, const void* grad_out, const float* lse,
+                                            float* delta, const void* out, void* dq, void* dk, void* dv,
+                                            size_t smem_limit);
+// p as attention_decode takes it (decode_params_valid).
+std::vector<KernelLaunch> decode_launches(const DecodeParams& p);
+
+std::vector<KernelLaunch> grad_scale_launches(const void* in, void* out, int64_t n, FloatKind kind,
+                                              const float* scales, int64_t block);
+std::vector<KernelLaunch> grad_unscale_filter_launches(const void* in, void* out, int64_t n, FloatKind kind,
+                                                       const float* scales, int64_t block, bool* found_inf);
+std::vector<KernelLaunch> multi_unscale_check_launches(const TensorEntry* entries, const ChunkRef* chunks,
+                                                       int64_t num_chunks, const float* scales, bool* found_inf);
+std::vector<KernelLaunch> scale_update_launches(float* scales, int32_t* cooldown, const bool* found_inf, int64_t n,
+                                                float growth, float backoff, int32_t window, float min_scale,
+                                                float max_scale);
+std::vector<KernelLaunch> adamw_launches(const TensorEntry* entries, const ChunkRef* chunks, int64_t num_chunks,
+                                         const bool* found_inf, const float* step_size,
+                                         const float* bias_correction2_sqrt, const float* decay, AdamWConstants c);
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

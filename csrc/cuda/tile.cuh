@@ -364,6 +364,7 @@ __device__ __forceinline__ bool next_tiles(int e, int e_end, Fetch&& fetch, Own&
   return __syncthreads_or(own()) != 0;
 }
 
+#ifndef __CUDACC_RTC__  // launch helpers: host code
 // f(std::integral_constant<int, D>{}) for D = head_dim when it is one of kHeadDims (capabilities.h): one
 // instantiation per listed head dim. `otherwise` for others.
 template <typename R, typename F, size_t... I>
@@ -382,5 +383,7 @@ template <typename Kernel>
 cudaError_t prepare_launch(Kernel kernel, size_t smem_bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace dalle_fast::cuda

@@ -1,11 +1,13 @@
 """The kernels' Python side: the DALL-E masks and their block layouts, the attention and decode ops,
-the gradient-scaling ops, what this build supports, and the device and precision policy.
+the gradient-scaling ops, what this build supports (and the NVRTC backend, for builds without CUDA
+kernels), and the device and precision policy.
 
 Importing it loads dalle_fast._C, which registers every torch.ops.dalle_fast op (schemas in
 csrc/registration.cpp); the modules here add the ops' fake kernels, autograd and plain-PyTorch
 references.
 """
 
+from dalle_fast.ops import nvrtc_ops  # noqa: F401  (registers the NVRTC backend's kernels when chosen)
 from dalle_fast.ops.attention import (
     block_sparse_attention,
     sparse_attention,

@@ -472,8 +472,15 @@ struct FaultHandlers {
 
 }  // namespace
 
+std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+
 cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   g_error.clear();
+  launch_log().push_back({int64_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z,
+                          int64_t(cfg.block.x) * cfg.block.y * cfg.block.z, cfg.dynamic_smem});
   auto finish = [](cudaError_t err, const std::string& msg) {
     g_last = err;
     if (err != cudaSuccess) g_error = msg;

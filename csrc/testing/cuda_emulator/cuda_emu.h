@@ -42,6 +42,7 @@
 #include <cstring>
 #include <functional>
 #include <type_traits>
+#include <vector>
 
 // Execution-space keywords: host code here. Static __shared__ variables are refused (see launch.cuh):
 // the emulator could not poison them before each block as it does dynamic shared memory.
@@ -71,6 +72,15 @@ struct LaunchConfig {
 
 // Runs body once per thread of every block of the grid; returns cudaSuccess or the failure it found.
 cudaError_t run_grid(const LaunchConfig& cfg, const std::function<void()>& body);
+
+// The shape of every launch since the log was last cleared, in order: emu_api.cpp compares it with the
+// launches csrc/cuda/host_setup.h describes for the same call (what the NVRTC backend launches).
+struct LaunchRecord {
+  int64_t blocks;
+  int64_t threads;
+  size_t smem;
+};
+std::vector<LaunchRecord>& launch_log();
 
 // Collectives, called by the running thread. Lanes that meet at a warp barrier must all be at the same
 // kind of collective.
