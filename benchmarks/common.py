@@ -27,6 +27,9 @@ class Shape:
 
 PAPER = Shape("paper", 256, 32, 1, 8, 64)  # 256 text + 32x32 image tokens, head dim 64
 SMALL = Shape("small", 64, 16, 2, 4, 64)
+# The main job's stage 2 at --grid 16 --width 128 --dalle-batch 32: 20 text + 16x16 image tokens, 4 heads of
+# 32 (run it with --dtype bf16, as the trainer's autocast does).
+MAIN = Shape("main", 20, 16, 32, 4, 32)
 
 
 def make_inputs(shape: Shape, dtype=torch.float32, device="cpu", seed=0):

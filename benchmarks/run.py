@@ -1,6 +1,7 @@
 """Benchmarks dalle_fast.sparse_attention against its peers and writes benchmarks/RESULTS.md + PNG plots.
 
     python -m benchmarks.run                      # CPU, 2 threads, paper + small shapes
+    python -m benchmarks.run --shapes main --dtype bf16 --out benchmarks/RESULTS_main.md   # the main job's
     python -m benchmarks.run --device cuda --dtype bf16 --batch 8 --heads 16 --out benchmarks/results/h100.md
 
 Peers on the same inputs and mask: SDPA dense causal (is_causal=True), SDPA with the boolean mask,
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    MAIN,
     PAPER,
     SMALL,
     flops,
@@ -192,7 +194,7 @@ def main():
     ap.add_argument("--heads", type=int, default=None, help="override the paper shape's heads")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile is slow)")
-    ap.add_argument("--shapes", nargs="+", default=["paper", "small"], choices=["paper", "small"])
+    ap.add_argument("--shapes", nargs="+", default=["paper", "small"], choices=["paper", "small", "main"])
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     if args.threads < 1:
@@ -203,7 +205,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the peak-memory subprocesses
 
     paper = replace(PAPER, batch=args.batch or PAPER.batch, heads=args.heads or PAPER.heads)
-    shapes = [s for s in (paper, SMALL) if s.name in args.shapes]
+    shapes = [s for s in (paper, SMALL, MAIN) if s.name in args.shapes]
     rows = []
     for shape in shapes:
         rows += bench_shape(shape, args.dtype, args.device, args.iters, not args.no_memory, not args.no_flex)
