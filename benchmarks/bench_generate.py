@@ -127,8 +127,18 @@ SINGLE = TransformerConfig(
 )
 
 
-def time_single(iters: int, device: torch.device) -> float:
-    """Best seconds of `iters` cached runs of sample_tokens for one caption at the SINGLE shape."""
+def time_single(iters: int, device: torch.device, threads: int) -> float:
+    """Best seconds of `iters` cached runs of sample_tokens for one caption at the SINGLE shape, on `threads`
+    CPU threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_single(iters, device)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _time_single(iters: int, device: torch.device) -> float:
     torch.manual_seed(0)
     model = DALLE(SINGLE).eval().to(device)
     text = torch.randint(0, SINGLE.text_vocab, (1, SINGLE.text_len), generator=torch.Generator().manual_seed(1))
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda (decode table: fp32 on the CPU, bf16 on CUDA)")
     ap.add_argument("--decode-iters", type=int, default=3, help="timed sweeps of the decode table (best kept)")
     ap.add_argument("--single-iters", type=int, default=8, help="timed runs of the one-image table (best kept)")
+    ap.add_argument("--single-threads", type=int, default=2, help="CPU threads of the one-image table")
     ap.add_argument("--out", default=str(HERE / "RESULTS_generate.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "embeddings and folded the scale into the query measured no faster (2.14 vs 2.02 ms per step, best of 8) "
         "and was not kept.",
     ]
-    single = time_single(args.single_iters, device)
+    single = time_single(args.single_iters, device, args.single_threads)
     n_single = SINGLE.image_size**2
     print(f"one image: {n_single / single:.0f} image tokens/s, {single / n_single * 1e3:.2f} ms a token")
     lines += [
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"One caption, {SINGLE.text_len} text + {SINGLE.image_size}x{SINGLE.image_size} image tokens, "
         f"{SINGLE.n_layers} layers, d_model {SINGLE.d_model}, {SINGLE.n_heads} heads of {SINGLE.head_dim}, random "
-        f"weights, KV cache, on {where}; best of {args.single_iters} (`--single-iters`), the prefill included:",
+        f"weights, KV cache, {args.single_threads} CPU thread(s) (`--single-threads`); best of {args.single_iters} "
+        "(`--single-iters`), the prefill included:",
         "",
         "| image tokens/s | ms a token | seconds an image |",
         "|---:|---:|---:|",

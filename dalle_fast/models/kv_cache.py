@@ -30,7 +30,7 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     length: int
-    checked: bool = False  # whether a decode step has run: later ones skip the decode op's Python checks
+    layers: list | None = None  # transformer.DecodeLayer per layer, made by the first decode step
 
 
 def kernel_position(kind: str, text_len: int, image_size: int, t: int) -> int:

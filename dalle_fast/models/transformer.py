@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,10 +140,8 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, N, d): the whole sequence (its keys and values go to cache.k/v[layer] when a cache is
-        given); x (B, d): the one token at cache.length, attending to the cache (sampling)."""
-        if x.dim() == 2:
-            return self._decode(x, cache, layer)
+        """x (B, N, d): the whole sequence; with a cache (the prefill), its keys and values go to
+        cache.k/v[layer]. (A decode step's one token runs through decode_layer instead.)"""
         cfg = self.cfg
         B, N, _ = x.shape
         h = self.norm(x)
@@ -166,29 +165,6 @@ class Attention(nn.Module):
             o = to_column_order(o, cfg.text_len, cfg.image_size)
         return self.drop(o)
 
-    def _decode(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
-        """One token per sequence, at cache.length: its key and value join the cache, and its query
-        meets the cached keys its mask allows (the decode op; attention arithmetic in fp32). Written in
-        functional calls: at batch 1 a step is bound by per-call overhead (docs/evaluation.md)."""
-        cfg = self.cfg
-        B = x.shape[0]
-        h = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
-        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, 3, cfg.n_heads, cfg.head_dim).unbind(1)
-        at = kernel_position(self.kind, cfg.text_len, cfg.image_size, cache.length)
-        cache.k[layer][:, :, at] = k
-        cache.v[layer][:, :, at] = v
-        args = (q, cache.k[layer], cache.v[layer], self.kind, cfg.text_len, cfg.image_size, at, cfg.kernel_size)
-        if cache.checked:  # the first step checked these arguments; only `at` moves, within the cache
-            o = sparse_attention_decode_op(*args, cfg.head_dim**-0.5)
-        else:
-            o = sparse_attention_decode(*args)
-        return _dropout(F.linear(o.reshape(B, -1), self.proj.weight, self.proj.bias), self.drop)
-
-
-def _dropout(x: torch.Tensor, drop: nn.Dropout) -> torch.Tensor:
-    """drop(x) without a module call when it does nothing (evaluation mode, or p = 0)."""
-    return drop(x) if drop.training and drop.p > 0 else x
-
 
 class MLP(nn.Module):
     """Pre-norm MLP branch."""
@@ -203,12 +179,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(self.norm(x)))))
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """forward for the one token per sequence (B, d) of a decode step, in functional calls."""
-        h = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
-        h = F.gelu(F.linear(h, self.fc.weight, self.fc.bias))
-        return _dropout(F.linear(h, self.proj.weight, self.proj.bias), self.drop)
-
 
 class Layer(nn.Module):
     def __init__(self, cfg: TransformerConfig, kind: str):
@@ -219,11 +189,6 @@ class Layer(nn.Module):
         self.mlp = Residual(MLP(cfg))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
-        if cache is not None and x.dim() == 2:  # a decode step: one token per sequence, no gradients
-            # The branches straight from here (a resblock wrapper adds nothing without gradients): at
-            # batch 1 a step is bound by per-call overhead.
-            x = x + self.attn.branch._decode(x, cache, index)
-            return x + self.mlp.branch._decode(x)
         if cache is not None:  # the prefill: no gradients, so nothing to recompute
             return self.mlp(self.attn(x, cache=cache, layer=index))
         for block in (self.attn, self.mlp):
@@ -232,6 +197,53 @@ class Layer(nn.Module):
             else:
                 x = block(x)
         return x
+
+
+class DecodeLayer(NamedTuple):
+    """One layer's tensors as a decode step reads them, fetched from the modules once per cache: at batch 1
+    a step is bound by per-call overhead, and the modules' attribute lookups cost about as much as the
+    arithmetic. The resblock wrappers drop out: they add nothing without gradients."""
+
+    kind: str
+    norm1: tuple  # (normalized_shape, weight, bias, eps) of the attention's layer norm
+    qkv: tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
+    proj: tuple[torch.Tensor, torch.Tensor]
+    norm2: tuple  # the MLP's layer norm
+    fc: tuple[torch.Tensor, torch.Tensor]
+    out: tuple[torch.Tensor, torch.Tensor]
+    dropout: float  # of both branches' outputs: the config's while training, else 0
+
+    @staticmethod
+    def of(layer: Layer, training: bool) -> DecodeLayer:
+        a, m = layer.attn.branch, layer.mlp.branch
+        norm = lambda n: (n.normalized_shape, n.weight, n.bias, n.eps)  # noqa: E731
+        return DecodeLayer(
+            a.kind, norm(a.norm), (a.qkv.weight, a.qkv.bias), (a.proj.weight, a.proj.bias), norm(m.norm),
+            (m.fc.weight, m.fc.bias), (m.proj.weight, m.proj.bias), a.drop.p if training else 0.0,
+        )  # fmt: skip
+
+
+def decode_layer(
+    x: torch.Tensor, cache: KVCache, i: int, layer: DecodeLayer, cfg: TransformerConfig, checked: bool
+) -> torch.Tensor:
+    """Layer i for the one token per sequence x (B, d) at cache.length, as Layer.forward computes it: the
+    token's key and value join the cache, its query meets the cached keys its mask allows (the decode op;
+    attention arithmetic in fp32), then the MLP. checked: an earlier step of this cache checked the decode
+    op's arguments (only the position moves, within the cache), so the op is called without them."""
+    B = x.shape[0]
+    h = F.layer_norm(x, *layer.norm1)
+    q, k, v = F.linear(h, *layer.qkv).view(B, 3, cfg.n_heads, cfg.head_dim).unbind(1)
+    at = kernel_position(layer.kind, cfg.text_len, cfg.image_size, cache.length)
+    keys, values = cache.k[i], cache.v[i]
+    keys.select(2, at).copy_(k)
+    values.select(2, at).copy_(v)
+    args = (q, keys, values, layer.kind, cfg.text_len, cfg.image_size, at, cfg.kernel_size)
+    o = sparse_attention_decode_op(*args, cfg.head_dim**-0.5) if checked else sparse_attention_decode(*args)
+    o = F.linear(o.reshape(B, -1), *layer.proj)
+    x = x + (F.dropout(o, layer.dropout) if layer.dropout else o)
+    h = F.gelu(F.linear(F.layer_norm(x, *layer.norm2), *layer.fc))
+    o = F.linear(h, *layer.out)
+    return x + (F.dropout(o, layer.dropout) if layer.dropout else o)
 
 
 class DALLE(nn.Module):
@@ -374,10 +386,12 @@ class DALLE(nn.Module):
         # Rows of the position tables by Python index: no per-token host-to-device copy (which would wait
         # for the GPU and keep the host from queueing the next step's kernels).
         x = self.image_emb(token) + self.row_emb.weight[p // W] + self.col_emb.weight[p % W]  # (B, d)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
+        first = cache.layers is None
+        if first:
+            cache.layers = [DecodeLayer.of(layer, self.training) for layer in self.layers]
+        for i, layer in enumerate(cache.layers):
+            x = decode_layer(x, cache, i, layer, cfg, checked=not first)
         cache.length = t + 1
-        cache.checked = True
         return self.image_logits(x)
 
     @torch.no_grad()
