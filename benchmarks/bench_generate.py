@@ -216,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "With one image the cached step is bound by latency, not arithmetic: each layer's four matrix-vector "
-        "products read all of its weights (about 15-20 us each at the tiny preset), and the step's other small "
-        "ops (norms, GELU, the decode op, embeddings) cost microseconds each (one decode step: about 2 ms, under "
-        "half of it in the linear layers). The recompute path pays the same fixed costs once per token but does "
+        "products read all of its weights, and the step's other small ops (norms, GELU, the decode op, "
+        "embeddings) cost microseconds each. The recompute path pays the same fixed costs once per token but does "
         f"up to {cfg.seq_len}x the arithmetic, so the gap grows with the batch (reranking samples many images per "
         "caption). A change that folded the key and value caches into one tensor, precomputed the position "
         "embeddings and folded the scale into the query measured no faster (2.14 vs 2.02 ms per step, best of 8) "
@@ -240,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|",
         f"| {n_single / single:.0f} | {single / n_single * 1e3:.2f} | {single:.2f} |",
         "",
-        "A decode step runs in inference mode (no autograd bookkeeping per op), calls each layer's branches "
-        "directly rather than through module calls, and checks the decode op's arguments once per cache rather "
-        "than per call; the rest of a step is reading the weights (26 MB of fp32 a token) and a few dozen small "
-        "ops.",
+        "A decode step runs in inference mode (no autograd bookkeeping per op), reads each layer's tensors "
+        "from the modules once per cache (transformer.DecodeLayer) and runs the layer as one function of them, "
+        "and checks the decode op's arguments on a cache's first step only; the rest of a step is reading the "
+        "weights (26 MB of fp32 a token) and a few dozen small ops.",
         "",
         "## The decode op",
         "",
