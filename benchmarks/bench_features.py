@@ -28,15 +28,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.peak_memory import status_kib
+
 HERE = Path(__file__).parent
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(folder: str, count: int, extractor_file: str, threads: int) -> dict:
@@ -57,7 +51,7 @@ def child(folder: str, count: int, extractor_file: str, threads: int) -> dict:
         return out
 
     ext.module = timed
-    before = _status_kib("VmHWM")
+    before = status_kib("VmHWM")
     t0 = time.perf_counter()
     stats = folder_stats(ImageFolder(folder, limit=count), ext, [0.0], 100, 10)
     seconds = time.perf_counter() - t0
@@ -66,7 +60,7 @@ def child(folder: str, count: int, extractor_file: str, threads: int) -> dict:
         "seconds": seconds,
         "images_per_s": stats.features[0.0].n / seconds,
         "extractor_images_per_s": stats.features[0.0].n / spent[0],
-        "peak_rss_mb": _status_kib("VmHWM") / 1024,
+        "peak_rss_mb": status_kib("VmHWM") / 1024,
         "peak_rss_before_mb": before / 1024,
         "dim": stats.features[0.0].dim,
     }

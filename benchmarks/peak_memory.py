@@ -17,7 +17,7 @@ from benchmarks.common import Shape, forward_backward_fn, make_impls, make_input
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -48,9 +48,9 @@ def main():
         # Reset the kernel's peak-RSS mark (VmHWM) so the import's own peak cannot hide this run's.
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         run()
-        print((_status_kib("VmHWM") - base) / 1024)
+        print((status_kib("VmHWM") - base) / 1024)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Writing a file so that a crash never leaves half of it: write a temporary file, then rename it."""
+"""Writing a file so that a crash never leaves half of it: write a temporary file, then rename it; and a
+file's SHA-256, which records and checks what a result was computed from."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,3 +33,12 @@ def check_writable(folder: str | Path, field: str = "out") -> Path:
     except OSError as e:
         raise FieldError(field, f"cannot write to {folder}: {e.strerror or e}") from e
     return folder
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,7 +23,6 @@ them (-6726825d.pth), must match it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -35,19 +34,11 @@ import torch
 
 from dalle_fast.errors import FieldError
 from dalle_fast.evaluation.fidelity import train_classifier
-from dalle_fast.files import atomic_write
+from dalle_fast.files import atomic_write, file_sha256
 from dalle_fast.models.judge import JudgeFeatures
 from dalle_fast.runs.torch_pickle import read_torch_file
 
 EXTRACTOR_FORMS = "inception:WEIGHTS_FILE, a TorchScript file (or torchscript:FILE), or shapes"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Extractor:

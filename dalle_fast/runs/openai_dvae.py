@@ -15,14 +15,13 @@ trained (they are taken to be the logit-Laplace ln b of the paper, docs/openai_d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 
 import torch
 
 from dalle_fast.errors import FieldError
-from dalle_fast.files import check_writable
+from dalle_fast.files import check_writable, file_sha256
 from dalle_fast.models.dvae import DVAE, DVAEConfig
 from dalle_fast.runs.checkpoint import save_run
 from dalle_fast.runs.torch_pickle import Stub, read_torch_file
@@ -169,16 +168,8 @@ def convert_openai_dvae(encoder: str | Path, decoder: str | Path, image_size: in
     source = {"source": SOURCE}
     for name, p in (("encoder", encoder), ("decoder", decoder)):
         source[name] = str(Path(p).resolve())
-        source[f"{name}_sha256"] = _sha256(p)
+        source[f"{name}_sha256"] = file_sha256(p)
     return model.eval(), source
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_dvae_run(out: str | Path, model: DVAE, train: dict) -> Path:
