@@ -44,6 +44,11 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def preprocess(img: Image.Image, size: int, rng: random.Random | None = None) -> torch.Tensor:
     """Square crop (random near the centre when rng is given, else centred), resize, to [3, size, size] in [0, 1]."""
+    return square_uint8(img, size, rng).float().div_(255.0)
+
+
+def square_uint8(img: Image.Image, size: int, rng: random.Random | None = None) -> torch.Tensor:
+    """preprocess's 8-bit pixels: uint8 [3, size, size] (the evaluation reads image files through it)."""
     img = _to_8bit(img).convert("RGB")
     w, h = img.size
     side = min(w, h)
@@ -54,8 +59,7 @@ def preprocess(img: Image.Image, size: int, rng: random.Random | None = None) ->
     x0 = round(slack_x / 2 + jx * slack_x)
     y0 = round(slack_y / 2 + jy * slack_y)
     img = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC)
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return t.permute(2, 0, 1).float().div_(255.0)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
 def _load_image(data: bytes | Path, size: int, rng: random.Random | None) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from dalle_fast.data.images import IMAGE_EXTENSIONS, _to_8bit
+from dalle_fast.data.images import IMAGE_EXTENSIONS, _to_8bit, square_uint8
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -58,15 +58,11 @@ def read_image(path: Path, size: int | None = None) -> torch.Tensor | None:
     try:
         with Image.open(path) as img:
             img.load()
+            if size is not None:
+                return square_uint8(img, size)
             img = _to_8bit(img).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
-    if size is not None:
-        w, h = img.size
-        side = min(w, h)
-        x0, y0 = (w - side) // 2, (h - side) // 2
-        if (w, h) != (size, size):
-            img = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC)
     w, h = img.size
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
 
