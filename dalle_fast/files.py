@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,12 +14,18 @@ from dalle_fast.errors import FieldError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """write(tmp), then rename tmp over path (a reader sees the old file or the new one, never a part)."""
+    """write(tmp), then rename tmp over path (a reader sees the old file or the new one, never a part).
+    tmp is named for this process and a random part (<name>.<pid>.<hex>.tmp), so writers of the same path at
+    once never share one; it is removed if write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -23,7 +23,6 @@ import os
 import site
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dalle_fast import _C
+from dalle_fast.files import atomic_write
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # NVRTC spellings of setup.py's nvcc flags (-std=c++20 -lineinfo, no fast math). -default-device: NVRTC
@@ -228,15 +228,8 @@ def _read_entry(path: Path, key: str) -> tuple[bytes, dict[str, str]] | None:
 
 def _write_entry(path: Path, key: str, cubin: bytes, symbols: dict[str, str]) -> None:
     head = {"key": key, "length": len(cubin), "sha256": hashlib.sha256(cubin).hexdigest(), "symbols": symbols}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(ENTRY_MAGIC + json.dumps(head, sort_keys=True).encode() + b"\n" + cubin)
-        os.replace(tmp, path)  # readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    entry = ENTRY_MAGIC + json.dumps(head, sort_keys=True).encode() + b"\n" + cubin
+    atomic_write(path, lambda tmp: tmp.write_bytes(entry))  # readers see the old file or the whole new one
 
 
 def compile_source(source: str, arch: int) -> Compiled:
