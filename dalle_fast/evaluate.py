@@ -21,7 +21,7 @@ from dalle_fast.cli import build_parser, json_line, parse_config, run_or_exit
 from dalle_fast.errors import field_errors
 from dalle_fast.evaluation.fid import FidConfig, compare_folders
 from dalle_fast.evaluation.fidelity import EvaluateConfig, evaluate, write_report
-from dalle_fast.evaluation.quality import ImagesConfig, evaluate_images, write_quality_report
+from dalle_fast.evaluation.quality import ImagesConfig, evaluate_images, report_folder, write_quality_report
 from dalle_fast.files import check_writable
 from dalle_fast.runs.checkpoint import load_config
 
@@ -60,7 +60,7 @@ def images_main(argv: list[str]) -> int:
     cfg = parse_config(ap, ImagesConfig, vars(ap.parse_args(argv)))
     out = Path(cfg.out or Path(cfg.run) / "eval")
     run_or_exit(ap, ImagesConfig, prepare_output, cfg.run, out)
-    report = Path(cfg.report or out)
+    report = report_folder(cfg, out)
     run_or_exit(ap, ImagesConfig, check_writable, report, "report")
     results = run_or_exit(ap, ImagesConfig, evaluate_images, cfg, out)
     md = write_quality_report(results, report)
