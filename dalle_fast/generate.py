@@ -37,7 +37,10 @@ class GenerateConfig:
     )
     images: int = field(default=8, metadata={"help": "images kept per caption (also -n, --keep)"})
     rerank: int = field(default=0, metadata={"help": "draw this many per caption and keep the best by CLIP; 0: none"})
-    clip: str = field(default="", metadata={"help": "CLIP run or open_clip:ARCH:WEIGHTS_FILE; empty: RUN/../clip"})
+    clip: str = field(
+        default="",
+        metadata={"help": "CLIP run or open_clip:ARCH:WEIGHTS_FILE; empty: RUN/../clip; none: no reranking"},
+    )
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the image tokens"})
     top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens; 0: all"})
     top_p: float = field(default=1.0, metadata={"help": "sample among the likeliest tokens holding this mass"})
@@ -105,6 +108,8 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
     scorer = None
     if cfg.rerank:
         scorer, spec = find_scorer(cfg.run, cfg.clip)
+        if scorer is None and spec == "none":
+            raise ValueError(f"--rerank {cfg.rerank} needs a CLIP model, but --clip is none; use --rerank 0")
         if scorer is None:
             raise ValueError(
                 f"--rerank needs a CLIP model: none in {spec}; pass --clip RUN (train one with "

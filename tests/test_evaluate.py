@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dalle_fast.data.shapes import COLORS, SHAPES, ShapesDataset
+from dalle_fast.errors import FieldError
 from dalle_fast.evaluate import main
 from dalle_fast.evaluation.fidelity import _augment, _blur, caption_match, detected_pairs, scene_targets, write_report
 from dalle_fast.models.judge import AttributeClassifier
@@ -69,6 +70,27 @@ def test_report(tmp_path):
     assert "| held-out pairs | colour + shape | 50.0% | 50.0% | 60.0% | 70.0% |" in text
     assert "| held-out pairs | 90.0% | 45.0% |" in text and "| seen pairs | 90.0% | 55.0% |" in text
     assert png.stat().st_size > 0
+
+
+def test_report_without_a_reranker(tmp_path):
+    """No reranker (--clip none, or none beside the run): the table has the plain column only, no NaN
+    columns, and says why."""
+    results = {"classifier_accuracy": 0.9, "N": [1, 2, 4]}
+    for s in ("held-out pairs", "seen pairs"):
+        results[s] = {"pairs": 0.25, "position": 0.125, "real": 0.9, "recon": 0.5}
+    md, png = write_report(results, tmp_path)
+    text = md.read_text()
+    assert "| held-out pairs | colour + shape | 25.0% |\n" in text and "nan" not in text
+    assert "rerank N=" not in text and "No reranker" in text and png.stat().st_size > 0
+
+
+def test_clip_none_means_no_reranker(tmp_path):
+    from dalle_fast.sampling.rerank import find_scorer
+
+    assert find_scorer(tmp_path / "dalle", "none") == (None, "none")
+    assert find_scorer(tmp_path / "dalle", "")[0] is None  # nothing beside the run: none either
+    with pytest.raises(FieldError, match="clip"):
+        find_scorer(tmp_path / "dalle", str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(

@@ -328,6 +328,7 @@ def test_cli_completion(runs, tmp_path):
             ["--run", "{run}", "a red circle", "-n", "2", "--rerank", "4", "--clip", "{tmp}/noclip"],
             "is not a run directory",
         ),
+        (["--run", "{run}", "a red circle", "-n", "2", "--rerank", "4", "--clip", "none"], "--clip is none"),
         (
             ["--run", "{run}", "a red circle", "-n", "2", "--rerank", "4", "--clip", "open_clip:ViT-B-32:/none.pt"],
             "open_clip",

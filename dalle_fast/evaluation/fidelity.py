@@ -244,13 +244,19 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
         "",
         f"Samples (top-k {results.get('top_k', 0) or 'off'}, guidance {results.get('guidance', 1.0):g}):",
         "",
-        "| captions | check | no reranking | " + " | ".join(f"rerank N={n}" for n in ns) + " |",
-        "|---|---|---:|" + "---:|" * len(ns),
+    ]
+    reranked = any("rerank_pairs" in results[s] for s in sets)
+    shown = ns if reranked else []  # no reranker: the plain column only
+    lines += [
+        "| " + " | ".join(["captions", "check", "no reranking", *(f"rerank N={n}" for n in shown)]) + " |",
+        "|---|---|---:|" + "---:|" * len(shown),
     ]
     for s in sets:
         for k, label in (("pairs", "colour + shape"), ("position", "colour + shape + position")):
-            rr = results[s].get(f"rerank_{k}", [float("nan")] * len(ns))
-            lines.append(f"| {s} | {label} | {results[s][k]:.1%} | " + " | ".join(f"{v:.1%}" for v in rr) + " |")
+            rr = results[s].get(f"rerank_{k}", [float("nan")] * len(shown))
+            lines.append("| " + " | ".join([s, label, *(f"{v:.1%}" for v in [results[s][k], *rr])]) + " |")
+    if not reranked:
+        lines += ["", "No reranker (none given, none beside the run): samples are not reranked."]
     md = out / "fidelity.md"
     md.write_text("\n".join(lines) + "\n")
     png = out / "fidelity.png"
@@ -264,6 +270,9 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
         for k, style in (("pairs", "-"), ("position", "--")):
             if f"rerank_{k}" in results[s]:
                 ax.plot(ns, results[s][f"rerank_{k}"], style, marker="o", label=f"{s}, {k}")
+            else:  # no reranker: the plain samples' level
+                ax.axhline(results[s][k], linestyle=style, color="C0" if s == "held-out pairs" else "C1",
+                           label=f"{s}, {k} (no reranking)")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N samples reranked by CLIP (best kept)")
     ax.set_ylabel("fidelity")

@@ -69,7 +69,9 @@ class ImagesConfig:
     )
     extractor_sha256: str = field(default="", metadata={"help": "the extractor file's expected sha256; empty: any"})
     extractor_steps: int = field(default=1200, metadata={"help": "updates of the shapes extractor when trained"})
-    clip: str = field(default="", metadata={"help": "CLIP run for reranking and the CLIP score; empty: RUN/../clip"})
+    clip: str = field(
+        default="", metadata={"help": "CLIP run for reranking and the CLIP score; empty: RUN/../clip; none: neither"}
+    )
     train_data: str = field(default="", metadata={"help": "training data for near duplicates; empty: the run's"})
     train_n: int = field(default=0, metadata={"help": "training images searched for near duplicates; 0: none"})
     dup_threshold: float = field(

@@ -81,7 +81,9 @@ def load_scorer(spec: str) -> Scorer:
 def find_scorer(run: str | Path, clip: str = "") -> tuple[Scorer | None, str]:
     """(the reranker of a stage-2 run, where it is): `clip` when given (its errors name the clip field),
     else the CLIP run beside the run (RUN/../clip) when there is one; (None, where it was looked for)
-    otherwise."""
+    otherwise. `clip` "none" asks for no reranker: (None, "none")."""
+    if clip == "none":
+        return None, clip
     spec = clip or str(Path(run).parent / "clip")
     if not clip and not (Path(spec) / "config.json").exists():
         return None, spec
