@@ -108,9 +108,9 @@ def run_generate(cfg: GenerateConfig, captions: list[str]) -> dict:
     scorer = None
     if cfg.rerank:
         scorer, spec = find_scorer(cfg.run, cfg.clip)
-        if scorer is None and spec == "none":
-            raise ValueError(f"--rerank {cfg.rerank} needs a CLIP model, but --clip is none; use --rerank 0")
         if scorer is None:
+            if spec == "none":
+                raise ValueError(f"--rerank {cfg.rerank} needs a CLIP model, but --clip is none; use --rerank 0")
             raise ValueError(
                 f"--rerank needs a CLIP model: none in {spec}; pass --clip RUN (train one with "
                 f"python -m dalle_fast.train clip --dalle {cfg.run}) or --clip open_clip:ARCH:WEIGHTS_FILE"

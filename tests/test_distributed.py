@@ -205,7 +205,6 @@ def one_gloo_process():
     yield
     gc.collect()
     dist.destroy_process_group()
-    gc.collect()
 
 
 def _micro_batch():
