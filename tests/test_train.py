@@ -52,7 +52,7 @@ def test_cli(tmp_path, capsys):
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train"]["steps"] == 2 and cfg["dvae"]["codebook"] == 64
+    assert cfg["train"]["steps"] == 2 and cfg["dvae"]["codebook"] == 256
     with pytest.raises(SystemExit):  # an existing run needs --resume
         main(args)
     (out / "state.pt").write_bytes(b"truncated")
@@ -184,6 +184,25 @@ def test_grid_sets_the_groups(tmp_path):
     for bad in (12, 64, -8):
         with pytest.raises(ValueError, match="grid"):
             VAETrainConfig(grid=bad)
+
+
+def test_codebook_and_hidden_override_the_preset(tmp_path):
+    """--codebook and --hidden replace the preset's sizes (0 keeps them); the run records them, so its
+    codes come from that many and the loaded model has that width."""
+    assert VAETrainConfig(codebook=0, hidden=0).dvae_config() == VAETrainConfig().dvae_config()
+    dcfg = VAETrainConfig(codebook=48, hidden=8, grid=16).dvae_config()
+    assert (dcfg.codebook, dcfg.hidden, dcfg.grid) == (48, 8, 16)
+    out = tmp_path / "small"
+    train_vae(_cfg(out, codebook=48, hidden=8, steps=2, ckpt_every=2))
+    saved = json.loads((out / "config.json").read_text())["dvae"]
+    assert (saved["codebook"], saved["hidden"]) == (48, 8)
+    from dalle_fast.runs.load import load_dvae
+
+    dvae = load_dvae(out)
+    assert dvae.encode(torch.rand(2, 3, 32, 32)).max() < 48
+    for name, bad in (("codebook", 1), ("codebook", -4), ("hidden", -1)):
+        with pytest.raises(ValueError, match=name):
+            VAETrainConfig(**{name: bad})
 
 
 def _folder(root, good: int, bad: int):

@@ -136,6 +136,19 @@ def caption_match(model: AttributeClassifier, images: torch.Tensor, scenes: list
     return {"pairs": torch.tensor(pairs_ok), "position": torch.tensor(pos_ok)}
 
 
+def dvae_ceiling(judge: AttributeClassifier, dvae, split: str, seed: int = 0) -> dict[str, float]:
+    """What a dVAE lets any sampler reach on a split ("heldout" or "val"): {"real": the judge's caption
+    match on CEILING_IMAGES real images, "recon": on the dVAE's reconstructions of the same images}."""
+    real = ShapesDataset(split, CEILING_IMAGES, dvae.cfg.image_size, seed + 9)
+    x, scenes = _render(real, len(real))[0], [real.scene(i) for i in range(len(real))]
+    with torch.no_grad():
+        recon = dvae.decode(dvae.encode(x))
+    return {
+        "real": float(caption_match(judge, x, scenes)["pairs"].float().mean()),
+        "recon": float(caption_match(judge, recon, scenes)["pairs"].float().mean()),
+    }
+
+
 @dataclass
 class EvaluateConfig:
     """Caption fidelity of a stage-2 run on the shapes data, with and without CLIP reranking."""
@@ -195,14 +208,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for name, split in (("held-out pairs", "heldout"), ("seen pairs", "val")):
         # The ceiling: real images of the split, and the dVAE's reconstructions of them (no sampler can
         # beat what the dVAE can draw).
-        real = ShapesDataset(split, CEILING_IMAGES, dvae.cfg.image_size, cfg.seed + 9)
-        x, real_scenes = _render(real, len(real))[0], [real.scene(i) for i in range(len(real))]
-        with torch.no_grad():
-            recon = dvae.decode(dvae.encode(x))
-        ceiling = {
-            "real": float(caption_match(judge["model"], x, real_scenes)["pairs"].float().mean()),
-            "recon": float(caption_match(judge["model"], recon, real_scenes)["pairs"].float().mean()),
-        }
+        ceiling = dvae_ceiling(judge["model"], dvae, split, cfg.seed)
         ds = ShapesDataset(split, cfg.captions, dvae.cfg.image_size, cfg.seed + 7)
         captions = [ds.captions(i)[0] for i in range(cfg.captions)]
         scenes = [ds.scene(i) for i in range(cfg.captions)]

@@ -149,7 +149,7 @@ class RunLock:
 
     def __init__(self, out: Path):
         out = Path(out)
-        self.path = out / ".lock"
+        self.path, self.fd = out / ".lock", None  # None until locked: __del__ after a refusal has nothing to close
         check_writable(out)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

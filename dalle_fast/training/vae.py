@@ -68,6 +68,12 @@ class VAETrainConfig:
             "preset's factor"
         },
     )
+    codebook: int = field(
+        default=0, metadata={"help": "number of discrete codes; 0: the preset's (tiny: 256, paper: 8192)"}
+    )
+    hidden: int = field(
+        default=0, metadata={"help": "width of the first resblock group (later groups double it); 0: the preset's"}
+    )
     out: str = field(default="runs/vae", metadata={"help": "run directory (checkpoints, logs, images)"})
     # With a time limit a slower machine does fewer updates, with the schedules still run to their end.
     steps: int = field(default=3000, metadata={"help": "optimizer updates in the whole run"})
@@ -101,6 +107,10 @@ class VAETrainConfig:
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.codebook < 0 or self.codebook == 1:
+            raise FieldError("codebook", f"must be >= 2 (or 0: the preset's), got {self.codebook}")
+        if self.hidden < 0:
+            raise FieldError("hidden", f"must be >= 1 (or 0: the preset's), got {self.hidden}")
         if not (self.lr > 0 and 0 <= self.lr_end <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= lr_end <= lr, got {self.lr}, {self.lr_end}")
         if not 0 <= self.ema < 1:
@@ -116,6 +126,10 @@ class VAETrainConfig:
         """The preset's dVAE config at --image-size, with as many resblock groups as --grid needs (one per
         halving + 1)."""
         dcfg = PRESETS[self.preset]
+        if self.codebook:
+            dcfg = dataclasses.replace(dcfg, codebook=self.codebook)
+        if self.hidden:
+            dcfg = dataclasses.replace(dcfg, hidden=self.hidden)
         if self.image_size:
             if self.image_size < dcfg.factor or self.image_size % dcfg.factor:
                 raise FieldError(
