@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_runbook.sh            # everything: build tests nvrtc sanitizer bench cputests
 #   STEPS="build tests" bash benchmarks/gpu_runbook.sh
+#   STEPS="mainjob" bash benchmarks/gpu_runbook.sh          # the main job on the GPU (timed) + evaluate
+#   STEPS="recipe16" bash benchmarks/gpu_runbook.sh         # the 16x16 recipe, stage 2 <= 10 min + evaluate
 #   SANITIZER_TIMEOUT=600 bash benchmarks/gpu_runbook.sh   # seconds per compute-sanitizer tool (default 300)
 #
 # Python packages the machine lacks (e.g. expecttest, which torch.library.opcheck imports) can be put
@@ -99,6 +101,27 @@ run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
     step "benchmarks: training throughput, sparse vs dense (fp16, bf16)"
     run $PY -m benchmarks.bench_train --device cuda --precision fp16 --out "$RES/${gpu}_train_fp16.md"
     run $PY -m benchmarks.bench_train --device cuda --precision bf16 --out "$RES/${gpu}_train_bf16.md"
+  fi
+  # The main job and the 16x16 recipe on the GPU (not in the default STEPS: each takes minutes of the
+  # device budget; STEPS="mainjob" or "recipe16" in a call of their own). Runs go to $RUNS; what is kept
+  # (timing, fidelity table, samples) to $RES.
+  RUNS=${RUNS:-/tmp/dalle_fast_gpu_runs}
+  if [[ " $STEPS " == *" mainjob "* ]]; then
+    step "the main job on the GPU, then its caption fidelity (64 captions, 16 draws)"
+    rm -rf "$RUNS/main"; t0=$SECONDS
+    run $PY -m dalle_fast.train --device cuda --root "$RUNS" --name main
+    echo "main job: $((SECONDS - t0)) s end to end"
+    run $PY -m dalle_fast.evaluate --run "$RUNS/main/dalle" --captions 64 --draws 16 --device cuda --out "$RES/${gpu}_mainjob_eval"
+    cp "$RUNS/main/samples.png" "$RES/${gpu}_mainjob_samples.png" 2>/dev/null
+  fi
+  if [[ " $STEPS " == *" recipe16 "* ]]; then
+    step "the 16x16 recipe on the GPU (stage 2 up to 10 minutes), then its caption fidelity"
+    rm -rf "$RUNS/g16"; t0=$SECONDS
+    run $PY -m dalle_fast.train --device cuda --root "$RUNS" --name g16 --grid 16 --width 128 --dalle-batch 8 \
+      --dalle-steps 20000 --dalle-minutes 10
+    echo "16x16 recipe: $((SECONDS - t0)) s end to end"
+    run $PY -m dalle_fast.evaluate --run "$RUNS/g16/dalle" --captions 64 --draws 16 --device cuda --out "$RES/${gpu}_recipe16_eval"
+    cp "$RUNS/g16/samples.png" "$RES/${gpu}_recipe16_samples.png" 2>/dev/null
   fi
   if [[ " $STEPS " == *" cputests "* ]]; then
     step "CPU tests (this machine's torch)"
