@@ -200,6 +200,14 @@ def test_codebook_and_hidden_override_the_preset(tmp_path):
 
     dvae = load_dvae(out)
     assert dvae.encode(torch.rand(2, 3, 32, 32)).max() < 48
+    # A run is resumed with the sizes it was trained with; other sizes are refused by name, not by a
+    # state-dict size mismatch.
+    part = tmp_path / "part"
+    train_vae(_cfg(part, codebook=48, hidden=8), stop_at=3)
+    with pytest.raises(ValueError, match="codebook 48 there, 256 here"):
+        train_vae(_cfg(part, hidden=8, resume=True))
+    train_vae(_cfg(part, codebook=48, hidden=8, resume=True))
+    assert json.loads((part / "config.json").read_text())["step"] == 6
     for name, bad in (("codebook", 1), ("codebook", -4), ("hidden", -1)):
         with pytest.raises(ValueError, match=name):
             VAETrainConfig(**{name: bad})

@@ -30,6 +30,7 @@ from dalle_fast.training.loop import (
     TIME_LIMIT_HELP,
     TrainingRun,
     check_init_from,
+    config_differences,
     seed_everything,
     set_threads,
 )
@@ -241,6 +242,13 @@ class VAERun(TrainingRun):
                 f"cannot resume {self.out}: it holds a converted dVAE ({meta['train']['source']}), not a training "
                 "run; start a new run from it with init_from"
             )
+        if "dvae" in meta:  # e.g. a run of the tiny preset from when it had 64 codes
+            diff = config_differences(dataclasses.asdict(DVAEConfig(**meta["dvae"])), dataclasses.asdict(self.dcfg))
+            if diff:
+                raise ValueError(
+                    f"cannot resume {self.out}: it holds a different dVAE configuration ({'; '.join(diff)}): "
+                    "resume it with the settings it was trained with (preset, image_size, grid, codebook, hidden)"
+                )
 
     def meta(self) -> dict:
         return {"train": dataclasses.asdict(self.cfg), "dvae": dataclasses.asdict(self.dcfg), "step": self.step}
