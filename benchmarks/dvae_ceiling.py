@@ -14,13 +14,13 @@ weights). No sampler of that dVAE's codes scores higher, whatever the transforme
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 import torch
 
 from dalle_fast.evaluation.fidelity import CEILING_IMAGES, dvae_ceiling, train_classifier
+from dalle_fast.runs.checkpoint import load_config
 from dalle_fast.runs.load import load_dvae
 
 OUT = Path(__file__).resolve().parent / "RESULTS_dvae_ceiling.md"
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     rows, judge = [], None
     for run in args.runs:
         dvae = load_dvae(run)
-        meta = json.loads((Path(run) / "config.json").read_text())
+        meta = load_config(run)
         if judge is None or judge["size"] != dvae.cfg.image_size:
             judge = train_classifier(dvae.cfg.image_size, steps=args.classifier_steps, seed=args.seed)
             judge["size"] = dvae.cfg.image_size
